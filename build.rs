@@ -1,0 +1,41 @@
+//! Generates reservd(8) and shell completions from the command-line
+//! definition, into OUT_DIR and next to the binary (target/<profile>/).
+
+use std::path::PathBuf;
+
+#[path = "daemon/src/cli.rs"]
+#[allow(dead_code)]
+mod cli;
+
+fn main() -> std::io::Result<()> {
+    use clap::CommandFactory;
+    println!("cargo:rerun-if-changed=daemon/src/cli.rs");
+    println!("cargo:rerun-if-changed=build.rs");
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
+    // OUT_DIR is target/<profile>/build/reservd-<hash>/out.
+    let profile_dir = out
+        .ancestors()
+        .nth(3)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| out.clone());
+    let gen = profile_dir.join("generated");
+    std::fs::create_dir_all(gen.join("completions"))?;
+
+    let cmd = cli::Cli::command().version(env!("CARGO_PKG_VERSION"));
+    let man = clap_mangen::Man::new(cmd.clone())
+        .section("8")
+        .manual("System Administration");
+    let mut page = Vec::new();
+    man.render(&mut page)?;
+    std::fs::write(gen.join("reservd.8"), &page)?;
+    std::fs::write(out.join("reservd.8"), &page)?;
+
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), "reservd", gen.join("completions"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! In-memory SPC-4 persistent reservation target (test builds only).

@@ -1,0 +1,75 @@
+//! Backends execute one PR command on one file descriptor.
+//!
+//! A backend answers every SCSI-level outcome with an [`Answer`] (status and
+//! sense); `Err` is reserved for failures that leave nothing to answer, and
+//! closes the client's connection.
+
+use std::fmt;
+use std::os::fd::BorrowedFd;
+
+use crate::cdb::PERSISTENT_RESERVE_OUT;
+use crate::sense::{Answer, SenseCode};
+use crate::wire::OP_CLEANUP;
+
+#[cfg(any(test, feature = "emulated"))]
+pub mod emulated;
+pub mod sgio;
+
+/// Identifies the client connection a command came on. The emulated target
+/// treats each one as an I_T nexus.
+pub type Nexus = u64;
+
+/// One command as a backend sees it.
+pub struct Command<'a> {
+    pub nexus: Nexus,
+    pub fd: BorrowedFd<'a>,
+    pub cdb: &'a [u8; 16],
+    pub params: &'a [u8],
+}
+
+/// A failure that leaves no SCSI answer to give: the connection is closed.
+#[derive(Debug)]
+pub enum BackendError {
+    /// A helper service (multipathd) could not be reached.
+    Service(String),
+    /// The file descriptor cannot be used at all.
+    BadFd(std::io::Error),
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendError::Service(s) => write!(f, "{s}"),
+            BackendError::BadFd(e) => write!(f, "unusable file descriptor: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BackendError {}
+
+pub trait PrBackend: Send + Sync {
+    /// Execute `cmd` (opcode 0x5E, 0x5F, or 0xFF when CLEANUP is enabled).
+    fn execute(&self, cmd: &Command<'_>) -> Result<Answer, BackendError>;
+
+    /// The client connection `nexus` has gone away.
+    fn disconnect(&self, _nexus: Nexus) {}
+}
+
+/// Whether `fd` was opened read-only.
+pub fn is_read_only(fd: BorrowedFd<'_>) -> bool {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    match fcntl(fd, FcntlArg::F_GETFL) {
+        Ok(flags) => OFlag::from_bits_truncate(flags) & OFlag::O_ACCMODE == OFlag::O_RDONLY,
+        Err(_) => false,
+    }
+}
+
+/// Run `cmd` on `backend` with the checks every backend shares: a PR OUT
+/// (or CLEANUP) on a read-only fd is INVALID OPERATION CODE, as upstream.
+pub fn execute(backend: &dyn PrBackend, cmd: &Command<'_>) -> Result<Answer, BackendError> {
+    let op = cmd.cdb[0];
+    if (op == PERSISTENT_RESERVE_OUT || op == OP_CLEANUP) && is_read_only(cmd.fd) {
+        return Ok(Answer::check(SenseCode::INVALID_OPCODE));
+    }
+    backend.execute(cmd)
+}

@@ -1,0 +1,100 @@
+//! A blocking client of the helper protocol, doing what QEMU's
+//! pr-manager-helper does. Used by reservd's tools, tests and benchmarks.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use crate::cdb::{pad16, transfer_length, PERSISTENT_RESERVE_IN};
+use crate::sense::{SenseCode, SENSE_SIZE};
+use crate::server::fdpass::send_with_fds;
+use crate::wire::{ResponseHeader, DATA_SIZE, RESPONSE_HEADER_SIZE};
+
+/// One answer from the helper.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    pub status: u8,
+    pub sense: [u8; SENSE_SIZE],
+    pub data: Vec<u8>,
+}
+
+impl Response {
+    pub fn sense_code(&self) -> Option<SenseCode> {
+        if self.status == 0x02 {
+            SenseCode::parse(&self.sense)
+        } else {
+            None
+        }
+    }
+}
+
+pub struct Client {
+    stream: UnixStream,
+    /// Features the server offered.
+    pub server_features: u32,
+}
+
+impl Client {
+    /// Connect and negotiate no features, as released QEMU does.
+    pub fn connect(path: &Path) -> io::Result<Client> {
+        Client::handshake(UnixStream::connect(path)?, 0)
+    }
+
+    /// Read the server's feature bytes, then request `requested`.
+    pub fn handshake(mut stream: UnixStream, requested: u32) -> io::Result<Client> {
+        let mut f = [0u8; 4];
+        stream.read_exact(&mut f)?;
+        stream.write_all(&requested.to_be_bytes())?;
+        Ok(Client {
+            stream,
+            server_features: u32::from_be_bytes(f),
+        })
+    }
+
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+
+    /// Send `cdb` (padded to 16 bytes) with `fd`, then `params`, and read
+    /// the answer. Refuses (InvalidData) an answer larger than the CDB's
+    /// allocation length, which would make QEMU abort.
+    pub fn execute(
+        &mut self,
+        cdb: &[u8],
+        fd: BorrowedFd<'_>,
+        params: &[u8],
+    ) -> io::Result<Response> {
+        let cdb = pad16(cdb);
+        let mut sent = 0;
+        while sent < cdb.len() {
+            let fds = if sent == 0 { vec![fd] } else { vec![] };
+            sent += send_with_fds(self.stream.as_fd(), &cdb[sent..], &fds)?;
+        }
+        self.stream.write_all(params)?;
+        let mut hdr = [0u8; RESPONSE_HEADER_SIZE];
+        self.stream.read_exact(&mut hdr)?;
+        let h = ResponseHeader::parse(&hdr);
+        let max = if cdb[0] == PERSISTENT_RESERVE_IN {
+            transfer_length(&cdb).min(DATA_SIZE)
+        } else {
+            0
+        };
+        if h.len as usize > max {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "answer of {} bytes for an allocation length of {max}",
+                    h.len
+                ),
+            ));
+        }
+        let mut data = vec![0u8; h.len as usize];
+        self.stream.read_exact(&mut data)?;
+        Ok(Response {
+            status: h.status as u8,
+            sense: h.sense,
+            data,
+        })
+    }
+}

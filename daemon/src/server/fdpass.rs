@@ -1,0 +1,72 @@
+//! Receiving bytes with SCM_RIGHTS file descriptors, and sending them (for
+//! clients). Every received descriptor is owned from the moment it arrives.
+#![allow(unsafe_code)]
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+
+/// Most fds accepted in one message; more truncates the control data.
+const MAX_FDS: usize = 4;
+
+/// The result of one `recvmsg`.
+pub struct Received {
+    /// Bytes read; 0 means end of stream.
+    pub len: usize,
+    pub fds: Vec<OwnedFd>,
+    /// Control data was truncated or was not SCM_RIGHTS.
+    pub bad_control: bool,
+}
+
+/// Read at most `buf.len()` bytes and any fds sent with them.
+pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    let mut fds = Vec::new();
+    let mut bad_control = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
+        match cmsg {
+            ControlMessageOwned::ScmRights(raw) => {
+                for fd in raw {
+                    // SAFETY: the kernel has just installed `fd` in this
+                    // process for us (SCM_RIGHTS); nothing else refers to
+                    // it, so this OwnedFd is its only owner.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+            _ => bad_control = true,
+        }
+    }
+    Ok(Received {
+        len: msg.bytes,
+        fds,
+        bad_control,
+    })
+}
+
+/// Send `data`, attaching `fds` (if any) to it.
+pub fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(data)],
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(io::Error::from)
+}

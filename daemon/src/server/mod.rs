@@ -1,0 +1,513 @@
+//! The event loop: one mio thread owns the listener, every connection, the
+//! signal fd and a waker. Device commands run on the worker pool; their
+//! answers come back over a channel and wake the loop. Nothing here blocks.
+
+pub mod fdpass;
+pub mod worker;
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixListener as StdListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::{UnixListener, UnixStream};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+
+use crate::backend::{self, BackendError, Command, PrBackend};
+use crate::sense::Answer;
+use crate::wire::{encode_response, Decoder, Event, ProtoError, Request, DATA_SIZE};
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX - 2);
+const SIGNALS: Token = Token(usize::MAX - 3);
+
+/// Server limits and options.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Feature bits advertised in the handshake.
+    pub features: u32,
+    /// Connections beyond this are closed at accept.
+    pub max_connections: usize,
+    /// Most device commands running at once.
+    pub max_workers: usize,
+    /// On shutdown, how long to wait for commands in flight.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            features: 0,
+            max_connections: 4096,
+            max_workers: 256,
+            drain_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Stops a running server from another thread (tests, embedders).
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    flag: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl ShutdownHandle {
+    pub fn shutdown(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        let _ = self.waker.wake();
+    }
+}
+
+/// Where a connection is in its life.
+enum ConnState {
+    /// Reading the handshake, a CDB or a parameter list.
+    Reading,
+    /// A command is on a worker.
+    InFlight,
+}
+
+struct Conn {
+    stream: UnixStream,
+    /// Unique for the life of the server; guards against reused slab slots.
+    id: u64,
+    decoder: Decoder,
+    /// The fd that came with the CDB being read.
+    fd: Option<OwnedFd>,
+    state: ConnState,
+    out: VecDeque<u8>,
+    writable_registered: bool,
+    peer: String,
+}
+
+struct Completion {
+    key: usize,
+    id: u64,
+    request: Request,
+    result: Result<Answer, BackendError>,
+}
+
+pub struct Server {
+    poll: Poll,
+    listener: Option<UnixListener>,
+    conns: Slab<Conn>,
+    backend: Arc<dyn PrBackend>,
+    pool: worker::Pool,
+    waker: Arc<Waker>,
+    done_tx: Sender<Completion>,
+    done_rx: Receiver<Completion>,
+    shutdown: Arc<AtomicBool>,
+    signals: Option<nix::sys::signalfd::SignalFd>,
+    config: Config,
+    next_id: u64,
+    in_flight: usize,
+    buf: Vec<u8>,
+}
+
+impl Server {
+    pub fn new(
+        listener: StdListener,
+        backend: Arc<dyn PrBackend>,
+        config: Config,
+    ) -> io::Result<Server> {
+        listener.set_nonblocking(true)?;
+        let mut listener = UnixListener::from_std(listener);
+        let poll = Poll::new()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (done_tx, done_rx) = channel();
+        Ok(Server {
+            poll,
+            listener: Some(listener),
+            conns: Slab::new(),
+            backend,
+            pool: worker::Pool::new(config.max_workers),
+            waker,
+            done_tx,
+            done_rx,
+            shutdown: Arc::new(AtomicBool::new(false)),
+            signals: None,
+            config,
+            next_id: 1,
+            in_flight: 0,
+            buf: vec![0; DATA_SIZE],
+        })
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            flag: Arc::clone(&self.shutdown),
+            waker: Arc::clone(&self.waker),
+        }
+    }
+
+    /// Stop on SIGTERM, SIGINT or SIGHUP. The caller must have blocked these
+    /// signals in every thread (see [`block_stop_signals`]).
+    pub fn watch_signals(&mut self) -> io::Result<()> {
+        use nix::sys::signalfd::{SfdFlags, SignalFd};
+        let sfd = SignalFd::with_flags(
+            &stop_signals(),
+            SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
+        )?;
+        self.poll.registry().register(
+            &mut SourceFd(&sfd.as_fd().as_raw_fd()),
+            SIGNALS,
+            Interest::READABLE,
+        )?;
+        self.signals = Some(sfd);
+        Ok(())
+    }
+
+    /// Serve until shut down; then finish commands in flight and return.
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(256);
+        while !self.shutdown.load(Ordering::SeqCst) {
+            self.poll_once(&mut events, None)?;
+        }
+        self.drain(&mut events)
+    }
+
+    fn poll_once(&mut self, events: &mut Events, timeout: Option<Duration>) -> io::Result<()> {
+        match self.poll.poll(events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        for ev in events.iter() {
+            match ev.token() {
+                LISTENER => self.accept(),
+                WAKER => {}
+                SIGNALS => self.read_signals(),
+                Token(key) => {
+                    if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                        self.on_readable(key);
+                    }
+                    if ev.is_writable() {
+                        self.flush(key);
+                    }
+                }
+            }
+        }
+        self.collect_completions();
+        Ok(())
+    }
+
+    fn drain(&mut self, events: &mut Events) -> io::Result<()> {
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        let deadline = Instant::now() + self.config.drain_timeout;
+        // Idle connections do not hold the daemon; close them now.
+        let idle: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.state, ConnState::Reading) && c.out.is_empty())
+            .map(|(k, _)| k)
+            .collect();
+        for k in idle {
+            self.close(k, None);
+        }
+        if self.in_flight > 0 {
+            log::info!(
+                "shutting down: waiting for {} command(s) in flight",
+                self.in_flight
+            );
+        }
+        while (self.in_flight > 0 || self.conns.iter().any(|(_, c)| !c.out.is_empty()))
+            && Instant::now() < deadline
+        {
+            let left = deadline.saturating_duration_since(Instant::now());
+            self.poll_once(events, Some(left.min(Duration::from_millis(200))))?;
+            // Connections whose answer went out are done.
+            let finished: Vec<usize> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| matches!(c.state, ConnState::Reading) && c.out.is_empty())
+                .map(|(k, _)| k)
+                .collect();
+            for k in finished {
+                self.close(k, None);
+            }
+        }
+        if self.in_flight > 0 {
+            log::warn!(
+                "shutting down with {} command(s) still in flight",
+                self.in_flight
+            );
+        }
+        Ok(())
+    }
+
+    fn read_signals(&mut self) {
+        let Some(sfd) = self.signals.as_mut() else {
+            return;
+        };
+        while let Ok(Some(info)) = sfd.read_signal() {
+            log::info!("received signal {}, shutting down", info.ssi_signo);
+            self.shutdown.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let Some(listener) = self.listener.as_ref() else {
+                return;
+            };
+            let (mut stream, _) = match listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: leave the rest in the backlog.
+                    log::warn!("accept failed: {e}");
+                    return;
+                }
+            };
+            let peer = peer_name(&stream);
+            if self.conns.len() >= self.config.max_connections {
+                log::warn!(
+                    "refusing connection from {peer}: {} connections open",
+                    self.conns.len()
+                );
+                continue;
+            }
+            let entry = self.conns.vacant_entry();
+            let key = entry.key();
+            if let Err(e) =
+                self.poll
+                    .registry()
+                    .register(&mut stream, Token(key), Interest::READABLE)
+            {
+                log::warn!("cannot watch connection from {peer}: {e}");
+                continue;
+            }
+            let decoder = Decoder::new(self.config.features);
+            let mut out = VecDeque::with_capacity(4);
+            out.extend(decoder.server_hello());
+            let id = self.next_id;
+            self.next_id += 1;
+            log::debug!("connection {id} from {peer}");
+            entry.insert(Conn {
+                stream,
+                id,
+                decoder,
+                fd: None,
+                state: ConnState::Reading,
+                out,
+                writable_registered: false,
+                peer,
+            });
+            self.flush(key);
+        }
+    }
+
+    /// Read what the decoder wants until the socket is empty or a request
+    /// is complete.
+    fn on_readable(&mut self, key: usize) {
+        loop {
+            let Some(conn) = self.conns.get_mut(key) else {
+                return;
+            };
+            if matches!(conn.state, ConnState::InFlight) {
+                return;
+            }
+            let want = conn.decoder.wanted();
+            let r = fdpass::recv_with_fds(conn.stream.as_fd(), &mut self.buf[..want]);
+            let rcv = match r {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::debug!("connection {}: read failed: {e}", conn.id);
+                    self.close(key, None);
+                    return;
+                }
+            };
+            if rcv.bad_control {
+                self.close(key, Some(ProtoError::TruncatedControl));
+                return;
+            }
+            if rcv.len == 0 {
+                let err = conn.decoder.eof();
+                self.close(key, Some(err));
+                return;
+            }
+            let nfds = rcv.fds.len();
+            let event = conn.decoder.feed(&self.buf[..rcv.len], nfds);
+            if let Some(fd) = rcv.fds.into_iter().next() {
+                conn.fd = Some(fd);
+            }
+            match event {
+                Err(e) => {
+                    self.close(key, Some(e));
+                    return;
+                }
+                Ok(None) | Ok(Some(Event::Negotiated(_))) => {}
+                Ok(Some(Event::Request(req))) => {
+                    self.dispatch(key, req);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn dispatch(&mut self, key: usize, request: Request) {
+        let conn = &mut self.conns[key];
+        let fd = conn.fd.take().expect("decoder checked the fd");
+        conn.state = ConnState::InFlight;
+        self.in_flight += 1;
+        let (id, backend, tx, waker) = (
+            conn.id,
+            Arc::clone(&self.backend),
+            self.done_tx.clone(),
+            Arc::clone(&self.waker),
+        );
+        log::debug!(
+            "connection {id}: opcode {:#04x} service action {:#04x}",
+            request.cdb[0],
+            request.cdb[1] & 0x1f
+        );
+        self.pool.submit(move || {
+            let result = {
+                let cmd = Command {
+                    nexus: id,
+                    fd: fd.as_fd(),
+                    cdb: &request.cdb,
+                    params: &request.params,
+                };
+                backend::execute(backend.as_ref(), &cmd)
+            };
+            // The client's fd is closed after every request.
+            drop(fd);
+            if tx
+                .send(Completion {
+                    key,
+                    id,
+                    request,
+                    result,
+                })
+                .is_ok()
+            {
+                let _ = waker.wake();
+            }
+        });
+    }
+
+    fn collect_completions(&mut self) {
+        while let Ok(c) = self.done_rx.try_recv() {
+            self.in_flight -= 1;
+            let Some(conn) = self.conns.get_mut(c.key).filter(|conn| conn.id == c.id) else {
+                continue;
+            };
+            match c.result {
+                Ok(answer) => {
+                    conn.out.extend(encode_response(&c.request, &answer));
+                    conn.decoder.complete();
+                    conn.state = ConnState::Reading;
+                    self.flush(c.key);
+                    // Bytes may already be waiting; edge-triggered polling
+                    // will not report them again.
+                    if !self.shutdown.load(Ordering::SeqCst) {
+                        self.on_readable(c.key);
+                    }
+                }
+                Err(e) => {
+                    log::warn!("connection {} ({}): {e}; closing", conn.id, conn.peer);
+                    self.close(c.key, None);
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        while !conn.out.is_empty() {
+            let (a, _) = conn.out.as_slices();
+            match fdpass::send_with_fds(conn.stream.as_fd(), a, &[]) {
+                Ok(n) => {
+                    conn.out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !conn.writable_registered {
+                        conn.writable_registered = true;
+                        let _ = self.poll.registry().reregister(
+                            &mut conn.stream,
+                            Token(key),
+                            Interest::READABLE | Interest::WRITABLE,
+                        );
+                    }
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("connection {}: write failed: {e}", conn.id);
+                    self.close(key, None);
+                    return;
+                }
+            }
+        }
+        if conn.writable_registered {
+            conn.writable_registered = false;
+            let _ =
+                self.poll
+                    .registry()
+                    .reregister(&mut conn.stream, Token(key), Interest::READABLE);
+        }
+    }
+
+    fn close(&mut self, key: usize, why: Option<ProtoError>) {
+        if !self.conns.contains(key) {
+            return;
+        }
+        let busy = matches!(self.conns[key].state, ConnState::InFlight);
+        let mut conn = self.conns.remove(key);
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        match why {
+            Some(ProtoError::Closed) | None => {
+                log::debug!("connection {} ({}) closed", conn.id, conn.peer)
+            }
+            Some(e) => log::debug!("connection {} ({}): {e}; closing", conn.id, conn.peer),
+        }
+        if !busy {
+            self.backend.disconnect(conn.id);
+        }
+    }
+}
+
+/// The signals that stop the daemon.
+pub fn stop_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut s = SigSet::empty();
+    s.add(Signal::SIGTERM);
+    s.add(Signal::SIGINT);
+    s.add(Signal::SIGHUP);
+    s
+}
+
+/// Block the stop signals in this thread (and threads it starts later), so
+/// they are delivered through the signal fd. Also ignore SIGPIPE.
+#[allow(unsafe_code)]
+pub fn block_stop_signals() -> io::Result<()> {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    stop_signals().thread_block()?;
+    // SAFETY: installing SIG_IGN runs no handler code in signal context.
+    unsafe { signal(Signal::SIGPIPE, SigHandler::SigIgn) }?;
+    Ok(())
+}
+
+fn peer_name(stream: &UnixStream) -> String {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    match getsockopt(stream, PeerCredentials) {
+        Ok(c) => format!("pid {} uid {}", c.pid(), c.uid()),
+        Err(_) => "unknown peer".into(),
+    }
+}

@@ -1,0 +1,223 @@
+//! Start-up plumbing: the listening socket (bound or from systemd socket
+//! activation), the pid file, daemonizing and readiness notification.
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+
+/// The listening socket and whether reservd created its file.
+pub struct Listener {
+    pub listener: UnixListener,
+    /// Set when reservd bound the path itself: (path, dev, ino) to unlink
+    /// at exit if the file is still the one it created.
+    pub created: Option<(PathBuf, u64, u64)>,
+    pub activated: bool,
+}
+
+/// The fd passed by systemd socket activation, if this process is its
+/// target. Unsets LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES.
+pub fn activation_fd() -> anyhow::Result<Option<OwnedFd>> {
+    let pid = std::env::var("LISTEN_PID").ok();
+    let fds = std::env::var("LISTEN_FDS").ok();
+    let (Some(pid), Some(fds)) = (pid, fds) else {
+        return Ok(None);
+    };
+    if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+        return Ok(None);
+    }
+    let Ok(n) = fds.trim().parse::<u32>() else {
+        return Ok(None);
+    };
+    std::env::remove_var("LISTEN_PID");
+    std::env::remove_var("LISTEN_FDS");
+    std::env::remove_var("LISTEN_FDNAMES");
+    if n == 0 {
+        return Ok(None);
+    }
+    if n > 1 {
+        bail!("socket activation with LISTEN_FDS > 1 is not supported (got {n})");
+    }
+    let fd = 3;
+    // SAFETY: fcntl(F_GETFD) only inspects the descriptor number.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        bail!(
+            "socket activation failed: invalid file descriptor fd = {fd}: {}",
+            io::Error::last_os_error()
+        );
+    }
+    // SAFETY: systemd passed fd 3 to this process (LISTEN_PID matched and
+    // the descriptor is open); nothing else in reservd refers to it, so the
+    // OwnedFd becomes its only owner.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    nix::fcntl::fcntl(
+        &owned,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .context("socket activation failed: FD_CLOEXEC on fd 3")?;
+    Ok(Some(owned))
+}
+
+/// Open the listening socket: systemd's, or a new one at `path`.
+pub fn listen(path: Option<&Path>, default: &Path) -> anyhow::Result<Listener> {
+    if let Some(fd) = activation_fd()? {
+        if path.is_some() {
+            bail!("the socket path can't be set (-k) when using socket activation");
+        }
+        check_listening_unix_socket(&fd)?;
+        return Ok(Listener {
+            listener: UnixListener::from(fd),
+            created: None,
+            activated: true,
+        });
+    }
+    let path = path.unwrap_or(default);
+    if !path.is_absolute() {
+        bail!("socket path must be absolute: {}", path.display());
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_dir() => {
+            bail!("cannot listen on {}: is a directory", path.display())
+        }
+        Ok(_) => std::fs::remove_file(path)
+            .with_context(|| format!("removing the old socket {}", path.display()))?,
+        Err(_) => {}
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    let meta = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
+    Ok(Listener {
+        listener,
+        created: Some((path.to_path_buf(), meta.dev(), meta.ino())),
+        activated: false,
+    })
+}
+
+fn check_listening_unix_socket(fd: &OwnedFd) -> anyhow::Result<()> {
+    use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, SockaddrStorage};
+    let ty =
+        getsockopt(fd, sockopt::SockType).context("socket activation: fd 3 is not a socket")?;
+    let addr: SockaddrStorage =
+        getsockname(fd.as_raw_fd()).context("socket activation: getsockname")?;
+    if ty != SockType::Stream || addr.as_unix_addr().is_none() {
+        bail!("socket activation: fd 3 is not a UNIX stream socket");
+    }
+    if !getsockopt(fd, sockopt::AcceptConn).unwrap_or(false) {
+        bail!("socket activation: fd 3 is not listening");
+    }
+    Ok(())
+}
+
+impl Listener {
+    /// Remove the socket file if reservd created it and it is still there.
+    pub fn remove(&self) {
+        let Some((path, dev, ino)) = &self.created else {
+            return;
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.dev() == *dev && m.ino() == *ino => {
+                if let Err(e) = std::fs::remove_file(path) {
+                    log::warn!("failed to unlink socket {}: {e}", path.display());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A locked pid file, held for the life of the process.
+pub struct PidFile {
+    _file: File,
+}
+
+/// Create, lock and write the pid file, as QEMU does: mode 0600, an
+/// exclusive fcntl lock, an inode re-check against a racing unlink, then
+/// "<pid>\n". The file stays at exit.
+pub fn write_pidfile(path: &Path) -> anyhow::Result<PidFile> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    for _ in 0..10 {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("cannot open pid file {}", path.display()))?;
+        let lock = libc::flock {
+            l_type: libc::F_WRLCK as _,
+            l_whence: libc::SEEK_SET as _,
+            l_start: 0,
+            l_len: 0,
+            l_pid: 0,
+        };
+        fcntl(&file, FcntlArg::F_SETLK(&lock)).map_err(|_| {
+            anyhow::anyhow!(
+                "cannot lock pid file {}: held by another process",
+                path.display()
+            )
+        })?;
+        let held = file.metadata()?;
+        match std::fs::metadata(path) {
+            Ok(m) if m.dev() == held.dev() && m.ino() == held.ino() => {}
+            _ => continue,
+        }
+        file.set_len(0)?;
+        (&file)
+            .write_all(format!("{}\n", std::process::id()).as_bytes())
+            .with_context(|| format!("writing pid file {}", path.display()))?;
+        return Ok(PidFile { _file: file });
+    }
+    bail!(
+        "cannot lock pid file {}: it keeps being replaced",
+        path.display()
+    )
+}
+
+/// Detach like daemon(3): fork (the parent exits 0), new session, cwd /,
+/// standard streams on /dev/null. Must run before any thread starts.
+pub fn daemonize() -> anyhow::Result<()> {
+    // SAFETY: reservd is single-threaded at this point (no workers yet), so
+    // the child may run arbitrary code after fork.
+    match unsafe { nix::unistd::fork() }.context("failed to daemonize")? {
+        nix::unistd::ForkResult::Parent { .. } => std::process::exit(0),
+        nix::unistd::ForkResult::Child => {}
+    }
+    nix::unistd::setsid().context("failed to daemonize: setsid")?;
+    std::env::set_current_dir("/").context("failed to daemonize: chdir /")?;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .context("opening /dev/null")?;
+    nix::unistd::dup2_stdin(&null).context("failed to daemonize: dup2")?;
+    nix::unistd::dup2_stdout(&null).context("failed to daemonize: dup2")?;
+    nix::unistd::dup2_stderr(&null).context("failed to daemonize: dup2")?;
+    Ok(())
+}
+
+/// Tell systemd the service is ready, when started as Type=notify.
+pub fn notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let bytes = path.as_encoded_bytes();
+    let r = if let Some(abs) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abs)
+            .and_then(|a| sock.send_to_addr(b"READY=1", &a))
+    } else {
+        sock.send_to(b"READY=1", Path::new(&path))
+    };
+    if let Err(e) = r {
+        log::warn!("cannot notify systemd: {e}");
+    }
+}
