@@ -7,7 +7,7 @@
 //!   device-mapper ioctls on `/dev/mapper/control` that recognise a
 //!   multipath map and that libmpathpersist issues require it.
 //!
-//! Everything else goes: the bounding set is cleared, supplementary groups
+//! Everything else goes: the bounding set is emptied, supplementary groups
 //! are dropped, uid/gid change to `--user`/`--group`, ambient and
 //! inheritable sets are emptied, and NO_NEW_PRIVS is set.
 #![allow(unsafe_code)]
