@@ -14,6 +14,7 @@ pub mod logging;
 pub mod params;
 pub mod prin;
 pub mod privs;
+pub mod report;
 pub mod sense;
 pub mod server;
 pub mod startup;

@@ -1,0 +1,267 @@
+//! reservdctl: send persistent reservation commands through a running
+//! reservd (or any qemu-pr-helper), exactly as QEMU would, and show the
+//! answers.
+//!
+//! Exit status: 0 GOOD, 1 usage or connection error, 2 CHECK CONDITION,
+//! 3 RESERVATION CONFLICT, 4 any other SCSI status.
+
+use std::fs::OpenOptions;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use reservd_daemon::cdb::{prin_sa, prout_sa, PrInCdb, PrOutCdb};
+use reservd_daemon::client::{Client, Response};
+use reservd_daemon::params::ProutParams;
+use reservd_daemon::report;
+
+#[derive(Parser)]
+#[command(
+    name = "reservdctl",
+    version,
+    about = "Send SCSI persistent reservation commands through reservd"
+)]
+struct Cli {
+    /// reservd's socket.
+    #[arg(
+        short = 'k',
+        long = "socket",
+        global = true,
+        default_value = "/var/run/qemu-pr-helper.sock"
+    )]
+    socket: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// PERSISTENT RESERVE IN.
+    In {
+        /// Block or SCSI generic device (opened read-only).
+        device: PathBuf,
+        action: InAction,
+        /// Allocation length (0..8192).
+        #[arg(long, default_value_t = 8192)]
+        alloc_len: u16,
+    },
+    /// PERSISTENT RESERVE OUT.
+    Out {
+        /// Block or SCSI generic device (opened read-write).
+        device: PathBuf,
+        action: OutAction,
+        #[command(flatten)]
+        p: OutParams,
+    },
+    /// Any CDB, given in hex, with optional parameter data in hex.
+    Raw {
+        device: PathBuf,
+        #[arg(long)]
+        cdb: String,
+        #[arg(long, default_value = "")]
+        data: String,
+        /// Open the device read-only.
+        #[arg(long)]
+        read_only: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum InAction {
+    ReadKeys,
+    ReadReservation,
+    ReportCapabilities,
+    ReadFullStatus,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutAction {
+    Register,
+    Reserve,
+    Release,
+    Clear,
+    Preempt,
+    PreemptAbort,
+    RegisterIgnore,
+}
+
+#[derive(Args)]
+struct OutParams {
+    /// RESERVATION KEY (0x-prefixed hex or decimal).
+    #[arg(long, default_value = "0", value_parser = parse_u64)]
+    key: u64,
+    /// SERVICE ACTION RESERVATION KEY.
+    #[arg(long, default_value = "0", value_parser = parse_u64)]
+    sa_key: u64,
+    /// Reservation type (1, 3, 5, 6, 7, 8).
+    #[arg(long = "type", default_value_t = 0)]
+    pr_type: u8,
+    #[arg(long)]
+    aptpl: bool,
+    #[arg(long)]
+    all_tg_pt: bool,
+}
+
+fn parse_u64(s: &str) -> Result<u64, String> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("invalid number '{s}': {e}"))
+}
+
+fn parse_hex(s: &str) -> anyhow::Result<Vec<u8>> {
+    let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+    if s.len() % 2 != 0 {
+        bail!("odd number of hex digits");
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).context("invalid hex"))
+        .collect()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("reservdctl: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn exchange(
+    cli: &Cli,
+    device: &PathBuf,
+    write: bool,
+    cdb: &[u8],
+    params: &[u8],
+) -> anyhow::Result<Response> {
+    let dev = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(device)
+        .with_context(|| format!("opening {}", device.display()))?;
+    let mut client = Client::connect(&cli.socket)
+        .with_context(|| format!("connecting to {}", cli.socket.display()))?;
+    client
+        .execute(cdb, dev.as_fd(), params)
+        .context("exchanging the command (the connection was closed?)")
+}
+
+fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let (resp, prin) = match &cli.cmd {
+        Cmd::In {
+            device,
+            action,
+            alloc_len,
+        } => {
+            let sa = match action {
+                InAction::ReadKeys => prin_sa::READ_KEYS,
+                InAction::ReadReservation => prin_sa::READ_RESERVATION,
+                InAction::ReportCapabilities => prin_sa::REPORT_CAPABILITIES,
+                InAction::ReadFullStatus => prin_sa::READ_FULL_STATUS,
+            };
+            let cdb = PrInCdb {
+                service_action: sa,
+                allocation_length: *alloc_len,
+            }
+            .encode();
+            (exchange(cli, device, false, &cdb, &[])?, Some(sa))
+        }
+        Cmd::Out { device, action, p } => {
+            let sa = match action {
+                OutAction::Register => prout_sa::REGISTER,
+                OutAction::Reserve => prout_sa::RESERVE,
+                OutAction::Release => prout_sa::RELEASE,
+                OutAction::Clear => prout_sa::CLEAR,
+                OutAction::Preempt => prout_sa::PREEMPT,
+                OutAction::PreemptAbort => prout_sa::PREEMPT_AND_ABORT,
+                OutAction::RegisterIgnore => prout_sa::REGISTER_AND_IGNORE,
+            };
+            let params = ProutParams {
+                key: p.key,
+                sa_key: p.sa_key,
+                aptpl: p.aptpl,
+                all_tg_pt: p.all_tg_pt,
+                ..Default::default()
+            }
+            .encode();
+            let cdb = PrOutCdb {
+                service_action: sa,
+                scope: 0,
+                pr_type: p.pr_type,
+                parameter_list_length: params.len() as u32,
+            }
+            .encode();
+            (exchange(cli, device, true, &cdb, &params)?, None)
+        }
+        Cmd::Raw {
+            device,
+            cdb,
+            data,
+            read_only,
+        } => {
+            let cdb = parse_hex(cdb)?;
+            if cdb.is_empty() || cdb.len() > 16 {
+                bail!("a CDB has 1 to 16 bytes");
+            }
+            let data = parse_hex(data)?;
+            let resp = exchange(cli, device, !read_only, &cdb, &data)?;
+            if cli.json {
+                println!(
+                    "{{\"status\":{},\"sense\":{},\"data\":{}}}",
+                    resp.status,
+                    report::json_str(&report::hex(&resp.sense)),
+                    report::json_str(&report::hex(&resp.data))
+                );
+            } else {
+                println!(
+                    "status 0x{:02x} {}",
+                    resp.status,
+                    report::answer_text(resp.status, &resp.sense)
+                );
+                println!("sense {}", report::hex(&resp.sense));
+                println!("data {}", report::hex(&resp.data));
+            }
+            return Ok(exit_code(resp.status));
+        }
+    };
+    if cli.json {
+        let body = match (prin, resp.status) {
+            (Some(sa), 0) => report::prin_json(sa, &resp.data).unwrap_or_else(|_| "null".into()),
+            _ => "null".into(),
+        };
+        println!(
+            "{{\"status\":{},\"status_text\":{},\"sense\":{},\"result\":{}}}",
+            resp.status,
+            report::json_str(&report::answer_text(resp.status, &resp.sense)),
+            report::json_str(&report::hex(&resp.sense[..18])),
+            body
+        );
+    } else if resp.status != 0 {
+        println!("{}", report::answer_text(resp.status, &resp.sense));
+    } else if let Some(sa) = prin {
+        match report::prin_text(sa, &resp.data) {
+            Ok(t) => print!("{t}"),
+            Err(_) => println!("  truncated data: {}", report::hex(&resp.data)),
+        }
+    }
+    Ok(exit_code(resp.status))
+}
+
+fn exit_code(status: u8) -> ExitCode {
+    ExitCode::from(match status {
+        0x00 => 0,
+        0x02 => 2,
+        0x18 => 3,
+        _ => 4,
+    })
+}
