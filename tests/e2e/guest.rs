@@ -1,0 +1,775 @@
+//! The guest side of the end-to-end tests: runs inside the VM test bed,
+//! where LIO provides real SCSI disks (see tests/vm/README.md for the
+//! environment it exports).
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reservd_daemon::cdb::{pr_type, prin_sa, prout_sa, PrInCdb, PrOutCdb};
+use reservd_daemon::client::{Client, Response};
+use reservd_daemon::params::ProutParams;
+use reservd_daemon::prin;
+use reservd_daemon::sense::SenseCode;
+
+pub type TestResult = Result<(), String>;
+
+macro_rules! check {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err(format!("{} (at line {})", format!($($fmt)+), line!()));
+        }
+    };
+}
+
+macro_rules! check_eq {
+    ($a:expr, $b:expr, $($fmt:tt)+) => {{
+        let (a, b) = (&$a, &$b);
+        if a != b {
+            return Err(format!("{}: {:?} != {:?} (at line {})", format!($($fmt)+), a, b, line!()));
+        }
+    }};
+}
+
+/// Run the scenarios of `group`; returns the process exit status.
+pub fn run(group: &str) -> i32 {
+    let tests: Vec<(&str, fn() -> TestResult)> = match group {
+        "sgio" => vec![
+            ("sgio_register_and_read_keys", sgio_register_and_read_keys),
+            ("sgio_every_reservation_type", sgio_every_reservation_type),
+            (
+                "sgio_capabilities_and_full_status",
+                sgio_capabilities_and_full_status,
+            ),
+            (
+                "sgio_truncated_allocation_lengths",
+                sgio_truncated_allocation_lengths,
+            ),
+            (
+                "sgio_two_initiators_conflict_preempt_clear",
+                sgio_two_initiators_conflict_preempt_clear,
+            ),
+        ],
+        "robust" => vec![
+            ("robust_fd_count_stable", robust_fd_count_stable),
+            (
+                "robust_client_vanishes_mid_command",
+                robust_client_vanishes_mid_command,
+            ),
+            ("robust_path_offline", robust_path_offline),
+            (
+                "robust_sigterm_with_commands_in_flight",
+                robust_sigterm_with_commands_in_flight,
+            ),
+        ],
+        _ => {
+            eprintln!("unknown guest group '{group}'");
+            return 2;
+        }
+    };
+    let (mut passed, mut failed) = (0, 0);
+    for (name, f) in tests {
+        let t = Instant::now();
+        match f() {
+            Ok(()) => {
+                passed += 1;
+                println!("test {name} ... ok ({} ms)", t.elapsed().as_millis());
+            }
+            Err(e) => {
+                failed += 1;
+                println!("test {name} ... FAILED: {e}");
+            }
+        }
+    }
+    println!("guest {group}: {passed} passed, {failed} failed");
+    i32::from(failed > 0)
+}
+
+pub fn env(name: &str) -> String {
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} is not set: not running in the VM test bed"))
+}
+
+/// The two path devices of the two-path LUN: two I_T nexuses.
+pub fn mp_paths() -> (PathBuf, PathBuf) {
+    let v = env("RESERVD_MP_PATHS");
+    let p: Vec<&str> = v.split_whitespace().collect();
+    assert!(p.len() == 2, "RESERVD_MP_PATHS must name two paths: {v}");
+    (PathBuf::from(p[0]), PathBuf::from(p[1]))
+}
+
+pub fn log_dir() -> PathBuf {
+    std::env::var("RESERVD_VM_LOGDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| std::env::temp_dir())
+}
+
+/// A reservd started as libvirt starts it (`-k SOCKET`), stopped on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(name: &str, extra: &[&str]) -> Result<Daemon, String> {
+        Daemon::start_binary(Path::new(env!("CARGO_BIN_EXE_reservd")), name, extra)
+    }
+
+    pub fn start_binary(bin: &Path, name: &str, extra: &[&str]) -> Result<Daemon, String> {
+        let socket = PathBuf::from(format!("/run/{name}.sock"));
+        let _ = std::fs::remove_file(&socket);
+        let log = log_dir().join(format!("{name}.log"));
+        let err = File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
+        let child = Command::new(bin)
+            .arg("-k")
+            .arg(&socket)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", bin.display()))?;
+        let mut d = Daemon {
+            child: Some(child),
+            socket,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !d.socket.exists() {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{} did not create {}",
+                    bin.display(),
+                    d.socket.display()
+                ));
+            }
+            if let Some(s) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                return Err(format!("{} exited at start-up: {s}", bin.display()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(d)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn client(&self) -> Result<Client, String> {
+        Client::connect(&self.socket)
+            .map_err(|e| format!("connecting to {}: {e}", self.socket.display()))
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                return c.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn open(dev: &Path, write: bool) -> Result<File, String> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(dev)
+        .map_err(|e| format!("opening {}: {e}", dev.display()))
+}
+
+/// PR IN through reservd on `dev` (opened read-only, as for a reader).
+pub fn pr_in(c: &mut Client, dev: &Path, sa: u8, alloc: u16) -> Result<Response, String> {
+    let f = open(dev, false)?;
+    let cdb = PrInCdb {
+        service_action: sa,
+        allocation_length: alloc,
+    }
+    .encode();
+    c.execute(&cdb, f.as_fd(), &[])
+        .map_err(|e| format!("PR IN {sa} on {}: {e}", dev.display()))
+}
+
+/// PR OUT through reservd on `dev` (opened read-write, as QEMU does).
+pub fn pr_out(
+    c: &mut Client,
+    dev: &Path,
+    sa: u8,
+    ty: u8,
+    p: &ProutParams,
+) -> Result<Response, String> {
+    let f = open(dev, true)?;
+    let params = p.encode();
+    let cdb = PrOutCdb {
+        service_action: sa,
+        scope: 0,
+        pr_type: ty,
+        parameter_list_length: params.len() as u32,
+    }
+    .encode();
+    c.execute(&cdb, f.as_fd(), &params)
+        .map_err(|e| format!("PR OUT {sa} on {}: {e}", dev.display()))
+}
+
+pub fn keys(k: u64, sa: u64) -> ProutParams {
+    ProutParams {
+        key: k,
+        sa_key: sa,
+        ..Default::default()
+    }
+}
+
+pub fn expect_good(r: &Response, what: &str) -> TestResult {
+    if r.status != 0 {
+        return Err(format!(
+            "{what}: {}",
+            reservd_daemon::report::answer_text(r.status, &r.sense)
+        ));
+    }
+    Ok(())
+}
+
+/// Run a command a few times while it answers with a unit attention, as an
+/// initiator does; returns the first other answer.
+pub fn past_ua(mut f: impl FnMut() -> Result<Response, String>) -> Result<Response, String> {
+    for _ in 0..4 {
+        let r = f()?;
+        match r.sense_code() {
+            Some(c) if c.key == 0x06 => continue,
+            _ => return Ok(r),
+        }
+    }
+    Err("unit attentions kept coming".into())
+}
+
+fn sg_persist(args: &[&str], dev: &Path) -> Result<String, String> {
+    let out = Command::new("sg_persist")
+        .args(["-n"])
+        .args(args)
+        .arg(dev)
+        .output()
+        .map_err(|e| format!("running sg_persist: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        return Err(format!(
+            "sg_persist {args:?} {} failed ({}): {text}{}",
+            dev.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(text)
+}
+
+/// The registered keys as sg_persist reads them from the device.
+pub fn device_keys(dev: &Path) -> Result<Vec<u64>, String> {
+    // A pending unit attention makes the first command fail: retry once.
+    let text = sg_persist(&["--in", "-k"], dev).or_else(|_| sg_persist(&["--in", "-k"], dev))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("0x"))
+        .filter_map(|h| u64::from_str_radix(h, 16).ok())
+        .collect())
+}
+
+/// The reservation as sg_persist reads it: (key, type name) or None.
+pub fn device_reservation(dev: &Path) -> Result<Option<(u64, String)>, String> {
+    let text = sg_persist(&["--in", "-r"], dev).or_else(|_| sg_persist(&["--in", "-r"], dev))?;
+    if text.contains("NO reservation") {
+        return Ok(None);
+    }
+    let key = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Key=0x"))
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .ok_or_else(|| format!("cannot read the reservation: {text}"))?;
+    let ty = text
+        .lines()
+        .find(|l| l.contains("type:"))
+        .map(|l| l.trim().to_string())
+        .unwrap_or_default();
+    Ok(Some((key, ty)))
+}
+
+/// CLEAR everything on a LUN through `dev`, registering first if needed.
+pub fn reset_lun(c: &mut Client, dev: &Path) -> TestResult {
+    let k = 0x5eed_0000_0000_0001;
+    past_ua(|| pr_out(c, dev, prout_sa::REGISTER_AND_IGNORE, 0, &keys(0, k)))?;
+    let r = past_ua(|| pr_out(c, dev, prout_sa::CLEAR, 0, &keys(k, 0)))?;
+    expect_good(&r, "CLEAR")?;
+    check_eq!(device_keys(dev)?, Vec::<u64>::new(), "keys after CLEAR");
+    Ok(())
+}
+
+fn sgio_register_and_read_keys() -> TestResult {
+    let dev = PathBuf::from(env("RESERVD_SP_DEV"));
+    let d = Daemon::start("reservd-sgio", &[])?;
+    let mut c = d.client()?;
+    reset_lun(&mut c, &dev)?;
+    let r = past_ua(|| pr_in(&mut c, &dev, prin_sa::READ_KEYS, 8192))?;
+    expect_good(&r, "READ KEYS")?;
+    let (gen0, k, _) = prin::parse_read_keys(&r.data).map_err(|_| "short READ KEYS")?;
+    check!(k.is_empty(), "keys on a cleared LUN: {k:x?}");
+
+    expect_good(
+        &pr_out(&mut c, &dev, prout_sa::REGISTER, 0, &keys(0, 0x1111))?,
+        "REGISTER",
+    )?;
+    check_eq!(
+        device_keys(&dev)?,
+        vec![0x1111],
+        "device keys after REGISTER"
+    );
+    let r = pr_in(&mut c, &dev, prin_sa::READ_KEYS, 8192)?;
+    let (gen1, k, _) = prin::parse_read_keys(&r.data).map_err(|_| "short READ KEYS")?;
+    check_eq!(k, vec![0x1111], "READ KEYS through reservd");
+    check_eq!(gen1, gen0.wrapping_add(1), "generation after REGISTER");
+
+    // REGISTER with a wrong key: conflict, nothing changes.
+    let r = pr_out(&mut c, &dev, prout_sa::REGISTER, 0, &keys(0x9999, 0x2222))?;
+    check_eq!(r.status, 0x18, "REGISTER with a wrong key");
+    check_eq!(
+        device_keys(&dev)?,
+        vec![0x1111],
+        "device keys after a refused REGISTER"
+    );
+
+    // REGISTER AND IGNORE EXISTING KEY replaces the key.
+    expect_good(
+        &pr_out(
+            &mut c,
+            &dev,
+            prout_sa::REGISTER_AND_IGNORE,
+            0,
+            &keys(0, 0x2222),
+        )?,
+        "REGISTER AND IGNORE",
+    )?;
+    check_eq!(
+        device_keys(&dev)?,
+        vec![0x2222],
+        "device keys after REGISTER AND IGNORE"
+    );
+
+    // Unregister.
+    expect_good(
+        &pr_out(&mut c, &dev, prout_sa::REGISTER, 0, &keys(0x2222, 0))?,
+        "unregister",
+    )?;
+    check_eq!(
+        device_keys(&dev)?,
+        Vec::<u64>::new(),
+        "device keys after unregister"
+    );
+    Ok(())
+}
+
+fn sgio_every_reservation_type() -> TestResult {
+    let dev = PathBuf::from(env("RESERVD_SP_DEV"));
+    let d = Daemon::start("reservd-sgio", &[])?;
+    let mut c = d.client()?;
+    reset_lun(&mut c, &dev)?;
+    expect_good(
+        &pr_out(&mut c, &dev, prout_sa::REGISTER, 0, &keys(0, 0xabc))?,
+        "REGISTER",
+    )?;
+    for ty in [1u8, 3, 5, 6, 7, 8] {
+        expect_good(
+            &pr_out(&mut c, &dev, prout_sa::RESERVE, ty, &keys(0xabc, 0))?,
+            &format!("RESERVE type {ty}"),
+        )?;
+        let r = pr_in(&mut c, &dev, prin_sa::READ_RESERVATION, 8192)?;
+        expect_good(&r, "READ RESERVATION")?;
+        let (_, res) =
+            prin::parse_read_reservation(&r.data).map_err(|_| "short READ RESERVATION")?;
+        let res = res.ok_or(format!("no reservation after RESERVE type {ty}"))?;
+        check_eq!(res.pr_type, ty, "reserved type");
+        // All-registrants reservations report key 0.
+        let want_key = if pr_type::is_all_registrants(ty) {
+            0
+        } else {
+            0xabc
+        };
+        check_eq!(res.key, want_key, "reservation key of type {ty}");
+        let dev_res = device_reservation(&dev)?
+            .ok_or(format!("sg_persist sees no reservation of type {ty}"))?;
+        check_eq!(dev_res.0, want_key, "sg_persist reservation key");
+        // RELEASE with another type is refused, with the right one it works.
+        let other = if ty == 1 { 3 } else { 1 };
+        let r = pr_out(&mut c, &dev, prout_sa::RELEASE, other, &keys(0xabc, 0))?;
+        check_eq!(
+            r.sense_code().map(|s| (s.key, s.asc, s.ascq)),
+            Some((5, 0x26, 4)),
+            "RELEASE with the wrong type"
+        );
+        expect_good(
+            &pr_out(&mut c, &dev, prout_sa::RELEASE, ty, &keys(0xabc, 0))?,
+            "RELEASE",
+        )?;
+        check_eq!(
+            device_reservation(&dev)?,
+            None,
+            "reservation after RELEASE of type {ty}"
+        );
+    }
+    expect_good(
+        &pr_out(&mut c, &dev, prout_sa::REGISTER, 0, &keys(0xabc, 0))?,
+        "unregister",
+    )?;
+    Ok(())
+}
+
+fn sgio_capabilities_and_full_status() -> TestResult {
+    let dev = PathBuf::from(env("RESERVD_SP_DEV"));
+    let d = Daemon::start("reservd-sgio", &[])?;
+    let mut c = d.client()?;
+    reset_lun(&mut c, &dev)?;
+    let r = pr_in(&mut c, &dev, prin_sa::REPORT_CAPABILITIES, 8192)?;
+    expect_good(&r, "REPORT CAPABILITIES")?;
+    check_eq!(r.data.len(), 8, "REPORT CAPABILITIES length");
+    let caps = prin::parse_report_capabilities(&r.data).map_err(|_| "short REPORT CAPABILITIES")?;
+    check!(caps.tmv, "type mask not valid: {caps:?}");
+    for ty in [1u8, 3, 5, 6, 7, 8] {
+        check!(
+            caps.type_mask & prin::type_mask_bit(ty) != 0,
+            "type {ty} missing from {caps:?}"
+        );
+    }
+    expect_good(
+        &pr_out(&mut c, &dev, prout_sa::REGISTER, 0, &keys(0, 0x77))?,
+        "REGISTER",
+    )?;
+    expect_good(
+        &pr_out(&mut c, &dev, prout_sa::RESERVE, 5, &keys(0x77, 0))?,
+        "RESERVE",
+    )?;
+    let r = pr_in(&mut c, &dev, prin_sa::READ_FULL_STATUS, 8192)?;
+    expect_good(&r, "READ FULL STATUS")?;
+    let (_, descs) = prin::parse_read_full_status(&r.data).map_err(|_| "short READ FULL STATUS")?;
+    check_eq!(descs.len(), 1, "READ FULL STATUS descriptors");
+    check_eq!(descs[0].key, 0x77, "descriptor key");
+    check!(
+        descs[0].reservation_holder && descs[0].pr_type == 5,
+        "descriptor: {:?}",
+        descs[0]
+    );
+    check!(
+        !descs[0].transport_id.is_empty(),
+        "descriptor without transport id"
+    );
+    // The same descriptor as sg_persist decodes it.
+    let text = sg_persist(&["--in", "-s"], &dev)?;
+    check!(
+        text.contains("Key=0x77") && text.contains("Reservation holder"),
+        "sg_persist -s: {text}"
+    );
+    reset_lun(&mut c, &dev)
+}
+
+fn sgio_truncated_allocation_lengths() -> TestResult {
+    let dev = PathBuf::from(env("RESERVD_SP_DEV"));
+    let d = Daemon::start("reservd-sgio", &[])?;
+    let mut c = d.client()?;
+    reset_lun(&mut c, &dev)?;
+    expect_good(
+        &pr_out(&mut c, &dev, prout_sa::REGISTER, 0, &keys(0, 0x4242))?,
+        "REGISTER",
+    )?;
+    let full = pr_in(&mut c, &dev, prin_sa::READ_KEYS, 8192)?;
+    check_eq!(full.data.len(), 16, "READ KEYS with one key");
+    for alloc in [0u16, 4, 8, 12, 15] {
+        let r = pr_in(&mut c, &dev, prin_sa::READ_KEYS, alloc)?;
+        expect_good(&r, "READ KEYS")?;
+        check_eq!(
+            r.data.len(),
+            alloc as usize,
+            "answer size for allocation length {alloc}"
+        );
+        check_eq!(
+            r.data[..],
+            full.data[..alloc as usize],
+            "truncated data for allocation length {alloc}"
+        );
+    }
+    // The header keeps the full ADDITIONAL LENGTH when no key fits.
+    let r = pr_in(&mut c, &dev, prin_sa::READ_KEYS, 8)?;
+    check_eq!(
+        r.data[4..8],
+        [0, 0, 0, 8],
+        "ADDITIONAL LENGTH with allocation 8"
+    );
+    reset_lun(&mut c, &dev)
+}
+
+fn sgio_two_initiators_conflict_preempt_clear() -> TestResult {
+    // The two paths of the two-path LUN are two I_T nexuses; used directly
+    // (not through the map) they are plain SCSI disks for SG_IO.
+    let (p1, p2) = mp_paths();
+    let d = Daemon::start("reservd-sgio", &[])?;
+    let mut c = d.client()?;
+    reset_lun(&mut c, &p1)?;
+    expect_good(
+        &pr_out(&mut c, &p1, prout_sa::REGISTER, 0, &keys(0, 0xa))?,
+        "REGISTER on path 1",
+    )?;
+    expect_good(
+        &pr_out(&mut c, &p1, prout_sa::RESERVE, 1, &keys(0xa, 0))?,
+        "RESERVE on path 1",
+    )?;
+    // An unregistered initiator gets RESERVATION CONFLICT.
+    let r = pr_out(&mut c, &p2, prout_sa::RESERVE, 1, &keys(0xb, 0))?;
+    check_eq!(r.status, 0x18, "RESERVE from an unregistered initiator");
+    expect_good(
+        &pr_out(&mut c, &p2, prout_sa::REGISTER, 0, &keys(0, 0xb))?,
+        "REGISTER on path 2",
+    )?;
+    let mut k = device_keys(&p2)?;
+    k.sort();
+    check_eq!(k, vec![0xa, 0xb], "keys seen on path 2");
+    // A registered non-holder still cannot reserve.
+    check_eq!(
+        pr_out(&mut c, &p2, prout_sa::RESERVE, 1, &keys(0xb, 0))?.status,
+        0x18,
+        "RESERVE by a non-holder"
+    );
+    // PREEMPT takes the reservation and removes path 1's registration.
+    expect_good(
+        &pr_out(&mut c, &p2, prout_sa::PREEMPT, 3, &keys(0xb, 0xa))?,
+        "PREEMPT",
+    )?;
+    check_eq!(device_keys(&p2)?, vec![0xb], "keys after PREEMPT");
+    let res = device_reservation(&p2)?.ok_or("no reservation after PREEMPT")?;
+    check_eq!(res.0, 0xb, "holder after PREEMPT");
+    // Path 1 hears about it with a unit attention, then sees the new state.
+    let r = pr_in(&mut c, &p1, prin_sa::READ_KEYS, 8192)?;
+    if r.status == 0x02 {
+        check_eq!(
+            r.sense_code(),
+            Some(SenseCode::REGISTRATIONS_PREEMPTED),
+            "unit attention for the preempted initiator"
+        );
+    }
+    let r = past_ua(|| pr_out(&mut c, &p1, prout_sa::RESERVE, 1, &keys(0xa, 0)))?;
+    check_eq!(r.status, 0x18, "RESERVE by the preempted initiator");
+    // PREEMPT AND ABORT by path 1 after it registers again.
+    expect_good(
+        &pr_out(&mut c, &p1, prout_sa::REGISTER, 0, &keys(0, 0xc))?,
+        "REGISTER again on path 1",
+    )?;
+    expect_good(
+        &pr_out(&mut c, &p1, prout_sa::PREEMPT_AND_ABORT, 5, &keys(0xc, 0xb))?,
+        "PREEMPT AND ABORT",
+    )?;
+    check_eq!(device_keys(&p1)?, vec![0xc], "keys after PREEMPT AND ABORT");
+    // CLEAR from the holder removes everything.
+    expect_good(
+        &past_ua(|| pr_out(&mut c, &p1, prout_sa::CLEAR, 0, &keys(0xc, 0)))?,
+        "CLEAR",
+    )?;
+    check_eq!(device_keys(&p2)?, Vec::<u64>::new(), "keys after CLEAR");
+    check_eq!(device_reservation(&p2)?, None, "reservation after CLEAR");
+    Ok(())
+}
+
+fn fd_count(pid: u32) -> Result<usize, String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .map_err(|e| format!("/proc/{pid}/fd: {e}"))
+}
+
+/// Wait until reservd's fd count returns to `want` (answers are written
+/// before the worker's copy of the client fd is dropped).
+fn settle_fds(pid: u32, want: usize) -> TestResult {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = fd_count(pid)?;
+        if n == want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("reservd holds {n} fds, {want} before"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn robust_fd_count_stable() -> TestResult {
+    let dev = PathBuf::from(env("RESERVD_SP_DEV"));
+    let d = Daemon::start("reservd-robust", &[])?;
+    let mut c = d.client()?;
+    let _ = past_ua(|| pr_in(&mut c, &dev, prin_sa::READ_KEYS, 8192))?;
+    let before = fd_count(d.pid())?;
+    for i in 0..200u64 {
+        let r = pr_in(&mut c, &dev, prin_sa::READ_KEYS, 8192)?;
+        expect_good(&r, "READ KEYS")?;
+        if i % 50 == 0 {
+            expect_good(
+                &pr_out(
+                    &mut c,
+                    &dev,
+                    prout_sa::REGISTER_AND_IGNORE,
+                    0,
+                    &keys(0, 0x100 + i),
+                )?,
+                "REGISTER",
+            )?;
+        }
+    }
+    settle_fds(d.pid(), before)?;
+    let _ = std::fs::read_to_string(&d.log);
+    reset_lun(&mut c, &dev)
+}
+
+fn robust_client_vanishes_mid_command() -> TestResult {
+    use reservd_daemon::server::fdpass::send_with_fds;
+    use std::io::{Read, Write};
+    let dev = PathBuf::from(env("RESERVD_SP_DEV"));
+    let d = Daemon::start("reservd-robust", &[])?;
+    let mut probe = d.client()?;
+    let _ = past_ua(|| pr_in(&mut probe, &dev, prin_sa::READ_KEYS, 8192))?;
+    let before = fd_count(d.pid())?;
+    for i in 0..20 {
+        let mut s =
+            std::os::unix::net::UnixStream::connect(&d.socket).map_err(|e| e.to_string())?;
+        let mut hello = [0u8; 4];
+        s.read_exact(&mut hello).map_err(|e| e.to_string())?;
+        s.write_all(&[0; 4]).map_err(|e| e.to_string())?;
+        let f = open(&dev, i % 2 == 0)?;
+        let cdb = reservd_daemon::cdb::pad16(
+            &PrInCdb {
+                service_action: prin_sa::READ_KEYS,
+                allocation_length: 8192,
+            }
+            .encode(),
+        );
+        send_with_fds(s.as_fd(), &cdb, &[f.as_fd()]).map_err(|e| e.to_string())?;
+        // Gone before the answer (every other time, in the middle of a PR OUT's parameter list).
+        if i % 2 == 1 {
+            let cdb = reservd_daemon::cdb::pad16(
+                &PrOutCdb {
+                    service_action: 0,
+                    scope: 0,
+                    pr_type: 0,
+                    parameter_list_length: 24,
+                }
+                .encode(),
+            );
+            let _ = send_with_fds(s.as_fd(), &cdb, &[f.as_fd()]);
+            let _ = s.write_all(&[0; 10]);
+        }
+        drop(s);
+    }
+    // Everyone else is still served, and nothing leaked.
+    let r = pr_in(&mut probe, &dev, prin_sa::READ_KEYS, 8192)?;
+    expect_good(&r, "READ KEYS after vanishing clients")?;
+    settle_fds(d.pid(), before)
+}
+
+fn robust_path_offline() -> TestResult {
+    let (p1, p2) = mp_paths();
+    let name = p1
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or("bad path name")?
+        .to_string();
+    let state = PathBuf::from(format!("/sys/block/{name}/device/state"));
+    let d = Daemon::start("reservd-robust", &["--sgio-timeout", "5000"])?;
+    let mut c = d.client()?;
+    let _ = past_ua(|| pr_in(&mut c, &p1, prin_sa::READ_KEYS, 8192))?;
+    let f1 = open(&p1, false)?;
+    std::fs::write(&state, "offline\n").map_err(|e| format!("{}: {e}", state.display()))?;
+    let result = (|| -> TestResult {
+        let t = Instant::now();
+        let cdb = PrInCdb {
+            service_action: prin_sa::READ_KEYS,
+            allocation_length: 8192,
+        }
+        .encode();
+        let r = c
+            .execute(&cdb, f1.as_fd(), &[])
+            .map_err(|e| format!("PR IN on an offline path: {e}"))?;
+        check!(r.status != 0, "GOOD from an offline path");
+        check!(
+            t.elapsed() < Duration::from_secs(10),
+            "the answer took {:?}",
+            t.elapsed()
+        );
+        // The other path, and other clients, are served meanwhile.
+        let mut c2 = d.client()?;
+        expect_good(
+            &past_ua(|| pr_in(&mut c2, &p2, prin_sa::READ_KEYS, 8192))?,
+            "READ KEYS on the other path",
+        )?;
+        Ok(())
+    })();
+    std::fs::write(&state, "running\n").map_err(|e| format!("{}: {e}", state.display()))?;
+    result?;
+    expect_good(
+        &past_ua(|| pr_in(&mut c, &p1, prin_sa::READ_KEYS, 8192))?,
+        "READ KEYS once the path is back",
+    )
+}
+
+fn robust_sigterm_with_commands_in_flight() -> TestResult {
+    let dev = PathBuf::from(env("RESERVD_SP_DEV"));
+    let mut d = Daemon::start("reservd-robust", &[])?;
+    let socket = d.socket.clone();
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let (socket, dev) = (socket.clone(), dev.clone());
+            std::thread::spawn(move || -> (u32, u32) {
+                let (mut ok, mut closed) = (0, 0);
+                let Ok(mut c) = Client::connect(&socket) else {
+                    return (0, 1);
+                };
+                for _ in 0..10_000 {
+                    match pr_in(&mut c, &dev, prin_sa::READ_KEYS, 8192) {
+                        Ok(_) => ok += 1,
+                        Err(_) => {
+                            closed += 1;
+                            break;
+                        }
+                    }
+                }
+                (ok, closed)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let status = d.stop().ok_or("reservd was not running")?;
+    check!(status.success(), "reservd exited with {status} on SIGTERM");
+    check!(
+        t.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
+    check!(!socket.exists(), "socket {} left behind", socket.display());
+    let mut total = 0;
+    for w in workers {
+        let (ok, _) = w.join().map_err(|_| "client thread panicked")?;
+        total += ok;
+    }
+    check!(total > 0, "no command was answered before SIGTERM");
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! End-to-end tests on real SCSI disks with persistent reservations.
+//!
+//! The host has no SCSI stack, so this test boots Debian's kernel under QEMU
+//! with the host's root filesystem (`tests/vm/run-vm.sh`), where LIO and
+//! tcm_loop provide a single-path disk and a two-path LUN under
+//! dm-multipath. It then runs *this same binary* inside the guest with
+//! `--guest GROUP`, which drives reservd as QEMU would and reads the device
+//! state back with `sg_persist`.
+//!
+//! Gate: the VM tier runs when the test binary is given `--include-ignored`
+//! or `--ignored` (as `scripts/test.sh` does), or RESERVD_VM_TESTS=1; a
+//! plain `cargo test` prints that it was skipped.
+
+#[path = "e2e/guest.rs"]
+mod guest;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+/// Groups of guest scenarios; each boots one VM.
+const GROUPS: &[&str] = &["sgio", "robust"];
+/// Shell scenarios run as they are (tests/vm/scenarios/NAME.sh).
+const SHELL_SCENARIOS: &[&str] = &["smoke"];
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--guest") {
+        let group = args.get(i + 1).map(String::as_str).unwrap_or("");
+        std::process::exit(guest::run(group));
+    }
+    let enabled = args
+        .iter()
+        .any(|a| a == "--include-ignored" || a == "--ignored")
+        || std::env::var("RESERVD_VM_TESTS").as_deref() == Ok("1");
+    // Positional words are name filters, as with the standard harness.
+    let filters: Vec<&String> = args
+        .iter()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let selected =
+        |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
+    let mut runs: Vec<(String, Vec<String>)> = Vec::new();
+    let exe = std::env::current_exe().expect("current_exe");
+    for g in GROUPS {
+        let name = format!("vm_{g}");
+        if selected(&name) {
+            runs.push((
+                name,
+                vec![exe.display().to_string(), "--guest".into(), g.to_string()],
+            ));
+        }
+    }
+    for s in SHELL_SCENARIOS {
+        let name = format!("vm_{s}");
+        if selected(&name) {
+            runs.push((
+                name,
+                vec![root()
+                    .join(format!("tests/vm/scenarios/{s}.sh"))
+                    .display()
+                    .to_string()],
+            ));
+        }
+    }
+    if !enabled {
+        println!(
+            "vm: {} end-to-end test(s) skipped: they boot a VM (run scripts/test.sh, or cargo test --test vm -- --include-ignored)",
+            runs.len()
+        );
+        println!("0 passed, 0 failed, {} skipped", runs.len());
+        return;
+    }
+    let started = Instant::now();
+    let (mut passed, mut failed) = (0, 0);
+    for (name, scenario) in &runs {
+        let t = Instant::now();
+        println!("test {name} ... booting the VM");
+        let status = Command::new(root().join("tests/vm/run-vm.sh"))
+            .args(["--timeout", "900"])
+            .args(scenario)
+            .current_dir(root())
+            .status();
+        match status {
+            Ok(s) if s.success() => {
+                passed += 1;
+                println!("test {name} ... ok ({:.1} s)", t.elapsed().as_secs_f64());
+            }
+            Ok(s) => {
+                failed += 1;
+                println!(
+                    "test {name} ... FAILED ({s}, {:.1} s)",
+                    t.elapsed().as_secs_f64()
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                println!("test {name} ... FAILED (cannot run tests/vm/run-vm.sh: {e})");
+            }
+        }
+    }
+    println!(
+        "vm: end-to-end tier ran in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
