@@ -15,6 +15,7 @@ use reservd_daemon::prin;
 use reservd_daemon::sense::SenseCode;
 
 pub type TestResult = Result<(), String>;
+type Scenario = (&'static str, fn() -> TestResult);
 
 macro_rules! check {
     ($cond:expr, $($fmt:tt)+) => {
@@ -35,7 +36,7 @@ macro_rules! check_eq {
 
 /// Run the scenarios of `group`; returns the process exit status.
 pub fn run(group: &str) -> i32 {
-    let tests: Vec<(&str, fn() -> TestResult)> = match group {
+    let tests: Vec<Scenario> = match group {
         "sgio" => vec![
             ("sgio_register_and_read_keys", sgio_register_and_read_keys),
             ("sgio_every_reservation_type", sgio_every_reservation_type),
