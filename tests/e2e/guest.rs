@@ -53,6 +53,10 @@ pub fn run(group: &str) -> i32 {
                 sgio_two_initiators_conflict_preempt_clear,
             ),
         ],
+        "reference" => vec![(
+            "reference_same_bytes_as_qemu_pr_helper",
+            reference_same_bytes_as_qemu_pr_helper,
+        )],
         "robust" => vec![
             ("robust_fd_count_stable", robust_fd_count_stable),
             (
@@ -773,4 +777,154 @@ fn robust_sigterm_with_commands_in_flight() -> TestResult {
     }
     check!(total > 0, "no command was answered before SIGTERM");
     Ok(())
+}
+
+/// One step of a command sequence: a CDB (10 bytes) and PR OUT parameters.
+pub struct Step {
+    pub what: &'static str,
+    pub cdb: [u8; 10],
+    pub params: Vec<u8>,
+}
+
+fn prin_step(what: &'static str, sa: u8, alloc: u16) -> Step {
+    Step {
+        what,
+        cdb: PrInCdb {
+            service_action: sa,
+            allocation_length: alloc,
+        }
+        .encode(),
+        params: vec![],
+    }
+}
+
+fn prout_step(what: &'static str, sa: u8, ty: u8, key: u64, sa_key: u64) -> Step {
+    let params = keys(key, sa_key).encode();
+    let cdb = PrOutCdb {
+        service_action: sa,
+        scope: 0,
+        pr_type: ty,
+        parameter_list_length: params.len() as u32,
+    }
+    .encode();
+    Step { what, cdb, params }
+}
+
+/// A single-initiator sequence that visits every service action and the
+/// usual error answers.
+pub fn single_initiator_sequence() -> Vec<Step> {
+    let mut invalid_in = PrInCdb {
+        service_action: 0,
+        allocation_length: 8192,
+    }
+    .encode();
+    invalid_in[1] = 0x07;
+    let mut invalid_out = prout_step("PR OUT service action 0x1f", 0, 0, 0x1, 0);
+    invalid_out.cdb[1] = 0x1f;
+    vec![
+        prin_step("READ KEYS", prin_sa::READ_KEYS, 8192),
+        prout_step("REGISTER", prout_sa::REGISTER, 0, 0, 0x1),
+        prout_step("REGISTER with a wrong key", prout_sa::REGISTER, 0, 0x5, 0x6),
+        prin_step("READ KEYS", prin_sa::READ_KEYS, 8192),
+        prout_step("RESERVE type 5", prout_sa::RESERVE, 5, 0x1, 0),
+        prin_step("READ RESERVATION", prin_sa::READ_RESERVATION, 8192),
+        prin_step("READ FULL STATUS", prin_sa::READ_FULL_STATUS, 8192),
+        prin_step("REPORT CAPABILITIES", prin_sa::REPORT_CAPABILITIES, 8192),
+        prout_step("RELEASE with the wrong type", prout_sa::RELEASE, 6, 0x1, 0),
+        prout_step("RELEASE", prout_sa::RELEASE, 5, 0x1, 0),
+        prin_step("READ RESERVATION", prin_sa::READ_RESERVATION, 8192),
+        prin_step("READ KEYS, allocation 12", prin_sa::READ_KEYS, 12),
+        prin_step("READ KEYS, allocation 0", prin_sa::READ_KEYS, 0),
+        Step {
+            what: "PR IN service action 7",
+            cdb: invalid_in,
+            params: vec![],
+        },
+        invalid_out,
+        prout_step("RESERVE type 8", prout_sa::RESERVE, 8, 0x1, 0),
+        prin_step("READ RESERVATION", prin_sa::READ_RESERVATION, 8192),
+        prout_step(
+            "REGISTER AND IGNORE",
+            prout_sa::REGISTER_AND_IGNORE,
+            0,
+            0,
+            0x2,
+        ),
+        prin_step("READ FULL STATUS", prin_sa::READ_FULL_STATUS, 8192),
+        prout_step("CLEAR with a wrong key", prout_sa::CLEAR, 0, 0x9, 0),
+        prout_step("CLEAR", prout_sa::CLEAR, 0, 0x2, 0),
+        prin_step("READ KEYS", prin_sa::READ_KEYS, 8192),
+    ]
+}
+
+/// Replace the generation of PR IN data (READ KEYS, READ RESERVATION,
+/// READ FULL STATUS) by its distance from `base`.
+pub fn normalize_generation(cdb: &[u8; 10], data: &mut [u8], base: u32) {
+    if cdb[0] == 0x5e && (cdb[1] & 0x1f) != prin_sa::REPORT_CAPABILITIES && data.len() >= 4 {
+        let g = u32::from_be_bytes(data[..4].try_into().unwrap());
+        data[..4].copy_from_slice(&g.wrapping_sub(base).to_be_bytes());
+    }
+}
+
+/// Run `steps` through the helper at `socket` on `dev`; answers with
+/// generations relative to the LUN's generation at the start.
+pub fn run_sequence(socket: &Path, dev: &Path, steps: &[Step]) -> Result<Vec<Response>, String> {
+    let mut c =
+        Client::connect(socket).map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
+    let base = {
+        let r = past_ua(|| pr_in(&mut c, dev, prin_sa::READ_KEYS, 8192))?;
+        expect_good(&r, "READ KEYS")?;
+        u32::from_be_bytes(r.data[..4].try_into().unwrap())
+    };
+    let mut out = Vec::new();
+    for s in steps {
+        let f = open(dev, true)?;
+        let mut r = c
+            .execute(&s.cdb, f.as_fd(), &s.params)
+            .map_err(|e| format!("{}: {e}", s.what))?;
+        normalize_generation(&s.cdb, &mut r.data, base);
+        out.push(r);
+    }
+    Ok(out)
+}
+
+fn reference_same_bytes_as_qemu_pr_helper() -> TestResult {
+    let dev = PathBuf::from(env("RESERVD_SP_DEV"));
+    let ours = Daemon::start("reservd-ref", &[])?;
+    let theirs = Daemon::start_binary(
+        Path::new("/usr/bin/qemu-pr-helper"),
+        "qemu-pr-helper-ref",
+        &[],
+    )?;
+    let steps = single_initiator_sequence();
+    let mut c = ours.client()?;
+    reset_lun(&mut c, &dev)?;
+    let a = run_sequence(&ours.socket, &dev, &steps)?;
+    reset_lun(&mut c, &dev)?;
+    let b = run_sequence(&theirs.socket, &dev, &steps)?;
+    reset_lun(&mut c, &dev)?;
+    for ((s, x), y) in steps.iter().zip(&a).zip(&b) {
+        check_eq!(
+            x.status,
+            y.status,
+            "{}: status (reservd vs qemu-pr-helper)",
+            s.what
+        );
+        check_eq!(
+            report_hex(&x.sense),
+            report_hex(&y.sense),
+            "{}: sense",
+            s.what
+        );
+        check_eq!(report_hex(&x.data), report_hex(&y.data), "{}: data", s.what);
+    }
+    println!(
+        "  {} steps, identical answers from reservd and qemu-pr-helper",
+        steps.len()
+    );
+    Ok(())
+}
+
+fn report_hex(b: &[u8]) -> String {
+    reservd_daemon::report::hex(b)
 }
