@@ -247,6 +247,48 @@ fn pidfile_is_written_locked_and_kept_without_daemon() {
     );
 }
 
+#[test]
+#[ignore = "needs python3; run by scripts/test.sh"]
+fn pidfile_locked_by_the_launcher_before_exec_is_accepted() {
+    // Older libvirt creates and fcntl-locks the pid file in the child it
+    // then execs the helper in, passing -f: the lock belongs to the helper's
+    // own process and must not count as "another instance".
+    require(false, &["python3"]);
+    let dir = TempDir::new();
+    let sock = dir.join("s.sock");
+    let pid = dir.join("p.pid");
+    let launcher = "import fcntl, os, sys\n\
+                    fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o600)\n\
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n\
+                    os.set_inheritable(fd, True)\n\
+                    os.execv(sys.argv[2], sys.argv[2:])\n";
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", launcher]).arg(&pid).args([
+        RESERVD,
+        "-k",
+        sock.to_str().unwrap(),
+        "-f",
+        pid.to_str().unwrap(),
+    ]);
+    let mut p = Proc::spawn(cmd);
+    p.wait_socket(&sock);
+    assert!(wait_until(DEADLINE, || std::fs::read_to_string(&pid)
+        .map(|t| t == format!("{}\n", p.pid()))
+        .unwrap_or(false)));
+    assert_eq!(hello(&sock, 0).1, [0, 0, 0, 0]);
+    // And the lock is held by reservd from then on.
+    let (status, _, stderr) = run_reservd(&[
+        "-k",
+        dir.join("t.sock").to_str().unwrap(),
+        "-f",
+        pid.to_str().unwrap(),
+    ]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot lock pid file"), "{stderr}");
+    let (status, _) = stop(&mut p);
+    assert!(status.success());
+}
+
 // ------------------------------------------------------------------- -d
 
 #[test]
@@ -808,25 +850,41 @@ fn listen_fds_for_another_process_is_ignored() {
 
 #[test]
 fn readiness_is_notified_once_listening() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::SocketAddr;
     let dir = TempDir::new();
     let sock = dir.join("s.sock");
+    // systemd's usual path socket, and an abstract one ("@name").
     let notify_path = dir.join("notify");
-    let notify = UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut cmd = Command::new(RESERVD);
-    cmd.args(["-k", sock.to_str().unwrap()])
-        .env("NOTIFY_SOCKET", &notify_path);
-    let mut p = Proc::spawn(cmd);
-    let mut buf = [0u8; 256];
-    let n = notify
-        .recv(&mut buf)
-        .unwrap_or_else(|e| panic!("no notification: {e}; stderr {}", p.stderr()));
-    assert_eq!(&buf[..n], b"READY=1");
-    // Ready means listening: the first connect must succeed, no retry.
-    let mut s = UnixStream::connect(&sock).expect("connect right after READY=1");
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    assert_eq!(read_features(&mut s), [0, 0, 0, 0]);
-    s.write_all(&[0; 4]).unwrap();
-    let (status, _) = stop(&mut p);
-    assert!(status.success());
+    let abstract_name = format!("reservd-test-notify-{}", std::process::id());
+    let sockets = [
+        (
+            UnixDatagram::bind(&notify_path).unwrap(),
+            notify_path.clone().into_os_string(),
+        ),
+        (
+            UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(&abstract_name).unwrap())
+                .unwrap(),
+            format!("@{abstract_name}").into(),
+        ),
+    ];
+    for (notify, env) in sockets {
+        notify.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut cmd = Command::new(RESERVD);
+        cmd.args(["-k", sock.to_str().unwrap()])
+            .env("NOTIFY_SOCKET", &env);
+        let mut p = Proc::spawn(cmd);
+        let mut buf = [0u8; 256];
+        let n = notify
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("{env:?}: no notification: {e}; stderr {}", p.stderr()));
+        assert_eq!(&buf[..n], b"READY=1", "{env:?}");
+        // Ready means listening: the first connect must succeed, no retry.
+        let mut s = UnixStream::connect(&sock).expect("connect right after READY=1");
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        assert_eq!(read_features(&mut s), [0, 0, 0, 0]);
+        s.write_all(&[0; 4]).unwrap();
+        let (status, _) = stop(&mut p);
+        assert!(status.success());
+    }
 }

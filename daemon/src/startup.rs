@@ -171,6 +171,11 @@ fn locked_error(path: &Path, holder: Option<libc::pid_t>) -> anyhow::Error {
 /// Run before the socket is bound, so that a second instance started by
 /// mistake stops before it replaces the running instance's socket. A
 /// missing or unreadable file is left for [`write_pidfile`] to report.
+///
+/// F_GETLK ignores locks this process holds, so a pid file that the
+/// launcher locked before exec'ing reservd (older libvirt) passes; closing
+/// the probe drops such a lock, and [`write_pidfile`] takes it again at
+/// once.
 pub fn check_pidfile_free(path: &Path) -> anyhow::Result<()> {
     let Ok(file) = File::open(path) else {
         return Ok(());
