@@ -400,6 +400,20 @@ fn trace_pattern_enables_request_logging() {
 }
 
 #[test]
+fn trace_connection_event_logs_connections() {
+    let dir = TempDir::new();
+    let sock = dir.join("s.sock");
+    let p = serve(&sock, &["-T", "enable=pr_helper_connection"]);
+    let (c, _) = hello(&sock, 0);
+    drop(c);
+    assert!(p.wait_stderr("closed"), "{}", p.stderr());
+    let text = p.stderr();
+    assert!(text.contains("connection 1 from pid"), "{text}");
+    // Requests are a different event.
+    assert!(!text.contains("pr_helper_request"), "{text}");
+}
+
+#[test]
 fn unknown_trace_pattern_is_only_a_warning() {
     let dir = TempDir::new();
     let sock = dir.join("s.sock");
