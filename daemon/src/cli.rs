@@ -23,6 +23,8 @@ pub const DEFAULT_PIDFILE: &str = "/var/run/qemu-pr-helper.pid";
     name = "reservd",
     version,
     disable_version_flag = true,
+    // As with getopt, a repeated option takes its last value.
+    args_override_self = true,
     after_help = "The options -k, -f, -d, -T, -u, -g, -v and -q are those of qemu-pr-helper."
 )]
 pub struct Cli {
@@ -30,13 +32,14 @@ pub struct Cli {
     #[arg(short = 'V', long = "version", action = ArgAction::Version)]
     pub version: Option<bool>,
 
-    /// Path of the UNIX socket to listen on (absolute). Not allowed with
-    /// systemd socket activation.
+    /// Path of the UNIX socket to listen on; must be absolute.
+    /// Default: /var/run/qemu-pr-helper.sock. Not allowed with systemd
+    /// socket activation.
     #[arg(short = 'k', long = "socket", value_name = "PATH")]
     pub socket: Option<PathBuf>,
 
-    /// Write and lock a pid file. Written whenever given; with -d and no -f,
-    /// the default path is used.
+    /// Write and lock a pid file. Written whenever given, with or without
+    /// -d; with -d alone, /var/run/qemu-pr-helper.pid is used.
     #[arg(short = 'f', long = "pidfile", value_name = "PATH")]
     pub pidfile: Option<PathBuf>,
 
@@ -46,7 +49,8 @@ pub struct Cli {
 
     /// Enable trace events: [[enable=]PATTERN][,events=FILE][,file=FILE].
     /// Events: pr_helper_request, pr_helper_result, pr_helper_connection,
-    /// and QEMU's pr_manager_execute / pr_manager_run (aliases).
+    /// and QEMU's pr_manager_execute / pr_manager_run (aliases of the first
+    /// two). file=FILE sends all log output to FILE.
     #[arg(short = 'T', long = "trace", value_name = "SPEC")]
     pub trace: Vec<String>,
 

@@ -20,6 +20,7 @@ pub mod server;
 pub mod startup;
 pub mod wire;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -27,6 +28,12 @@ use anyhow::Context;
 use crate::cli::Cli;
 
 /// Run the daemon as the command line says. Returns when it has shut down.
+///
+/// The start-up order is qemu-pr-helper's: logging, the listening socket,
+/// daemonizing, the pid file, dropping privileges, then serving. Two
+/// additions: a pid file locked by a running instance stops start-up before
+/// the socket is touched, and a socket reservd created is removed again
+/// when a later start-up step fails.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let warnings = logging::init(cli.verbose, cli.quiet, &cli.trace).map_err(anyhow::Error::msg)?;
     for w in warnings {
@@ -45,38 +52,77 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .map(privs::lookup_group)
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    let uid = user.map(|(u, _)| u);
-    let gid = group.or(user.and_then(|(_, g)| g));
+    let ids = Ids {
+        uid: user.map(|(u, _)| u),
+        gid: group.or(user.and_then(|(_, g)| g)),
+    };
+    let pidfile_path = match (&cli.pidfile, cli.daemon) {
+        (Some(p), _) => Some(p.clone()),
+        (None, true) => Some(PathBuf::from(cli::DEFAULT_PIDFILE)),
+        (None, false) => None,
+    };
+    if let Some(p) = &pidfile_path {
+        startup::check_pidfile_free(p)?;
+    }
 
     // Stop signals go to the event loop's signal fd, in every thread.
     server::block_stop_signals().context("blocking signals")?;
 
-    let listener = startup::listen(
-        cli.socket.as_deref(),
-        std::path::Path::new(cli::DEFAULT_SOCKET),
-    )?;
-    if cli.daemon {
-        startup::daemonize()?;
-    }
-    let pidfile = match (&cli.pidfile, cli.daemon) {
-        (Some(p), _) => Some(startup::write_pidfile(p)?),
-        (None, true) => Some(startup::write_pidfile(std::path::Path::new(
-            cli::DEFAULT_PIDFILE,
-        ))?),
-        (None, false) => None,
+    let listener = startup::listen(cli.socket.as_deref(), Path::new(cli::DEFAULT_SOCKET))?;
+    let mut detached = None;
+    let started = start(&cli, &listener, pidfile_path.as_deref(), ids, &mut detached);
+    let (server, pidfile) = match started {
+        Ok(s) => s,
+        Err(e) => {
+            listener.remove();
+            if let Some(d) = detached {
+                d.failed(&format!("{e:#}"));
+            }
+            return Err(e);
+        }
     };
+    startup::notify_ready();
+    if let Some(d) = detached {
+        d.ready();
+    }
+    let r = server.run();
+    listener.remove();
+    drop(pidfile);
+    r.context("event loop")
+}
+
+/// The user and group to switch to.
+#[derive(Clone, Copy)]
+struct Ids {
+    uid: Option<nix::unistd::Uid>,
+    gid: Option<nix::unistd::Gid>,
+}
+
+/// Everything between binding the socket and serving.
+fn start(
+    cli: &Cli,
+    listener: &startup::Listener,
+    pidfile_path: Option<&Path>,
+    ids: Ids,
+    detached: &mut Option<startup::Detached>,
+) -> anyhow::Result<(server::Server, Option<startup::PidFile>)> {
+    if cli.daemon {
+        *detached = Some(startup::daemonize()?);
+    }
+    let pidfile = pidfile_path.map(startup::write_pidfile).transpose()?;
 
     let keep = [privs::CAP_SYS_RAWIO];
-    privs::drop_privileges(uid, gid, &keep).context("failed to drop privileges")?;
+    privs::drop_privileges(ids.uid, ids.gid, &keep).context("failed to drop privileges")?;
 
     let features = if cli.enable_cleanup {
         wire::FEATURE_CLEANUP
     } else {
         0
     };
-    let backend = Arc::new(backend::sgio::SgIo {
+    let sgio = Arc::new(backend::sgio::SgIo {
         timeout_ms: cli.sgio_timeout,
     });
+    let backend = Arc::new(logging::Traced(sgio));
     let config = server::Config {
         features,
         max_connections: cli.max_connections as usize,
@@ -85,17 +131,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let mut server = server::Server::new(listener.listener.try_clone()?, backend, config)?;
     server.watch_signals().context("watching signals")?;
     log::info!(
-        "reservd {} listening{}; multipath support: not built in",
+        "reservd {} listening{}; features {features:#010x}, SG_IO timeout {} ms, \
+         at most {} connections; multipath support: not built in",
         env!("CARGO_PKG_VERSION"),
         if listener.activated {
-            " on the socket-activated fd"
+            " on the socket-activated fd".to_string()
         } else {
-            ""
-        }
+            listener
+                .created
+                .as_ref()
+                .map(|(p, _, _)| format!(" on {}", p.display()))
+                .unwrap_or_default()
+        },
+        cli.sgio_timeout,
+        cli.max_connections,
     );
-    startup::notify_ready();
-    let r = server.run();
-    listener.remove();
-    drop(pidfile);
-    r.context("event loop")
+    Ok((server, pidfile))
 }

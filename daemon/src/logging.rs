@@ -3,18 +3,77 @@
 //! when stderr is connected to the journal.
 
 use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use log::LevelFilter;
 
-/// Trace events and the log targets they enable at debug level.
+use crate::backend::{BackendError, Command, Nexus, PrBackend};
+use crate::sense::Answer;
+
+/// Log target of the `pr_helper_request` event.
+pub const REQUEST_TARGET: &str = "reservd::trace::request";
+/// Log target of the `pr_helper_result` event.
+pub const RESULT_TARGET: &str = "reservd::trace::result";
+/// The event loop's own log: connections opened, commands dispatched,
+/// connections closed and why.
+pub const CONNECTION_TARGET: &str = "reservd_daemon::server";
+
+/// Trace events and the log targets they enable (every level).
 pub const TRACE_EVENTS: &[(&str, &str)] = &[
-    ("pr_helper_connection", "reservd::trace::connection"),
-    ("pr_helper_request", "reservd::trace::request"),
-    ("pr_helper_result", "reservd::trace::result"),
+    ("pr_helper_connection", CONNECTION_TARGET),
+    ("pr_helper_request", REQUEST_TARGET),
+    ("pr_helper_result", RESULT_TARGET),
     // QEMU's client-side event names, accepted as aliases.
-    ("pr_manager_execute", "reservd::trace::request"),
-    ("pr_manager_run", "reservd::trace::result"),
+    ("pr_manager_execute", REQUEST_TARGET),
+    ("pr_manager_run", RESULT_TARGET),
 ];
+
+/// A backend that logs each command and its outcome on the trace targets,
+/// then hands it to the real backend.
+pub struct Traced(pub Arc<dyn PrBackend>);
+
+impl PrBackend for Traced {
+    fn execute(&self, cmd: &Command<'_>) -> Result<Answer, BackendError> {
+        log::trace!(
+            target: REQUEST_TARGET,
+            "pr_helper_request conn={} fd={} cmd={:#04x} service_action={:#04x} params={}",
+            cmd.nexus,
+            cmd.fd.as_raw_fd(),
+            cmd.cdb[0],
+            cmd.cdb[1] & 0x1f,
+            cmd.params.len()
+        );
+        let r = self.0.execute(cmd);
+        if log::log_enabled!(target: RESULT_TARGET, log::Level::Trace) {
+            match &r {
+                Ok(a) => {
+                    let sense = match a.sense_code() {
+                        Some(c) => format!(" sense={:02x}/{:02x}/{:02x}", c.key, c.asc, c.ascq),
+                        None => String::new(),
+                    };
+                    log::trace!(
+                        target: RESULT_TARGET,
+                        "pr_helper_result conn={} status={:#04x}{sense} data={}",
+                        cmd.nexus,
+                        a.status.0,
+                        a.data.len()
+                    );
+                }
+                Err(e) => log::trace!(
+                    target: RESULT_TARGET,
+                    "pr_helper_result conn={} error: {e}",
+                    cmd.nexus
+                ),
+            }
+        }
+        r
+    }
+
+    fn disconnect(&self, nexus: Nexus) {
+        self.0.disconnect(nexus)
+    }
+}
 
 /// A parsed `-T` option.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -183,7 +242,7 @@ mod tests {
     #[test]
     fn patterns_map_to_targets() {
         let (t, u) = trace_targets(&["pr_manager_*".into(), "qio_*".into()]);
-        assert_eq!(t, vec!["reservd::trace::request", "reservd::trace::result"]);
+        assert_eq!(t, vec![REQUEST_TARGET, RESULT_TARGET]);
         assert_eq!(u, vec!["qio_*"]);
         assert!(glob_match("*", "anything"));
         assert!(glob_match("pr_?elper*", "pr_helper_request"));

@@ -143,13 +143,13 @@ pub fn drop_privileges(uid: Option<Uid>, gid: Option<Gid>, keep: &[u32]) -> anyh
             anyhow::bail!("changing user or group needs root (or CAP_SETUID and CAP_SETGID)");
         }
     }
-    // The bounding set first, while CAP_SETPCAP is still effective.
+    // Empty the bounding set first, while CAP_SETPCAP is still effective.
+    // It only limits what an execve could gain, and reservd never execs,
+    // so the kept capabilities go too (as with qemu-pr-helper).
     if current.effective & (1 << 8) != 0 {
         for cap in 0..=last_cap() {
-            if keep_mask & (1u64 << cap) == 0 {
-                prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong)
-                    .with_context(|| format!("dropping capability {cap} from the bounding set"))?;
-            }
+            prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong)
+                .with_context(|| format!("dropping capability {cap} from the bounding set"))?;
         }
     }
     if current.effective & (1 << 6) != 0 {

@@ -135,6 +135,57 @@ pub struct PidFile {
     _file: File,
 }
 
+fn whole_file_lock(l_type: libc::c_int) -> libc::flock {
+    libc::flock {
+        l_type: l_type as _,
+        l_whence: libc::SEEK_SET as _,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    }
+}
+
+/// The pid of the process holding a lock on `file`, if any.
+fn lock_holder(file: &File) -> Option<libc::pid_t> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let mut lock = whole_file_lock(libc::F_WRLCK);
+    fcntl(file, FcntlArg::F_GETLK(&mut lock)).ok()?;
+    (lock.l_type != libc::F_UNLCK as _).then_some(lock.l_pid)
+}
+
+fn locked_error(path: &Path, holder: Option<libc::pid_t>) -> anyhow::Error {
+    match holder {
+        Some(pid) => anyhow::anyhow!(
+            "cannot lock pid file {}: held by process {pid}",
+            path.display()
+        ),
+        None => anyhow::anyhow!(
+            "cannot lock pid file {}: held by another process",
+            path.display()
+        ),
+    }
+}
+
+/// Fail if another process holds the lock on the pid file at `path`.
+///
+/// Run before the socket is bound, so that a second instance started by
+/// mistake stops before it replaces the running instance's socket. A
+/// missing or unreadable file is left for [`write_pidfile`] to report.
+///
+/// F_GETLK ignores locks this process holds, so a pid file that the
+/// launcher locked before exec'ing reservd (older libvirt) passes; closing
+/// the probe drops such a lock, and [`write_pidfile`] takes it again at
+/// once.
+pub fn check_pidfile_free(path: &Path) -> anyhow::Result<()> {
+    let Ok(file) = File::open(path) else {
+        return Ok(());
+    };
+    match lock_holder(&file) {
+        Some(pid) => Err(locked_error(path, Some(pid))),
+        None => Ok(()),
+    }
+}
+
 /// Create, lock and write the pid file, as QEMU does: mode 0600, an
 /// exclusive fcntl lock, an inode re-check against a racing unlink, then
 /// "<pid>\n". The file stays at exit.
@@ -148,19 +199,10 @@ pub fn write_pidfile(path: &Path) -> anyhow::Result<PidFile> {
             .mode(0o600)
             .open(path)
             .with_context(|| format!("cannot open pid file {}", path.display()))?;
-        let lock = libc::flock {
-            l_type: libc::F_WRLCK as _,
-            l_whence: libc::SEEK_SET as _,
-            l_start: 0,
-            l_len: 0,
-            l_pid: 0,
-        };
-        fcntl(&file, FcntlArg::F_SETLK(&lock)).map_err(|_| {
-            anyhow::anyhow!(
-                "cannot lock pid file {}: held by another process",
-                path.display()
-            )
-        })?;
+        let lock = whole_file_lock(libc::F_WRLCK);
+        if fcntl(&file, FcntlArg::F_SETLK(&lock)).is_err() {
+            return Err(locked_error(path, lock_holder(&file)));
+        }
         let held = file.metadata()?;
         match std::fs::metadata(path) {
             Ok(m) if m.dev() == held.dev() && m.ino() == held.ino() => {}
@@ -178,22 +220,86 @@ pub fn write_pidfile(path: &Path) -> anyhow::Result<PidFile> {
     )
 }
 
-/// Detach like daemon(3): fork (the parent exits 0), new session, cwd /,
-/// standard streams on /dev/null. Must run before any thread starts.
-pub fn daemonize() -> anyhow::Result<()> {
+/// The daemon's end of the start-up report to the process that ran it.
+pub struct Detached {
+    pipe: File,
+}
+
+/// What the daemon writes on success; anything else is an error message.
+const STARTED: &[u8] = b"OK";
+
+impl Detached {
+    /// Start-up is complete: the parent exits 0.
+    pub fn ready(mut self) {
+        let _ = self.pipe.write_all(STARTED);
+    }
+
+    /// Start-up failed: the parent prints `message` and exits 1.
+    pub fn failed(mut self, message: &str) {
+        let text = if message.as_bytes() == STARTED {
+            "start-up failed"
+        } else {
+            message
+        };
+        let _ = self.pipe.write_all(text.as_bytes());
+    }
+}
+
+/// Detach like daemon(3): fork, new session, cwd /, standard streams on
+/// /dev/null. Must run before any thread starts.
+///
+/// Unlike daemon(3), the parent does not exit at once: it waits until the
+/// daemon reports through a pipe that start-up is complete ([`Detached`]),
+/// then exits 0, or prints the daemon's error and exits 1. A caller that
+/// waits for the parent (an init script, libvirt) thus finds the socket
+/// ready, and sees start-up errors that happen after the fork.
+pub fn daemonize() -> anyhow::Result<Detached> {
+    use std::io::Read;
+    let (rx, tx) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("failed to daemonize: pipe")?;
     // SAFETY: reservd is single-threaded at this point (no workers yet), so
     // the child may run arbitrary code after fork.
     match unsafe { nix::unistd::fork() }.context("failed to daemonize")? {
-        nix::unistd::ForkResult::Parent { .. } => std::process::exit(0),
-        nix::unistd::ForkResult::Child => {}
+        nix::unistd::ForkResult::Parent { .. } => {
+            drop(tx);
+            // The stop signals were blocked for the daemon's signal fd; the
+            // waiting parent should still die of them.
+            let _ = nix::sys::signal::SigSet::all().thread_unblock();
+            let mut report = Vec::new();
+            let _ = File::from(rx).read_to_end(&mut report);
+            if report == STARTED {
+                std::process::exit(0);
+            }
+            if report.is_empty() {
+                eprintln!("reservd: the daemon exited during start-up");
+            } else {
+                eprintln!("reservd: {}", String::from_utf8_lossy(&report));
+            }
+            std::process::exit(1);
+        }
+        nix::unistd::ForkResult::Child => drop(rx),
     }
+    let detached = Detached {
+        pipe: File::from(tx),
+    };
+    match detach_child() {
+        Ok(()) => Ok(detached),
+        Err(e) => {
+            detached.failed(&format!("{e:#}"));
+            Err(e)
+        }
+    }
+}
+
+/// The daemon(3) steps after the fork, in the child.
+fn detach_child() -> anyhow::Result<()> {
     nix::unistd::setsid().context("failed to daemonize: setsid")?;
     std::env::set_current_dir("/").context("failed to daemonize: chdir /")?;
     let null = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/null")
-        .context("opening /dev/null")?;
+        .context("failed to daemonize: opening /dev/null")?;
     nix::unistd::dup2_stdin(&null).context("failed to daemonize: dup2")?;
     nix::unistd::dup2_stdout(&null).context("failed to daemonize: dup2")?;
     nix::unistd::dup2_stderr(&null).context("failed to daemonize: dup2")?;

@@ -1,0 +1,436 @@
+//! Shared by the tests of the built binary: temporary directories, child
+//! processes that are always killed, bounded waits, and a raw client of the
+//! helper protocol that reports a closed connection as such.
+#![allow(dead_code)]
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use reservd_daemon::server::fdpass::send_with_fds;
+
+/// The binary under test.
+pub const RESERVD: &str = env!("CARGO_BIN_EXE_reservd");
+
+/// How long anything in these tests may take before it counts as hung.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Poll `cond` every 10 ms until it holds or `limit` has passed.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A directory under /tmp, removed with its contents on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let p = nix::unistd::mkdtemp("/tmp/reservd-test-XXXXXX").expect("mkdtemp");
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        TempDir::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Whether `path` is a UNIX socket.
+pub fn is_socket(path: &Path) -> bool {
+    std::fs::symlink_metadata(path)
+        .map(|m| m.file_type().is_socket())
+        .unwrap_or(false)
+}
+
+/// A child process with its output collected in the background. Dropping
+/// it kills the process (SIGKILL) and reaps it.
+pub struct Proc {
+    child: Child,
+    status: Option<ExitStatus>,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<JoinHandle<()>>,
+    name: String,
+}
+
+fn collect(mut r: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => into.lock().unwrap().extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+}
+
+impl Proc {
+    /// Start `cmd` with stdin on /dev/null and stdout/stderr collected.
+    pub fn spawn(mut cmd: Command) -> Proc {
+        let name = format!("{cmd:?}");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let readers = vec![
+            collect(child.stdout.take().unwrap(), Arc::clone(&stdout)),
+            collect(child.stderr.take().unwrap(), Arc::clone(&stderr)),
+        ];
+        Proc {
+            child,
+            status: None,
+            stdout,
+            stderr,
+            readers,
+            name,
+        }
+    }
+
+    /// Start reservd with `args`.
+    pub fn reservd(args: &[&str]) -> Proc {
+        let mut cmd = Command::new(RESERVD);
+        cmd.args(args);
+        Proc::spawn(cmd)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("try_wait");
+        }
+        self.status
+    }
+
+    /// Wait up to `limit` for the process to exit.
+    pub fn wait_timeout(&mut self, limit: Duration) -> Option<ExitStatus> {
+        wait_until(limit, || self.try_status().is_some());
+        self.try_status()
+    }
+
+    /// Wait for the exit (panicking after [`DEADLINE`]), then for all
+    /// output. Returns (status, stdout, stderr).
+    pub fn finish(&mut self) -> (ExitStatus, String, String) {
+        let Some(status) = self.wait_timeout(DEADLINE) else {
+            panic!(
+                "{} did not exit; stderr so far: {}",
+                self.name,
+                self.stderr()
+            );
+        };
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        (status, self.stdout(), self.stderr())
+    }
+
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("kill");
+    }
+
+    /// Wait until `path` is a socket, panicking (with the process's stderr)
+    /// if the process exits first or [`DEADLINE`] passes.
+    pub fn wait_socket(&mut self, path: &Path) {
+        let ok = wait_until(DEADLINE, || is_socket(path) || self.try_status().is_some());
+        if !ok || !is_socket(path) {
+            let status = self.try_status();
+            panic!(
+                "{} never created {} (status {status:?}); stderr: {}",
+                self.name,
+                path.display(),
+                self.stderr()
+            );
+        }
+    }
+
+    /// Wait until the collected stderr contains `needle`.
+    pub fn wait_stderr(&self, needle: &str) -> bool {
+        wait_until(DEADLINE, || self.stderr().contains(needle))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.try_status().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Run `args` to completion (bounded) and return (status, stdout, stderr).
+pub fn run_reservd(args: &[&str]) -> (ExitStatus, String, String) {
+    Proc::reservd(args).finish()
+}
+
+/// Whether process `pid` is gone (or a zombie nobody has reaped yet).
+pub fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(true),
+    }
+}
+
+/// Kills a process that is not our child (a daemon) on drop.
+pub struct PidGuard(pub i32);
+
+impl Drop for PidGuard {
+    fn drop(&mut self) {
+        if !process_gone(self.0) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// A `Key:\tvalue` line of /proc/PID/status.
+pub fn proc_status(pid: i32, key: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+/// Connect to `path`, retrying while the listener is not up yet.
+pub fn connect(path: &Path) -> UnixStream {
+    let mut last = None;
+    let ok = wait_until(DEADLINE, || match UnixStream::connect(path) {
+        Ok(s) => {
+            last = Some(Ok(s));
+            true
+        }
+        Err(e) => {
+            last = Some(Err(e));
+            false
+        }
+    });
+    match last {
+        Some(Ok(s)) if ok => {
+            s.set_read_timeout(Some(DEADLINE)).unwrap();
+            s.set_write_timeout(Some(DEADLINE)).unwrap();
+            s
+        }
+        other => panic!("cannot connect to {}: {other:?}", path.display()),
+    }
+}
+
+/// Read exactly `n` bytes, or fewer if the peer closes first. A read
+/// timeout panics: every exchange in these tests ends in data or a close.
+pub fn read_up_to(s: &mut UnixStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    let mut got = 0;
+    while got < n {
+        match s.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(k) => got += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // The peer closed with bytes of ours unread.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("read failed after {got} of {n} bytes: {e}"),
+        }
+    }
+    buf.truncate(got);
+    buf
+}
+
+/// Read the server's 4 feature bytes.
+pub fn read_features(s: &mut UnixStream) -> [u8; 4] {
+    let b = read_up_to(s, 4);
+    b.try_into()
+        .unwrap_or_else(|b: Vec<u8>| panic!("handshake cut short: {b:02x?}"))
+}
+
+/// Connect and complete the handshake with `requested` features.
+/// Returns the stream and the server's feature bytes.
+pub fn hello(path: &Path, requested: u32) -> (UnixStream, [u8; 4]) {
+    let mut s = connect(path);
+    let f = read_features(&mut s);
+    s.write_all(&requested.to_be_bytes()).unwrap();
+    (s, f)
+}
+
+/// Send `bytes` with `fds` attached as SCM_RIGHTS, all of it. A peer that
+/// has already closed is not an error here: the outcome is read later.
+pub fn send_frame(s: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
+    let mut sent = 0;
+    while sent < bytes.len() {
+        let attach: &[BorrowedFd<'_>] = if sent == 0 { fds } else { &[] };
+        match send_with_fds(s.as_fd(), &bytes[sent..], attach) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if e.kind() == io::ErrorKind::BrokenPipe
+                    || e.kind() == io::ErrorKind::ConnectionReset =>
+            {
+                return
+            }
+            Err(e) => panic!("send failed: {e}"),
+        }
+    }
+}
+
+/// What the server did with one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The full answer: 104-byte header, then the payload.
+    Answer(Vec<u8>),
+    /// The connection was closed with nothing sent.
+    Closed,
+}
+
+impl Outcome {
+    pub fn answer(&self) -> &[u8] {
+        match self {
+            Outcome::Answer(b) => b,
+            Outcome::Closed => panic!("expected an answer, the connection was closed"),
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        u32::from_be_bytes(self.answer()[0..4].try_into().unwrap())
+    }
+
+    pub fn len(&self) -> u32 {
+        u32::from_be_bytes(self.answer()[4..8].try_into().unwrap())
+    }
+
+    pub fn sense(&self) -> &[u8] {
+        &self.answer()[8..104]
+    }
+
+    /// (key, ASC, ASCQ) of fixed-format sense.
+    pub fn sense_code(&self) -> (u8, u8, u8) {
+        let s = self.sense();
+        assert_eq!(s[0] & 0x7f, 0x70, "fixed-format sense expected: {s:02x?}");
+        (s[2] & 0x0f, s[12], s[13])
+    }
+}
+
+/// Read one answer, or observe the close.
+pub fn read_outcome(s: &mut UnixStream) -> Outcome {
+    let hdr = read_up_to(s, 104);
+    if hdr.is_empty() {
+        return Outcome::Closed;
+    }
+    assert_eq!(hdr.len(), 104, "answer header cut short: {hdr:02x?}");
+    let len = u32::from_be_bytes(hdr[4..8].try_into().unwrap()) as usize;
+    assert!(len <= 8192, "answer length {len}");
+    let data = read_up_to(s, len);
+    assert_eq!(data.len(), len, "answer payload cut short");
+    let mut all = hdr;
+    all.extend(data);
+    Outcome::Answer(all)
+}
+
+/// A 16-byte CDB from its first bytes.
+pub fn cdb(prefix: &[u8]) -> [u8; 16] {
+    let mut c = [0u8; 16];
+    c[..prefix.len()].copy_from_slice(prefix);
+    c
+}
+
+/// PERSISTENT RESERVE IN, READ KEYS, with this allocation length.
+pub fn read_keys(alloc: u16) -> [u8; 16] {
+    let l = alloc.to_be_bytes();
+    cdb(&[0x5e, 0x00, 0, 0, 0, 0, 0, l[0], l[1], 0])
+}
+
+/// PERSISTENT RESERVE OUT, REGISTER, with this parameter list length.
+pub fn register(len: u16) -> [u8; 16] {
+    let l = len.to_be_bytes();
+    cdb(&[0x5f, 0x00, 0, 0, 0, 0, 0, l[0], l[1], 0])
+}
+
+/// A 24-byte REGISTER parameter list for `key`.
+pub fn register_params(key: u64) -> Vec<u8> {
+    let mut p = vec![0u8; 24];
+    p[8..16].copy_from_slice(&key.to_be_bytes());
+    p
+}
+
+/// A regular file opened read-write (SG_IO on it fails with ENOTTY).
+pub fn regular_file(dir: &TempDir, name: &str) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.join(name))
+        .unwrap()
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// Whether `program` is on PATH.
+pub fn have(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false)
+}
+
+/// Panic with a clear message when a test's prerequisites are missing,
+/// so an ignored test run with --include-ignored fails loudly instead of
+/// passing vacuously.
+pub fn require(root: bool, programs: &[&str]) {
+    if root {
+        assert!(is_root(), "this test needs root");
+    }
+    for p in programs {
+        assert!(have(p), "this test needs {p} on PATH");
+    }
+}
