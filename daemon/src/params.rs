@@ -24,7 +24,7 @@ pub enum TransportId {
     /// SAS: the SAS address.
     Sas { address: [u8; 8] },
     /// iSCSI, format 00 (device name) or 01 (port identifier). `name` is the
-    /// text before the first NUL (for format 01 it includes ",i,0x<ISID>").
+    /// text before the first NUL (for format 01 it includes `,i,0x<ISID>`).
     Iscsi { format: u8, name: Vec<u8> },
 }
 

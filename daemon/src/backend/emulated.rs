@@ -70,12 +70,18 @@
 //!   REQUEST, INVALID RELEASE OF PERSISTENT RESERVATION (05/26/04); LIO
 //!   answers RESERVATION CONFLICT;
 //! - every service action checks the RESERVATION KEY first: LIO's RELEASE
-//!   from a registered non-holder with a wrong key is GOOD;
+//!   with a wrong key is GOOD when there is no reservation or the nexus
+//!   does not hold it;
 //! - RESERVE, RELEASE, CLEAR and REGISTER AND MOVE from an unregistered nexus
 //!   with no reservation present are RESERVATION CONFLICT; LIO answers
 //!   LOGICAL UNIT COMMUNICATION FAILURE (0B/08/00);
 //! - a SCOPE other than LU_SCOPE is INVALID FIELD IN CDB; LIO answers INVALID
-//!   FIELD IN PARAMETER LIST;
+//!   FIELD IN PARAMETER LIST to RESERVE and PREEMPT, and takes it for a
+//!   mismatch in RELEASE;
+//! - a SPEC_I_PT parameter list too short for the TRANSPORTID PARAMETER
+//!   DATA LENGTH field (24 to 27 bytes) is PARAMETER LIST LENGTH ERROR, as
+//!   in QEMU's multipath translation; LIO answers INVALID FIELD IN PARAMETER
+//!   LIST;
 //! - a SPEC_I_PT TransportID naming the sending nexus, a nexus already
 //!   registered, or the same initiator twice is INVALID FIELD IN PARAMETER
 //!   LIST and registers nothing; LIO skips already registered ones and
