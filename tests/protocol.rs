@@ -615,3 +615,64 @@ fn the_client_refuses_more_data_than_it_asked_for() {
     fake.join().unwrap();
     let _ = std::fs::remove_file(&path);
 }
+
+/// A backend that fails marked commands with an error (no SCSI answer),
+/// and records which connections it was told are gone.
+struct Failing {
+    inner: Emulated,
+    seen: std::sync::Mutex<Vec<u64>>,
+    gone: std::sync::Mutex<Vec<u64>>,
+}
+
+impl reservd_daemon::backend::PrBackend for Failing {
+    fn execute(
+        &self,
+        cmd: &reservd_daemon::backend::Command<'_>,
+    ) -> Result<reservd_daemon::sense::Answer, reservd_daemon::backend::BackendError> {
+        self.seen.lock().unwrap().push(cmd.nexus);
+        if cmd.cdb[15] == HOLD {
+            return Err(reservd_daemon::backend::BackendError::Service(
+                "multipathd is not there".into(),
+            ));
+        }
+        self.inner.execute(cmd)
+    }
+
+    fn disconnect(&self, nexus: u64) {
+        self.gone.lock().unwrap().push(nexus);
+    }
+}
+
+#[test]
+fn the_backend_hears_of_every_connection_that_goes() {
+    let backend = Arc::new(Failing {
+        inner: Emulated::new(),
+        seen: Default::default(),
+        gone: Default::default(),
+    });
+    let server = TestServer::start(backend.clone(), test_config());
+    let disk = Disk::new();
+    let wait_gone = |n: u64| {
+        let deadline = Instant::now() + TIMEOUT;
+        while !backend.gone.lock().unwrap().contains(&n) {
+            assert!(Instant::now() < deadline, "no disconnect for nexus {n}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    // A client that leaves.
+    let mut c = server.client();
+    assert_good(&c.execute(&cdb_in(0, 8192), disk.fd(), &[]).unwrap());
+    drop(c);
+    let first = *backend.seen.lock().unwrap().last().unwrap();
+    wait_gone(first);
+    // A backend failure closes the connection without an answer.
+    let mut s = server.ready();
+    let mut c = cdb_in(0, 8192);
+    c[15] = HOLD;
+    send(&s, &c, &[disk.fd()]).unwrap();
+    assert_closed(&mut s);
+    let second = *backend.seen.lock().unwrap().last().unwrap();
+    assert_ne!(first, second);
+    wait_gone(second);
+    server.assert_serves();
+}

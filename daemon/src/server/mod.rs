@@ -404,13 +404,16 @@ impl Server {
         while let Ok(c) = self.done_rx.try_recv() {
             self.in_flight -= 1;
             let Some(conn) = self.conns.get_mut(c.key).filter(|conn| conn.id == c.id) else {
+                // Closed while its command ran: the backend has not been told.
+                self.backend.disconnect(c.id);
                 continue;
             };
+            // The command is over, whatever its result.
+            conn.state = ConnState::Reading;
             match c.result {
                 Ok(answer) => {
                     conn.out.extend(encode_response(&c.request, &answer));
                     conn.decoder.complete();
-                    conn.state = ConnState::Reading;
                     self.flush(c.key);
                     // Bytes may already be waiting; edge-triggered polling
                     // will not report them again.
