@@ -676,3 +676,61 @@ fn the_backend_hears_of_every_connection_that_goes() {
     wait_gone(second);
     server.assert_serves();
 }
+
+/// A client that sends requests without reading the answers is not read
+/// either once its answers can no longer be written: the server holds at
+/// most one unsent answer per connection, whatever the client does. Once
+/// the client reads, every request is answered, in order.
+#[test]
+fn a_client_that_does_not_read_is_not_read() {
+    use reservd_daemon::server::fdpass::send_with_fds;
+    let (server, _) = TestServer::emulated();
+    let disk = Disk::new();
+    let mut s = server.ready();
+    s.set_nonblocking(true).unwrap();
+    let fill = |s: &UnixStream| {
+        let mut sent = 0usize;
+        loop {
+            let c = cdb_in(prin_sa::READ_KEYS, 8192);
+            match send_with_fds(s.as_fd(), &c, &[disk.fd()]) {
+                Ok(n) => assert_eq!(n, 16),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return sent,
+                Err(e) => panic!("{e}"),
+            }
+            sent += 1;
+            assert!(sent < 100_000, "the server reads without end");
+        }
+    };
+    // Fill the socket until the server has stopped taking requests for
+    // three rounds in a row.
+    let (mut sent, mut quiet) = (0, 0);
+    for _ in 0..50 {
+        let n = fill(&s);
+        sent += n;
+        quiet = if n == 0 { quiet + 1 } else { 0 };
+        if quiet == 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        quiet, 3,
+        "the server went on reading: {sent} requests taken"
+    );
+    server.assert_serves();
+
+    s.set_nonblocking(false).unwrap();
+    for _ in 0..sent {
+        let a = read_answer(&mut s).unwrap();
+        assert_eq!((a.status, a.size), (0, 8));
+    }
+    // Nothing more: the next request gets the next answer.
+    send(
+        &s,
+        &cdb_in(prin_sa::REPORT_CAPABILITIES, 8192),
+        &[disk.fd()],
+    )
+    .unwrap();
+    let a = read_answer(&mut s).unwrap();
+    assert_eq!(a.data[..2], [0x00, 0x08]);
+}
