@@ -24,7 +24,7 @@ pub enum TransportId {
     /// SAS: the SAS address.
     Sas { address: [u8; 8] },
     /// iSCSI, format 00 (device name) or 01 (port identifier). `name` is the
-    /// text before the first NUL (for format 01 it includes ",i,0x<ISID>").
+    /// text before the first NUL (for format 01 it includes `,i,0x<ISID>`).
     Iscsi { format: u8, name: Vec<u8> },
 }
 
@@ -38,12 +38,14 @@ impl TransportId {
     }
 
     /// Decode the TransportID at the start of `b`; returns it and its length.
+    /// A TransportID that runs past `b` is INVALID FIELD IN PARAMETER LIST,
+    /// as SPC-4 says of a truncated TransportID (QEMU and LIO agree).
     pub fn parse(b: &[u8]) -> Result<(TransportId, usize), SenseCode> {
-        let first = *b.first().ok_or(SenseCode::INVALID_PARAM_LEN)?;
+        let first = *b.first().ok_or(SenseCode::INVALID_PARAM)?;
         let format = first >> 6;
         match (first & 0x0f, format) {
             (PROTOCOL_FC, 0) => {
-                let t = b.get(..24).ok_or(SenseCode::INVALID_PARAM_LEN)?;
+                let t = b.get(..24).ok_or(SenseCode::INVALID_PARAM)?;
                 Ok((
                     TransportId::Fc {
                         n_port_name: t[8..16].try_into().unwrap(),
@@ -52,7 +54,7 @@ impl TransportId {
                 ))
             }
             (PROTOCOL_SAS, 0) => {
-                let t = b.get(..24).ok_or(SenseCode::INVALID_PARAM_LEN)?;
+                let t = b.get(..24).ok_or(SenseCode::INVALID_PARAM)?;
                 Ok((
                     TransportId::Sas {
                         address: t[4..12].try_into().unwrap(),
@@ -61,13 +63,13 @@ impl TransportId {
                 ))
             }
             (PROTOCOL_ISCSI, 0 | 1) => {
-                let hdr = b.get(..4).ok_or(SenseCode::INVALID_PARAM_LEN)?;
+                let hdr = b.get(..4).ok_or(SenseCode::INVALID_PARAM)?;
                 let len = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
                 // SPC-4: at least 20 bytes in all, a multiple of 4.
                 if len < 16 || len % 4 != 0 {
                     return Err(SenseCode::INVALID_PARAM);
                 }
-                let body = b.get(4..4 + len).ok_or(SenseCode::INVALID_PARAM_LEN)?;
+                let body = b.get(4..4 + len).ok_or(SenseCode::INVALID_PARAM)?;
                 let end = body
                     .iter()
                     .position(|&c| c == 0)
@@ -140,8 +142,10 @@ impl ProutParams {
         let sa_key = u64::from_be_bytes(p[8..16].try_into().unwrap());
         if sa == prout_sa::REGISTER_AND_MOVE {
             let tid_len = u32::from_be_bytes(p[20..24].try_into().unwrap()) as usize;
+            // LIO: a TransportID length that does not match the list is
+            // INVALID FIELD IN PARAMETER LIST.
             if tid_len == 0 || BASIC_PARAMS_LEN + tid_len != p.len() {
-                return Err(SenseCode::INVALID_PARAM_LEN);
+                return Err(SenseCode::INVALID_PARAM);
             }
             let (tid, used) = TransportId::parse(&p[24..])?;
             if used != tid_len {
@@ -194,13 +198,16 @@ impl ProutParams {
 }
 
 /// Decode the TransportID list that follows the basic parameter list: a
-/// BE32 length, then that many bytes of TransportIDs.
+/// BE32 length, then that many bytes of TransportIDs. A list too short for
+/// the length field is PARAMETER LIST LENGTH ERROR (as QEMU); a length that
+/// does not match the bytes that follow is INVALID FIELD IN PARAMETER LIST
+/// (as QEMU, for a length beyond the data, and LIO).
 pub fn parse_transport_ids(rest: &[u8]) -> Result<Vec<TransportId>, SenseCode> {
     let hdr = rest.get(..4).ok_or(SenseCode::INVALID_PARAM_LEN)?;
     let len = u32::from_be_bytes(hdr.try_into().unwrap()) as usize;
     let body = &rest[4..];
     if len != body.len() {
-        return Err(SenseCode::INVALID_PARAM_LEN);
+        return Err(SenseCode::INVALID_PARAM);
     }
     let mut ids = Vec::new();
     let mut at = 0;
@@ -306,11 +313,15 @@ mod tests {
         assert_eq!(TransportId::parse(&t), Err(SenseCode::INVALID_PARAM));
         // iSCSI longer than the data.
         let t = vec![0x05, 0, 0, 20, b'a', 0];
-        assert_eq!(TransportId::parse(&t), Err(SenseCode::INVALID_PARAM_LEN));
-        // FC truncated.
+        assert_eq!(TransportId::parse(&t), Err(SenseCode::INVALID_PARAM));
+        // FC and SAS truncated.
         assert_eq!(
             TransportId::parse(&[0u8; 10]),
-            Err(SenseCode::INVALID_PARAM_LEN)
+            Err(SenseCode::INVALID_PARAM)
+        );
+        assert_eq!(
+            TransportId::parse(&[0x06; 23]),
+            Err(SenseCode::INVALID_PARAM)
         );
     }
 
@@ -319,7 +330,17 @@ mod tests {
         let mut p = basic(0, 1, FLAG_SPEC_I_PT);
         p.extend_from_slice(&100u32.to_be_bytes());
         p.extend_from_slice(&[0u8; 24]);
-        assert_eq!(ProutParams::parse(0, &p), Err(SenseCode::INVALID_PARAM_LEN));
+        assert_eq!(ProutParams::parse(0, &p), Err(SenseCode::INVALID_PARAM));
+        // Bytes beyond the declared TransportIDs.
+        let mut p = basic(0, 1, FLAG_SPEC_I_PT);
+        p.extend_from_slice(&24u32.to_be_bytes());
+        p.extend_from_slice(&[0u8; 28]);
+        assert_eq!(ProutParams::parse(0, &p), Err(SenseCode::INVALID_PARAM));
+        // A TransportID running past the declared length.
+        let mut p = basic(0, 1, FLAG_SPEC_I_PT);
+        p.extend_from_slice(&20u32.to_be_bytes());
+        p.extend_from_slice(&[0u8; 20]);
+        assert_eq!(ProutParams::parse(0, &p), Err(SenseCode::INVALID_PARAM));
         let mut p = basic(0, 1, FLAG_SPEC_I_PT);
         p.extend_from_slice(&[0, 0]);
         assert_eq!(ProutParams::parse(0, &p), Err(SenseCode::INVALID_PARAM_LEN));
@@ -337,5 +358,16 @@ mod tests {
         assert!(m.unreg && m.aptpl);
         assert_eq!(m.relative_target_port, 2);
         assert_eq!(m.transport_ids, vec![TransportId::Sas { address: [4; 8] }]);
+        // A TRANSPORTID PARAMETER DATA LENGTH that does not match the list.
+        let mut short = p.clone();
+        short.push(0);
+        assert_eq!(
+            ProutParams::parse(prout_sa::REGISTER_AND_MOVE, &short),
+            Err(SenseCode::INVALID_PARAM)
+        );
+        assert_eq!(
+            ProutParams::parse(prout_sa::REGISTER_AND_MOVE, &p[..24]),
+            Err(SenseCode::INVALID_PARAM)
+        );
     }
 }

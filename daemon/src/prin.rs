@@ -173,6 +173,8 @@ pub fn parse_report_capabilities(d: &[u8]) -> Result<Capabilities, Truncated> {
     })
 }
 
+/// Decoded READ FULL STATUS data: the generation and the descriptors that
+/// are whole in `d` (data cut to an allocation length may end inside one).
 pub fn parse_read_full_status(d: &[u8]) -> Result<(u32, Vec<FullStatusDescriptor>), Truncated> {
     let generation = be32(d, 0)?;
     let end = (8 + be32(d, 4)? as usize).min(d.len());
@@ -180,7 +182,12 @@ pub fn parse_read_full_status(d: &[u8]) -> Result<(u32, Vec<FullStatusDescriptor
     let mut out = Vec::new();
     while at + 24 <= end {
         let tid_len = be32(d, at + 20)? as usize;
-        let tid = d.get(at + 24..at + 24 + tid_len).ok_or(Truncated)?;
+        let Some(tid) = d
+            .get(at + 24..at + 24 + tid_len)
+            .filter(|_| at + 24 + tid_len <= end)
+        else {
+            break;
+        };
         out.push(FullStatusDescriptor {
             key: be64(d, at)?,
             all_tg_pt: d[at + 12] & 0x02 != 0,
@@ -249,16 +256,23 @@ mod tests {
             atp_c: true,
             ptpl_c: true,
             tmv: true,
-            allow_commands: 0,
+            allow_commands: 1,
             type_mask: [1, 3, 5, 6, 7, 8]
                 .iter()
                 .fold(0, |m, &t| m | type_mask_bit(t)),
             ..Default::default()
         };
         let d = report_capabilities(&c);
-        // As LIO reports it: 00 08 1d 80 ea 01 00 00.
-        assert_eq!(d, vec![0x00, 0x08, 0x1d, 0x80, 0xea, 0x01, 0x00, 0x00]);
+        // As LIO reports it (target_core_pr.c sets ALLOW COMMANDS to 001b):
+        // 00 08 1d 90 ea 01 00 00.
+        assert_eq!(d, vec![0x00, 0x08, 0x1d, 0x90, 0xea, 0x01, 0x00, 0x00]);
         assert_eq!(parse_report_capabilities(&d), Ok(c));
+        let c = Capabilities {
+            ptpl_a: true,
+            allow_commands: 0,
+            ..c
+        };
+        assert_eq!(report_capabilities(&c)[3], 0x81);
     }
 
     #[test]
@@ -302,5 +316,8 @@ mod tests {
         // Truncated to the first descriptor only.
         let (_, short) = parse_read_full_status(&d[..8 + 48]).unwrap();
         assert_eq!(short.len(), 1);
+        // Cut inside the second descriptor's TransportID.
+        let (_, short) = parse_read_full_status(&d[..8 + 48 + 30]).unwrap();
+        assert_eq!(short, descs[..1]);
     }
 }

@@ -191,6 +191,10 @@ impl Server {
                     }
                     if ev.is_writable() {
                         self.flush(key);
+                        // Reading waited for the answer to be written.
+                        if !self.shutdown.load(Ordering::SeqCst) {
+                            self.on_readable(key);
+                        }
                     }
                 }
             }
@@ -309,13 +313,15 @@ impl Server {
     }
 
     /// Read what the decoder wants until the socket is empty or a request
-    /// is complete.
+    /// is complete. Nothing is read while a command is in flight or its
+    /// answer is not all written: a client that does not read its answers
+    /// is not read either, so each connection holds at most one answer.
     fn on_readable(&mut self, key: usize) {
         loop {
             let Some(conn) = self.conns.get_mut(key) else {
                 return;
             };
-            if matches!(conn.state, ConnState::InFlight) {
+            if matches!(conn.state, ConnState::InFlight) || !conn.out.is_empty() {
                 return;
             }
             let want = conn.decoder.wanted();
@@ -404,13 +410,16 @@ impl Server {
         while let Ok(c) = self.done_rx.try_recv() {
             self.in_flight -= 1;
             let Some(conn) = self.conns.get_mut(c.key).filter(|conn| conn.id == c.id) else {
+                // Closed while its command ran: the backend has not been told.
+                self.backend.disconnect(c.id);
                 continue;
             };
+            // The command is over, whatever its result.
+            conn.state = ConnState::Reading;
             match c.result {
                 Ok(answer) => {
                     conn.out.extend(encode_response(&c.request, &answer));
                     conn.decoder.complete();
-                    conn.state = ConnState::Reading;
                     self.flush(c.key);
                     // Bytes may already be waiting; edge-triggered polling
                     // will not report them again.

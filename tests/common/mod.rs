@@ -1,0 +1,366 @@
+//! Helpers shared by reservd's integration tests: a server running
+//! in-process on a temporary socket, temporary files standing for disks,
+//! and raw protocol frames for the cases a well-behaved client never sends.
+#![allow(dead_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use reservd_daemon::backend::emulated::Emulated;
+use reservd_daemon::backend::{BackendError, Command, Nexus, PrBackend};
+use reservd_daemon::client::{Client, Response};
+use reservd_daemon::sense::{Answer, SenseCode, SENSE_SIZE};
+use reservd_daemon::server::fdpass::send_with_fds;
+use reservd_daemon::server::{Config, Server, ShutdownHandle};
+use reservd_daemon::wire::RESPONSE_HEADER_SIZE;
+
+/// Longest a test waits for anything the server should do at once.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+pub const PRIN: u8 = 0x5e;
+pub const PROUT: u8 = 0x5f;
+
+/// A fresh path in the temporary directory.
+pub fn unique_path(tag: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    std::env::temp_dir().join(format!(
+        "reservd-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ))
+}
+
+/// The server configuration tests use: a short drain, so that a failing
+/// test does not hold the process for minutes.
+pub fn test_config() -> Config {
+    Config {
+        drain_timeout: Duration::from_secs(5),
+        ..Config::default()
+    }
+}
+
+/// A server running on its own thread.
+pub struct TestServer {
+    pub path: PathBuf,
+    handle: ShutdownHandle,
+    thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl TestServer {
+    pub fn start(backend: Arc<dyn PrBackend>, config: Config) -> TestServer {
+        let path = unique_path("sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = Server::new(listener, backend, config).unwrap();
+        let handle = server.shutdown_handle();
+        let thread = std::thread::Builder::new()
+            .name("reservd-test-server".into())
+            .spawn(move || server.run())
+            .unwrap();
+        TestServer {
+            path,
+            handle,
+            thread: Some(thread),
+        }
+    }
+
+    /// A server with the emulated target and the test configuration.
+    pub fn emulated() -> (TestServer, Arc<Emulated>) {
+        let emu = Arc::new(Emulated::new());
+        (TestServer::start(emu.clone(), test_config()), emu)
+    }
+
+    /// A client that has negotiated no features, as QEMU does.
+    pub fn client(&self) -> Client {
+        let c = Client::connect(&self.path).unwrap();
+        set_timeouts(c.stream());
+        c
+    }
+
+    /// A connected socket before the handshake.
+    pub fn raw(&self) -> UnixStream {
+        let s = UnixStream::connect(&self.path).unwrap();
+        set_timeouts(&s);
+        s
+    }
+
+    /// A connected socket after a handshake requesting no features.
+    pub fn ready(&self) -> UnixStream {
+        let mut s = self.raw();
+        assert_eq!(read_hello(&mut s), 0);
+        s.write_all(&[0, 0, 0, 0]).unwrap();
+        s
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.handle.clone()
+    }
+
+    /// Whether `run()` has returned.
+    pub fn has_stopped(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Wait (boundedly) for `run()` to return; its result.
+    pub fn join(&mut self) -> io::Result<()> {
+        let deadline = Instant::now() + TIMEOUT;
+        while !self.has_stopped() {
+            assert!(Instant::now() < deadline, "the server did not stop");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.thread.take().map_or(Ok(()), |t| t.join().unwrap())
+    }
+
+    /// Check that the server still serves a new client.
+    #[track_caller]
+    pub fn assert_serves(&self) {
+        let disk = Disk::new();
+        let mut c = self.client();
+        let r = c
+            .execute(&cdb_in(0, 8192), disk.fd(), &[])
+            .expect("a new client is served");
+        assert_eq!(r.status, 0);
+        assert_eq!(r.data.len(), 8);
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+pub fn set_timeouts(s: &UnixStream) {
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(TIMEOUT)).unwrap();
+}
+
+/// A temporary file standing for a disk, opened read-write.
+pub struct Disk {
+    pub path: PathBuf,
+    pub file: File,
+}
+
+impl Disk {
+    pub fn new() -> Disk {
+        let path = unique_path("disk");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        Disk { path, file }
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// The same disk opened read-only.
+    pub fn read_only(&self) -> File {
+        File::open(&self.path).unwrap()
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A PERSISTENT RESERVE IN CDB, padded to 16 bytes.
+pub fn cdb_in(sa: u8, alloc: u16) -> [u8; 16] {
+    let mut c = [0u8; 16];
+    c[0] = PRIN;
+    c[1] = sa;
+    c[7..9].copy_from_slice(&alloc.to_be_bytes());
+    c
+}
+
+/// A PERSISTENT RESERVE OUT CDB with a parameter list of `len` bytes.
+pub fn cdb_out(sa: u8, scope_type: u8, len: u16) -> [u8; 16] {
+    let mut c = [0u8; 16];
+    c[0] = PROUT;
+    c[1] = sa;
+    c[2] = scope_type;
+    c[5..9].copy_from_slice(&u32::from(len).to_be_bytes());
+    c
+}
+
+/// The basic 24-byte PR OUT parameter list.
+pub fn params(key: u64, sa_key: u64, flags: u8) -> Vec<u8> {
+    let mut p = vec![0u8; 24];
+    p[0..8].copy_from_slice(&key.to_be_bytes());
+    p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+    p[20] = flags;
+    p
+}
+
+/// Send all of `data`, the fds attached to its first byte.
+pub fn send(s: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let mut sent = send_with_fds(s.as_fd(), data, fds)?;
+    while sent < data.len() {
+        sent += send_with_fds(s.as_fd(), &data[sent..], &[])?;
+    }
+    Ok(())
+}
+
+pub fn read_hello(s: &mut UnixStream) -> u32 {
+    let mut f = [0u8; 4];
+    s.read_exact(&mut f).unwrap();
+    u32::from_be_bytes(f)
+}
+
+/// A response exactly as it came off the socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawAnswer {
+    pub status: i32,
+    pub size: u32,
+    pub sense: [u8; SENSE_SIZE],
+    pub data: Vec<u8>,
+}
+
+impl RawAnswer {
+    pub fn sense_code(&self) -> Option<SenseCode> {
+        if self.status == 2 {
+            SenseCode::parse(&self.sense)
+        } else {
+            None
+        }
+    }
+}
+
+/// Read one response, or `None` if the server closed the connection
+/// before sending a byte of one.
+pub fn read_answer(s: &mut UnixStream) -> Option<RawAnswer> {
+    let mut hdr = [0u8; RESPONSE_HEADER_SIZE];
+    let mut got = 0;
+    while got < hdr.len() {
+        match s.read(&mut hdr[got..]) {
+            Ok(0) if got == 0 => return None,
+            Ok(0) => panic!("connection closed after {got} bytes of a response"),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset && got == 0 => return None,
+            Err(e) => panic!("reading a response: {e}"),
+        }
+    }
+    let size = u32::from_be_bytes(hdr[4..8].try_into().unwrap());
+    let mut data = vec![0u8; size as usize];
+    s.read_exact(&mut data).unwrap();
+    Some(RawAnswer {
+        status: i32::from_be_bytes(hdr[0..4].try_into().unwrap()),
+        size,
+        sense: hdr[8..].try_into().unwrap(),
+        data,
+    })
+}
+
+/// The server closed the connection without answering.
+#[track_caller]
+pub fn assert_closed(s: &mut UnixStream) {
+    if let Some(a) = read_answer(s) {
+        panic!("expected the connection to be closed, got {a:?}");
+    }
+}
+
+/// A GOOD response, as the client saw it.
+#[track_caller]
+pub fn assert_good(r: &Response) {
+    assert_eq!(r.status, 0, "{r:?}");
+}
+
+#[track_caller]
+pub fn assert_check(r: &Response, code: SenseCode) {
+    assert_eq!(r.status, 2, "{r:?}");
+    assert_eq!(r.sense_code(), Some(code), "{r:?}");
+    assert_eq!(r.sense[..18], code.fixed());
+    assert!(r.sense[18..].iter().all(|&b| b == 0));
+    assert!(r.data.is_empty());
+}
+
+/// CDB byte 15 (beyond every 10-byte CDB) marking a command that [`Gate`]
+/// holds.
+pub const HOLD: u8 = 0xa5;
+
+/// A backend that runs commands on an emulated target, except those marked
+/// with [`HOLD`]: they wait, as on a hung device, until the gate opens.
+pub struct Gate {
+    pub inner: Emulated,
+    state: Mutex<GateState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    open: bool,
+    waiting: usize,
+}
+
+impl Gate {
+    pub fn new() -> Arc<Gate> {
+        Arc::new(Gate {
+            inner: Emulated::new(),
+            state: Mutex::new(GateState::default()),
+            cv: Condvar::new(),
+        })
+    }
+
+    /// Wait (boundedly) until `n` held commands are waiting.
+    pub fn wait_for_held(&self, n: usize) {
+        let st = self.state.lock().unwrap();
+        let (st, timeout) = self
+            .cv
+            .wait_timeout_while(st, TIMEOUT, |st| st.waiting < n)
+            .unwrap();
+        assert!(!timeout.timed_out(), "{} held, wanted {n}", st.waiting);
+    }
+
+    pub fn held(&self) -> usize {
+        self.state.lock().unwrap().waiting
+    }
+
+    pub fn open(&self) {
+        self.state.lock().unwrap().open = true;
+        self.cv.notify_all();
+    }
+}
+
+impl PrBackend for Gate {
+    fn execute(&self, cmd: &Command<'_>) -> Result<Answer, BackendError> {
+        if cmd.cdb[15] == HOLD {
+            let mut st = self.state.lock().unwrap();
+            st.waiting += 1;
+            self.cv.notify_all();
+            while !st.open {
+                st = self.cv.wait(st).unwrap();
+            }
+            st.waiting -= 1;
+        }
+        self.inner.execute(cmd)
+    }
+
+    fn disconnect(&self, nexus: Nexus) {
+        self.inner.disconnect(nexus)
+    }
+}
+
+/// Opens the gate when dropped, so that a failing test does not leave a
+/// worker (and the server's drain) waiting.
+pub struct OpenOnDrop(pub Arc<Gate>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
