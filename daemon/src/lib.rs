@@ -11,6 +11,8 @@ pub mod cdb;
 pub mod cli;
 pub mod client;
 pub mod logging;
+pub mod mpath_xlate;
+pub mod multipathd;
 pub mod params;
 pub mod prin;
 pub mod privs;

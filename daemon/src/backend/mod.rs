@@ -11,6 +11,7 @@ use crate::cdb::PERSISTENT_RESERVE_OUT;
 use crate::sense::{Answer, SenseCode};
 use crate::wire::OP_CLEANUP;
 
+pub mod dm;
 #[cfg(any(test, feature = "emulated"))]
 pub mod emulated;
 pub mod sgio;
