@@ -2,7 +2,7 @@
 //! pr-manager-helper clients.
 //!
 //! Pure modules (no I/O, no `unsafe`): [`wire`], [`cdb`], [`params`],
-//! [`prin`], [`sense`]. Backends run commands: [`backend`]. The event loop:
+//! [`prin`], [`sense`], [`mpath_xlate`], [`mpconf`]. Backends run commands: [`backend`]. The event loop:
 //! [`server`]. Start-up and privileges: [`startup`], [`privs`].
 #![deny(unsafe_code)]
 
@@ -12,6 +12,7 @@ pub mod cli;
 pub mod client;
 pub mod logging;
 pub mod mpath_xlate;
+pub mod mpconf;
 pub mod multipathd;
 pub mod params;
 pub mod prin;
@@ -67,16 +68,26 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         (None, false) => None,
     };
 
-    let keep = [privs::CAP_SYS_RAWIO];
-    privs::drop_privileges(uid, gid, &keep).context("failed to drop privileges")?;
+    // Device-mapper and libmpathpersist are opened while still privileged.
+    let runs_as_root = uid.is_none_or(|u| u.is_root()) && nix::unistd::Uid::effective().is_root();
+    let mpath = backend::router::MultipathSupport::detect(runs_as_root, cli.sgio_timeout);
+    let keep: &[u32] = if mpath.active() {
+        &[privs::CAP_SYS_RAWIO, privs::CAP_SYS_ADMIN]
+    } else {
+        &[privs::CAP_SYS_RAWIO]
+    };
+    privs::drop_privileges(uid, gid, keep).context("failed to drop privileges")?;
 
     let features = if cli.enable_cleanup {
         wire::FEATURE_CLEANUP
     } else {
         0
     };
-    let backend = Arc::new(backend::sgio::SgIo {
-        timeout_ms: cli.sgio_timeout,
+    let backend = Arc::new(backend::router::Router {
+        sgio: backend::sgio::SgIo {
+            timeout_ms: cli.sgio_timeout,
+        },
+        mpath: mpath.multipath,
     });
     let config = server::Config {
         features,
@@ -86,14 +97,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let mut server = server::Server::new(listener.listener.try_clone()?, backend, config)?;
     server.watch_signals().context("watching signals")?;
     log::info!(
-        "reservd {} listening{}; multipath support: not built in",
+        "reservd {} listening{}; multipath support: {}",
         env!("CARGO_PKG_VERSION"),
         if listener.activated {
             " on the socket-activated fd"
         } else {
             ""
-        }
+        },
+        mpath.summary
     );
+    for w in &mpath.warnings {
+        log::warn!("{w}");
+    }
     startup::notify_ready();
     let r = server.run();
     listener.remove();
