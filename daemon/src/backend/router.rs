@@ -140,7 +140,9 @@ impl Multipath {
         match code {
             mpath_pr::SYNTAX_ERROR => {
                 let why = if self.diagnostics.key_config.is_empty() {
-                    "the key does not match multipath.conf's reservation_key".to_string()
+                    "the command's keys differ from the reservation_key multipath-tools has for \
+                     this map (multipath.conf, or /etc/multipath/prkeys with 'reservation_key file')"
+                        .to_string()
                 } else {
                     self.diagnostics.key_config.join("; ")
                 };

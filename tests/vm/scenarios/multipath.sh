@@ -49,7 +49,13 @@ sense_is() {
 }
 
 # sg_keys DEV: the keys READ KEYS lists on DEV, one per line
-sg_keys() { sg_persist --in --read-keys "$1" | awk 'NF == 1 && $1 ~ /^0x/ { print tolower($1) }'; }
+# (a UNIT ATTENTION, e.g. "reservations preempted" after a CLEAR from the
+# other nexus, is consumed and the command repeated)
+sg_keys() {
+    local out i
+    for i in 1 2 3; do out=$(sg_persist --in --read-keys "$1" 2>&1) && break; done
+    awk 'NF == 1 && $1 ~ /^0x/ { print tolower($1) }' <<<"$out"
+}
 # expect_lu_keys KEY COUNT: both paths see KEY exactly COUNT times and nothing else
 expect_lu_keys() {
     local p k
@@ -64,12 +70,16 @@ expect_lu_keys() {
         fi
     done
 }
-# raw_in DEV SA: the device's own PR IN answer, hex, through sg_persist
+# raw_in DEV SA: the device's own PR IN answer (as many bytes as it
+# returned for an allocation length of 8192), hex, through sg_raw
 raw_in() {
-    local opt
-    case $2 in 0) opt=--read-keys ;; 1) opt=--read-reservation ;; 2) opt=--report-capabilities ;;
-        3) opt=--read-full-status ;; esac
-    sg_persist --in "$opt" --raw "$1" | od -An -v -tx1 | tr -d ' \n'
+    local i
+    for i in 1 2 3; do
+        rm -f "$WORK/raw"
+        sg_raw -R -r 8192 -o "$WORK/raw" "$1" 5e "0$2" 00 00 00 00 00 20 00 00 >/dev/null 2>&1 && break
+    done
+    [[ -e $WORK/raw ]] || die "sg_raw PR IN $2 on $1 failed"
+    od -An -v -tx1 "$WORK/raw" | tr -d ' \n'
 }
 # reservation DATA: "KEY TYPE" from READ RESERVATION data, or "none"
 reservation() {
@@ -165,7 +175,7 @@ sense_is 05 26 00
 # refuses it (SYNTAX_ERROR) and reservd says why in its log
 pr "$MP" out 1 5 0x9999 0
 sense_is 0b 08 00
-grep -q 'dm-.*refused the command' "$LOG" || die "no warning about the key mismatch"
+grep -q "dm-.*refused the command" "$LOG" || die "no warning about the key mismatch"
 
 step "CLEAR drops everything on both paths"
 good "$MP" out 3 0 0x1234 0
