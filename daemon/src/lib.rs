@@ -2,7 +2,7 @@
 //! pr-manager-helper clients.
 //!
 //! Pure modules (no I/O, no `unsafe`): [`wire`], [`cdb`], [`params`],
-//! [`prin`], [`sense`]. Backends run commands: [`backend`]. The event loop:
+//! [`prin`], [`sense`], [`mpath_xlate`], [`mpconf`]. Backends run commands: [`backend`]. The event loop:
 //! [`server`]. Start-up and privileges: [`startup`], [`privs`].
 #![deny(unsafe_code)]
 
@@ -11,6 +11,9 @@ pub mod cdb;
 pub mod cli;
 pub mod client;
 pub mod logging;
+pub mod mpath_xlate;
+pub mod mpconf;
+pub mod multipathd;
 pub mod params;
 pub mod prin;
 pub mod privs;
@@ -111,18 +114,29 @@ fn start(
     }
     let pidfile = pidfile_path.map(startup::write_pidfile).transpose()?;
 
-    let keep = [privs::CAP_SYS_RAWIO];
-    privs::drop_privileges(ids.uid, ids.gid, &keep).context("failed to drop privileges")?;
+    // Device-mapper and libmpathpersist are opened while still privileged.
+    let runs_as_root =
+        ids.uid.is_none_or(|u| u.is_root()) && nix::unistd::Uid::effective().is_root();
+    let mpath = backend::router::MultipathSupport::detect(runs_as_root, cli.sgio_timeout);
+    let keep: &[u32] = if mpath.active() {
+        &[privs::CAP_SYS_RAWIO, privs::CAP_SYS_ADMIN]
+    } else {
+        &[privs::CAP_SYS_RAWIO]
+    };
+    privs::drop_privileges(ids.uid, ids.gid, keep).context("failed to drop privileges")?;
 
     let features = if cli.enable_cleanup {
         wire::FEATURE_CLEANUP
     } else {
         0
     };
-    let sgio = Arc::new(backend::sgio::SgIo {
-        timeout_ms: cli.sgio_timeout,
-    });
-    let backend = Arc::new(logging::Traced(sgio));
+    let router = backend::router::Router {
+        sgio: backend::sgio::SgIo {
+            timeout_ms: cli.sgio_timeout,
+        },
+        mpath: mpath.multipath,
+    };
+    let backend = Arc::new(logging::Traced(Arc::new(router)));
     let config = server::Config {
         features,
         max_connections: cli.max_connections as usize,
@@ -132,7 +146,7 @@ fn start(
     server.watch_signals().context("watching signals")?;
     log::info!(
         "reservd {} listening{}; features {features:#010x}, SG_IO timeout {} ms, \
-         at most {} connections; multipath support: not built in",
+         at most {} connections; multipath support: {}",
         env!("CARGO_PKG_VERSION"),
         if listener.activated {
             " on the socket-activated fd".to_string()
@@ -145,6 +159,10 @@ fn start(
         },
         cli.sgio_timeout,
         cli.max_connections,
+        mpath.summary,
     );
+    for w in &mpath.warnings {
+        log::warn!("{w}");
+    }
     Ok((server, pidfile))
 }

@@ -3,9 +3,20 @@
 //! reservd keeps exactly the capabilities it needs and nothing else:
 //! - `CAP_SYS_RAWIO`: the kernel refuses PERSISTENT RESERVE IN/OUT through
 //!   SG_IO without it;
-//! - `CAP_SYS_ADMIN`, only when multipath support is active: the
-//!   device-mapper ioctls on `/dev/mapper/control` that recognise a
-//!   multipath map and that libmpathpersist issues require it.
+//! - `CAP_SYS_ADMIN`, only when multipath support is active: the kernel
+//!   refuses every device-mapper ioctl on `/dev/mapper/control` without it,
+//!   both reservd's own `DM_TABLE_STATUS` (is this fd a multipath map?) and
+//!   libmpathpersist's (listing the maps, reading their tables and path
+//!   state). Without multipath support reservd issues no DM ioctl and drops
+//!   it.
+//!
+//! `-u`/`-g` and multipath: libmpathpersist opens the path devices
+//! (`/dev/sdX`, normally `root:disk 0660`) itself, and multipathd accepts
+//! key updates (`setprkey`, needed with `reservation_key file`, and the
+//! CLEANUP extension's commands) only from uid 0. Running as another user
+//! therefore breaks multipath PR commands unless that user can open the
+//! path devices, and still loses multipathd's key bookkeeping; reservd
+//! warns at start-up when both are in use.
 //!
 //! Everything else goes: the bounding set is emptied, supplementary groups
 //! are dropped, uid/gid change to `--user`/`--group`, ambient and

@@ -11,8 +11,11 @@ use crate::cdb::PERSISTENT_RESERVE_OUT;
 use crate::sense::{Answer, SenseCode};
 use crate::wire::OP_CLEANUP;
 
+pub mod dm;
 #[cfg(any(test, feature = "emulated"))]
 pub mod emulated;
+pub mod mpath;
+pub mod router;
 pub mod sgio;
 
 /// Identifies the client connection a command came on. The emulated target

@@ -1,0 +1,282 @@
+//! Recognising dm-multipath maps: `DM_TABLE_STATUS` on
+//! `/dev/mapper/control` with `dev = st_rdev`, as qemu-pr-helper does.
+//!
+//! Every command asks afresh (a map can be reloaded or removed at any
+//! time, so nothing is cached). No failure here stops reservd: ENXIO means
+//! "not a device-mapper device"; any other error is logged and the fd is
+//! treated as not multipath, so the command goes to SG_IO. Without a
+//! usable `/dev/mapper/control` (no device-mapper in the kernel, or no
+//! permission) there is no [`DmControl`] at all, and every fd goes to
+//! SG_IO.
+#![allow(unsafe_code)]
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+
+pub const CONTROL_PATH: &str = "/dev/mapper/control";
+
+const DM_VERSION_MAJOR: u32 = 4;
+/// `_IOWR(0xfd, 12, struct dm_ioctl)`.
+const DM_TABLE_STATUS: libc::c_ulong = 0xc138_fd0c;
+/// `_IOWR(0xfd, 0, struct dm_ioctl)`.
+const DM_VERSION: libc::c_ulong = 0xc138_fd00;
+const DM_NOFLUSH_FLAG: u32 = 1 << 11;
+const DM_IOCTL_SIZE: usize = 312;
+const DM_TARGET_SPEC_SIZE: usize = 40;
+/// Room for the header, one target spec and its status string; a longer
+/// status only sets DM_BUFFER_FULL_FLAG, the first spec still fits.
+const BUFFER_SIZE: usize = 4096;
+
+/// A `struct dm_ioctl` (linux/dm-ioctl.h: `version[3]`@0, `data_size`@12,
+/// `data_start`@16, `target_count`@20, `flags`@28, `dev`@40, 312 bytes in
+/// all) followed by its data area, as one aligned byte buffer.
+#[repr(C, align(8))]
+struct Buffer([u8; BUFFER_SIZE]);
+
+impl Buffer {
+    fn new(dev: u64) -> Box<Buffer> {
+        let mut b = Box::new(Buffer([0; BUFFER_SIZE]));
+        b.put(0, DM_VERSION_MAJOR);
+        b.put(12, BUFFER_SIZE as u32);
+        b.put(16, DM_IOCTL_SIZE as u32);
+        b.put(28, DM_NOFLUSH_FLAG);
+        b.0[40..48].copy_from_slice(&dev.to_ne_bytes());
+        b
+    }
+
+    fn put(&mut self, at: usize, v: u32) {
+        self.0[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+
+    fn get(&self, at: usize) -> u32 {
+        u32::from_ne_bytes(self.0[at..at + 4].try_into().unwrap())
+    }
+}
+
+/// What a file descriptor is, as far as routing goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKind {
+    /// A dm-multipath map, `dm-<minor>`.
+    Multipath { minor: u32 },
+    /// Anything else (another device-mapper target, a SCSI disk, a file).
+    Other,
+}
+
+/// An open `/dev/mapper/control`.
+pub struct DmControl {
+    fd: OwnedFd,
+}
+
+/// Why device-mapper cannot be used.
+#[derive(Debug)]
+pub struct DmUnavailable {
+    pub path: String,
+    pub error: io::Error,
+}
+
+impl std::fmt::Display for DmUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.error.raw_os_error() {
+            Some(libc::ENOENT) => write!(f, "{} does not exist", self.path),
+            Some(libc::ENODEV) | Some(libc::ENXIO) => {
+                write!(f, "{}: no device-mapper driver in the kernel", self.path)
+            }
+            _ => write!(f, "{}: {}", self.path, self.error),
+        }
+    }
+}
+
+impl DmControl {
+    /// Open the control node and check that the kernel speaks ioctl
+    /// interface version 4.
+    pub fn open() -> Result<DmControl, DmUnavailable> {
+        DmControl::open_at(Path::new(CONTROL_PATH))
+    }
+
+    pub fn open_at(path: &Path) -> Result<DmControl, DmUnavailable> {
+        let fail = |error| DmUnavailable {
+            path: path.display().to_string(),
+            error,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(fail)?;
+        let meta = file.metadata().map_err(fail)?;
+        if !meta.file_type().is_char_device() {
+            return Err(fail(io::Error::other("not a character device")));
+        }
+        let dm = DmControl { fd: file.into() };
+        let mut b = Buffer::new(0);
+        dm.ioctl(DM_VERSION, &mut b).map_err(fail)?;
+        if b.get(0) != DM_VERSION_MAJOR {
+            return Err(fail(io::Error::other(format!(
+                "device-mapper ioctl interface {}.{}.{}, reservd needs 4.x",
+                b.get(0),
+                b.get(4),
+                b.get(8)
+            ))));
+        }
+        Ok(dm)
+    }
+
+    fn ioctl(&self, request: libc::c_ulong, b: &mut Buffer) -> io::Result<()> {
+        // SAFETY: `b` is a dm_ioctl header followed by its data area, all in
+        // one allocation of `data_size` bytes; the kernel reads and writes
+        // within `data_size`. `self.fd` is an open control node.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), request as _, b.0.as_mut_ptr()) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Whether `fd` is a dm-multipath map. Never fails: anything that goes
+    /// wrong is logged and means "not multipath".
+    pub fn probe(&self, fd: BorrowedFd<'_>) -> MapKind {
+        let st = match nix::sys::stat::fstat(fd) {
+            Ok(st) => st,
+            Err(e) => {
+                log::warn!("fstat on a client's file descriptor failed: {e}; using SG_IO");
+                return MapKind::Other;
+            }
+        };
+        if st.st_mode & libc::S_IFMT != libc::S_IFBLK {
+            return MapKind::Other;
+        }
+        let mut b = Buffer::new(st.st_rdev);
+        match self.ioctl(DM_TABLE_STATUS, &mut b) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return MapKind::Other,
+            Err(e) => {
+                log::warn!(
+                    "DM_TABLE_STATUS for device {}:{} failed: {e}; using SG_IO",
+                    libc::major(st.st_rdev),
+                    libc::minor(st.st_rdev)
+                );
+                return MapKind::Other;
+            }
+        }
+        // target_count, then the first target spec at data_start.
+        if b.get(20) == 0 {
+            return MapKind::Other;
+        }
+        if target_is_multipath(&b.0, b.get(16) as usize) {
+            MapKind::Multipath {
+                minor: libc::minor(st.st_rdev),
+            }
+        } else {
+            MapKind::Other
+        }
+    }
+}
+
+/// Whether the first `struct dm_target_spec` at `start` names the
+/// "multipath" target (its `target_type[16]` at offset 24).
+fn target_is_multipath(buf: &[u8], start: usize) -> bool {
+    let Some(spec) = buf.get(start..start + DM_TARGET_SPEC_SIZE) else {
+        return false;
+    };
+    let ty = &spec[24..40];
+    let end = ty.iter().position(|&c| c == 0).unwrap_or(ty.len());
+    &ty[..end] == b"multipath"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(ty: &[u8]) -> Vec<u8> {
+        let mut b = vec![0u8; DM_IOCTL_SIZE + DM_TARGET_SPEC_SIZE + 8];
+        b[DM_IOCTL_SIZE + 24..DM_IOCTL_SIZE + 24 + ty.len()].copy_from_slice(ty);
+        b
+    }
+
+    #[test]
+    fn target_type_is_compared_exactly() {
+        assert!(target_is_multipath(&spec(b"multipath"), DM_IOCTL_SIZE));
+        assert!(!target_is_multipath(&spec(b"linear"), DM_IOCTL_SIZE));
+        assert!(!target_is_multipath(&spec(b"multipath-x"), DM_IOCTL_SIZE));
+        assert!(!target_is_multipath(&spec(b"multipat"), DM_IOCTL_SIZE));
+        // A full 16-byte name without NUL.
+        assert!(!target_is_multipath(
+            &spec(b"multipathmultipa"),
+            DM_IOCTL_SIZE
+        ));
+        // data_start beyond the buffer.
+        assert!(!target_is_multipath(&spec(b"multipath"), BUFFER_SIZE));
+    }
+
+    #[test]
+    fn missing_control_node_is_reported_not_fatal() {
+        let e = DmControl::open_at(Path::new("/nonexistent/mapper/control"))
+            .err()
+            .expect("must fail");
+        assert_eq!(e.error.raw_os_error(), Some(libc::ENOENT));
+        assert!(e.to_string().contains("does not exist"));
+    }
+
+    #[test]
+    fn a_regular_file_is_not_a_control_node() {
+        let f = std::env::temp_dir().join(format!("reservd-dm-{}", std::process::id()));
+        std::fs::write(&f, b"").unwrap();
+        let e = DmControl::open_at(&f).err().expect("must fail");
+        std::fs::remove_file(&f).unwrap();
+        assert!(e.to_string().contains("not a character device"));
+    }
+
+    /// A control "node" that is not one: every DM ioctl fails (ENOTTY).
+    fn fake_control() -> DmControl {
+        DmControl {
+            fd: std::fs::File::open("/dev/null").unwrap().into(),
+        }
+    }
+
+    #[test]
+    fn regular_files_are_never_multipath() {
+        use std::os::fd::AsFd;
+        let f = std::fs::File::open("/proc/self/exe").unwrap();
+        // Decided by fstat alone: no DM ioctl is needed.
+        assert_eq!(fake_control().probe(f.as_fd()), MapKind::Other);
+    }
+
+    #[test]
+    #[ignore = "needs root (mknod); run by scripts/test.sh"]
+    fn failing_dm_ioctl_means_not_multipath() {
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let node = std::env::temp_dir().join(format!("reservd-blk-{}", std::process::id()));
+        let _ = std::fs::remove_file(&node);
+        nix::sys::stat::mknod(
+            &node,
+            nix::sys::stat::SFlag::S_IFBLK,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            nix::sys::stat::makedev(8, 0),
+        )
+        .expect("mknod (needs root)");
+        // O_PATH: fstat works without a driver behind the node.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(&node)
+            .unwrap();
+        std::fs::remove_file(&node).unwrap();
+        assert_eq!(fake_control().probe(f.as_fd()), MapKind::Other);
+    }
+
+    #[test]
+    fn header_layout() {
+        let b = Buffer::new(0x0000_0800_0000_0010);
+        assert_eq!(b.get(0), 4);
+        assert_eq!(b.get(12), BUFFER_SIZE as u32);
+        assert_eq!(b.get(16), 312);
+        assert_eq!(b.get(28), 0x800);
+        assert_eq!(&b.0[40..48], &0x0000_0800_0000_0010u64.to_ne_bytes());
+        assert!(b.0[48..].iter().all(|&c| c == 0));
+    }
+}

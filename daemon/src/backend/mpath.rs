@@ -1,0 +1,269 @@
+//! libmpathpersist, loaded at run time: the only place reservd calls into
+//! it.
+//!
+//! [`Libmpathpersist::load`] opens `libmpathpersist.so.0`, calls
+//! `libmpathpersist_init()` once and sets `mpath_mx_alloc_len` to 8192 (the
+//! PR IN allocation length the library asks the paths for, which is also
+//! the protocol's largest payload). Dropping it calls
+//! `libmpathpersist_exit()`. The library is never unloaded: libmultipath
+//! and its dependencies leave thread-exit and atexit hooks behind.
+//!
+//! Calls are serialised by one mutex. libmpathpersist 0.8.6 and later
+//! document `mpath_persistent_reserve_in/out` as thread-safe, but every
+//! call writes the library-wide `libmp_verbosity`, all calls share one
+//! libudev context (libudev is not thread-safe) and libdevmapper's global
+//! state, 0.8.2 to 0.8.5 are not thread-safe at all, and commands on one
+//! LU are ordered at the target anyway. Each call runs on the server's
+//! worker thread of that command, so a slow multipath command only delays
+//! other multipath commands, never the event loop or SG_IO clients.
+//!
+//! Only call into the library for file descriptors that
+//! [`super::dm::DmControl::probe`] has shown to be multipath maps:
+//! libmultipath `exit(1)`s the process when device-mapper is unreachable at
+//! its first DM operation.
+#![allow(unsafe_code)]
+
+use std::ffi::CStr;
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::raw::{c_int, c_uint, c_void};
+use std::sync::Mutex;
+
+use mpath_sys::libloading::Library;
+use mpath_sys::{prin_resp, prout_param_descriptor, transportid, LibMpathPersist};
+
+use crate::mpath_xlate::{prin_buffer_size, ProutRequest, TRANSPORTID_SIZE};
+
+const _: () = assert!(std::mem::size_of::<transportid>() == TRANSPORTID_SIZE);
+const _: () = assert!(std::mem::align_of::<transportid>() == 1);
+const _: () = assert!(std::mem::size_of::<prin_resp>() == crate::mpath_xlate::PRIN_RESP_SIZE);
+const _: () =
+    assert!(std::mem::size_of::<mpath_sys::prin_fulldescr>() == crate::mpath_xlate::FULLDESCR_SIZE);
+const _: () = assert!(std::mem::align_of::<prout_param_descriptor>() <= 8);
+const _: () = assert!(std::mem::align_of::<prin_resp>() <= 8);
+
+/// The PR IN allocation length reservd sets.
+pub const MX_ALLOC_LEN: c_uint = 8192;
+
+/// What reservd needs from libmpathpersist; [`Libmpathpersist`] is the
+/// real one, tests use fakes.
+pub trait PersistLib: Send + Sync {
+    /// `mpath_persistent_reserve_in`: the `MPATH_PR_*` code and the
+    /// response buffer (at least [`prin_buffer_size`] bytes, zeroed before
+    /// the call) as the library left it.
+    fn reserve_in(&self, fd: BorrowedFd<'_>, sa: u8) -> (i32, Vec<u8>);
+    /// `mpath_persistent_reserve_out`: the `MPATH_PR_*` code.
+    fn reserve_out(&self, fd: BorrowedFd<'_>, req: &ProutRequest) -> i32;
+}
+
+/// Why libmpathpersist cannot be used.
+#[derive(Debug)]
+pub enum LoadError {
+    /// The library (or one of its symbols) could not be loaded.
+    Missing(String),
+    /// `libmpathpersist_init()` failed.
+    Init,
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LoadError::Missing(e) => write!(f, "{e}"),
+            LoadError::Init => write!(f, "libmpathpersist_init() failed"),
+        }
+    }
+}
+
+/// The loaded, initialised library.
+pub struct Libmpathpersist {
+    api: ManuallyDrop<LibMpathPersist>,
+    lock: Mutex<()>,
+    verbose: c_int,
+    version: Option<(u32, u32, u32)>,
+    path: Option<String>,
+}
+
+impl Libmpathpersist {
+    /// Load `library` (normally [`mpath_sys::DEFAULT_LIBRARY`]) and
+    /// initialise it. `verbose` is libmultipath's log level (0..=4) for
+    /// the messages it prints on stderr.
+    pub fn load(library: &str, verbose: c_int) -> Result<Libmpathpersist, LoadError> {
+        // SAFETY: loading libmpathpersist runs its and its dependencies'
+        // ELF constructors, which only set up their own state.
+        let api = unsafe { LibMpathPersist::new(library) }
+            .map_err(|e| LoadError::Missing(format!("{library}: {e}")))?;
+        let api = ManuallyDrop::new(api);
+        // A second handle on the same (reference-counted) object, for the
+        // variable; never closed either.
+        // SAFETY: as above; the object is already loaded.
+        let handle = ManuallyDrop::new(
+            unsafe { Library::new(library) }
+                .map_err(|e| LoadError::Missing(format!("{library}: {e}")))?,
+        );
+        // SAFETY: `handle` is libmpathpersist.
+        let alloc_len = unsafe { mpath_sys::mpath_mx_alloc_len(&handle) }
+            .map_err(|e| LoadError::Missing(format!("{library}: {e}")))?;
+        // SAFETY: the library is loaded and not yet initialised; the call
+        // takes no arguments. It reads /etc/multipath.conf and raises
+        // RLIMIT_NOFILE.
+        if unsafe { api.libmpathpersist_init() } != 0 {
+            return Err(LoadError::Init);
+        }
+        // SAFETY: `alloc_len` points at the library's `unsigned int`; no
+        // other thread uses the library yet.
+        unsafe { alloc_len.write(MX_ALLOC_LEN) };
+        let path = loaded_path(api.libmpathpersist_init as *const c_void);
+        Ok(Libmpathpersist {
+            version: multipath_tools_version(),
+            api,
+            lock: Mutex::new(()),
+            verbose,
+            path,
+        })
+    }
+
+    /// multipath-tools' version, from libmultipath (0.8.6 and later).
+    pub fn version(&self) -> Option<(u32, u32, u32)> {
+        self.version
+    }
+
+    /// The file the dynamic loader picked.
+    pub fn path(&self) -> Option<&str> {
+        self.path.as_deref()
+    }
+
+    /// "0.9.4" or "unknown version".
+    pub fn version_string(&self) -> String {
+        match self.version {
+            Some((a, b, c)) => format!("{a}.{b}.{c}"),
+            None => "unknown version".to_string(),
+        }
+    }
+}
+
+/// libmultipath's own version. It is called only after
+/// `libmpathpersist_init()`, with device-mapper known to be present (it
+/// queries the kernel's DM versions on first use).
+fn multipath_tools_version() -> Option<(u32, u32, u32)> {
+    // SAFETY: libmultipath is already loaded as a dependency of
+    // libmpathpersist; opening it again only takes a reference.
+    let lib = ManuallyDrop::new(unsafe { Library::new(mpath_sys::LIBMULTIPATH) }.ok()?);
+    // SAFETY: libmultipath 0.8.6+ exports `libmp_get_version` with this
+    // signature (older ones do not export it, and lookup fails).
+    let f = unsafe { mpath_sys::libmp_get_version(&lib) }.ok()?;
+    let mut v: [c_uint; 3] = [0; 3];
+    // SAFETY: `v` has room for the three numbers the function writes.
+    let r = unsafe { f(mpath_sys::MULTIPATH_VERSION, v.as_mut_ptr()) };
+    (r == 0).then_some((v[0], v[1], v[2]))
+}
+
+/// The path of the shared object containing `addr`.
+fn loaded_path(addr: *const c_void) -> Option<String> {
+    let mut info = libc::Dl_info {
+        dli_fname: std::ptr::null(),
+        dli_fbase: std::ptr::null_mut(),
+        dli_sname: std::ptr::null(),
+        dli_saddr: std::ptr::null_mut(),
+    };
+    // SAFETY: dladdr only reads `addr` as a number and fills `info`.
+    if unsafe { libc::dladdr(addr, &mut info) } == 0 || info.dli_fname.is_null() {
+        return None;
+    }
+    // SAFETY: dli_fname is a NUL-terminated string owned by the loader,
+    // valid while the object is loaded (it never is unloaded).
+    let name = unsafe { CStr::from_ptr(info.dli_fname) };
+    let name = name.to_string_lossy().into_owned();
+    Some(std::fs::canonicalize(&name).map_or(name, |p| p.display().to_string()))
+}
+
+impl PersistLib for Libmpathpersist {
+    fn reserve_in(&self, fd: BorrowedFd<'_>, sa: u8) -> (i32, Vec<u8>) {
+        let size = prin_buffer_size(sa);
+        // u64 words: the library's structs need 8-byte alignment.
+        let mut words = vec![0u64; size.div_ceil(8)];
+        let code = {
+            let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            // SAFETY: `words` is zeroed, 8-aligned and `size` bytes or more:
+            // a prin_resp, plus (READ FULL STATUS) room for everything the
+            // library's decoder writes (see mpath_xlate). `fd` is an open
+            // multipath map. Calls are serialised by `lock`.
+            unsafe {
+                self.api.mpath_persistent_reserve_in(
+                    fd.as_raw_fd(),
+                    c_int::from(sa),
+                    words.as_mut_ptr() as *mut prin_resp,
+                    0,
+                    self.verbose,
+                )
+            }
+        };
+        let bytes = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        (code, bytes)
+    }
+
+    fn reserve_out(&self, fd: BorrowedFd<'_>, req: &ProutRequest) -> i32 {
+        let n = req.transport_ids.len();
+        // The TransportIDs, each a `struct transportid` (alignment 1).
+        let mut tids: Vec<[u8; TRANSPORTID_SIZE]> = req.transport_ids.clone();
+        let size = std::mem::size_of::<prout_param_descriptor>()
+            + n * std::mem::size_of::<*mut transportid>();
+        let mut words = vec![0u64; size.div_ceil(8)];
+        let pd = words.as_mut_ptr() as *mut prout_param_descriptor;
+        // SAFETY: `words` is zeroed, 8-aligned and large enough for the
+        // descriptor plus `n` pointers in its flexible array; the pointers
+        // reference `tids`, which outlives the call below.
+        unsafe {
+            (*pd).key.copy_from_slice(&req.header[0..8]);
+            (*pd).sa_key.copy_from_slice(&req.header[8..16]);
+            (*pd).sa_flags = req.header[20];
+            (*pd).num_transportid = n as u32;
+            let list = (*pd).trnptid_list.as_mut_slice(n);
+            for (slot, t) in list.iter_mut().zip(tids.iter_mut()) {
+                *slot = t.as_mut_ptr() as *mut transportid;
+            }
+        }
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: `pd` is the descriptor built above; `fd` is an open
+        // multipath map; calls are serialised by `lock`.
+        unsafe {
+            self.api.mpath_persistent_reserve_out(
+                fd.as_raw_fd(),
+                c_int::from(req.service_action),
+                c_int::from(req.scope),
+                c_uint::from(req.pr_type),
+                pd,
+                0,
+                self.verbose,
+            )
+        }
+    }
+}
+
+impl Drop for Libmpathpersist {
+    fn drop(&mut self) {
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the library was initialised in `load` and no call is in
+        // flight (we hold the lock and are being dropped).
+        unsafe { self.api.libmpathpersist_exit() };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_library_is_an_error_not_a_crash() {
+        let e = Libmpathpersist::load("libreservd-does-not-exist.so.0", 0)
+            .err()
+            .expect("must fail");
+        assert!(matches!(e, LoadError::Missing(_)));
+        assert!(e.to_string().contains("libreservd-does-not-exist"), "{e}");
+    }
+
+    #[test]
+    fn loaded_path_finds_libc() {
+        let p = loaded_path(libc::getpid as *const c_void).expect("dladdr");
+        assert!(p.contains("libc"), "{p}");
+    }
+}

@@ -1,0 +1,239 @@
+#!/bin/bash
+# reservd on a real dm-multipath stack (LIO disks, two paths, multipathd):
+# every PR command sent through reservd on the map must leave both paths in
+# the state SPC-4 and libmpathpersist promise, survive a path going down,
+# and the same commands on the single-path disk go through SG_IO.
+#
+# Runs inside the test VM: tests/vm/run-vm.sh tests/vm/scenarios/multipath.sh
+# (needs target/debug/reservd and target/debug/examples/prclient built).
+set -euo pipefail
+
+: "${RESERVD_MP_DEV:?not inside the reservd test VM}"
+ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
+RESERVD=${RESERVD_BIN:-$ROOT/target/debug/reservd}
+PRC=${RESERVD_PRCLIENT:-$ROOT/target/debug/examples/prclient}
+read -r -a PATHS <<<"$RESERVD_MP_PATHS"
+read -r -a INITIATORS <<<"$RESERVD_MP_INITIATORS"
+MP=$RESERVD_MP_DEV
+SP=$RESERVD_SP_DEV
+P1=${PATHS[0]} P2=${PATHS[1]}
+WORK=$(mktemp -d /tmp/reservd-mp.XXXXXX)
+SOCK=$WORK/reservd.sock
+LOG=$WORK/reservd.log
+PID=
+
+die() { echo "FAIL: $*" >&2; [[ -r $LOG ]] && sed 's/^/  reservd| /' "$LOG" >&2; exit 1; }
+step() { echo; echo "=== $*"; }
+cleanup() {
+    [[ -n $PID ]] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null || true
+    for p in "${PATHS[@]}"; do echo running >"/sys/block/${p#/dev/}/device/state" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+# pr DEV ARGS...: one command through reservd; sets STATUS, SENSE, DATA
+pr() {
+    local out
+    out=$("$PRC" "$SOCK" "$@") || die "prclient $* failed"
+    echo "  reservd $* -> $out"
+    [[ $out =~ ^status\ (0x[0-9a-f]+)\ sense\ ([0-9a-f]*)\ data\ ([0-9a-f]*)$ ]] ||
+        die "unexpected prclient output: $out"
+    STATUS=${BASH_REMATCH[1]} SENSE=${BASH_REMATCH[2]} DATA=${BASH_REMATCH[3]}
+}
+# good DEV ARGS...: the command must answer GOOD
+good() { pr "$@"; [[ $STATUS == 0x00 ]] || die "expected GOOD for '$*', got $STATUS sense $SENSE"; }
+# sense_is KEY ASC ASCQ: the last answer is CHECK CONDITION with that sense
+sense_is() {
+    [[ $STATUS == 0x02 ]] || die "expected CHECK CONDITION, got $STATUS"
+    local got="${SENSE:4:2}/${SENSE:24:2}/${SENSE:26:2}"
+    [[ $got == "$1/$2/$3" ]] || die "expected sense $1/$2/$3, got $got"
+}
+
+# sg_keys DEV: the keys READ KEYS lists on DEV, one per line
+# (a UNIT ATTENTION, e.g. "reservations preempted" after a CLEAR from the
+# other nexus, is consumed and the command repeated)
+sg_keys() {
+    local out i
+    for i in 1 2 3; do out=$(sg_persist --in --read-keys "$1" 2>&1) && break; done
+    awk 'NF == 1 && $1 ~ /^0x/ { print tolower($1) }' <<<"$out"
+}
+# expect_lu_keys KEY COUNT: both paths see KEY exactly COUNT times and nothing else
+expect_lu_keys() {
+    local p k
+    for p in "${PATHS[@]}"; do
+        k=$(sg_keys "$p")
+        echo "  sg_persist -k $p: ${k//$'\n'/ }"
+        if [[ $2 == 0 ]]; then
+            [[ -z $k ]] || die "$p: expected no keys, got ${k//$'\n'/ }"
+        else
+            [[ $(grep -c . <<<"$k") == "$2" && $(grep -cxF "$1" <<<"$k") == "$2" ]] ||
+                die "$p: expected $1 x$2, got ${k//$'\n'/ }"
+        fi
+    done
+}
+# raw_in DEV SA: the device's own PR IN answer (as many bytes as it
+# returned for an allocation length of 8192), hex, through sg_raw
+raw_in() {
+    local i
+    for i in 1 2 3; do
+        rm -f "$WORK/raw"
+        sg_raw -R -r 8192 -o "$WORK/raw" "$1" 5e "0$2" 00 00 00 00 00 20 00 00 >/dev/null 2>&1 && break
+    done
+    [[ -e $WORK/raw ]] || die "sg_raw PR IN $2 on $1 failed"
+    od -An -v -tx1 "$WORK/raw" | tr -d ' \n'
+}
+# reservation DATA: "KEY TYPE" from READ RESERVATION data, or "none"
+reservation() {
+    if [[ ${1:8:8} == 00000000 ]]; then echo none; else echo "0x${1:16:16} ${1:43:1}"; fi
+}
+mp_state() { multipathd show paths raw format "%d %t %T" | awk -v d="${1#/dev/}" '$1 == d { print $2, $3 }'; }
+wait_state() {
+    local i st=
+    for ((i = 0; i < 160; i++)); do
+        st=$(mp_state "$1"); [[ $st == "$2" ]] && { echo "  $1: $st"; return 0; }
+        sleep 0.25
+    done
+    die "$1: multipathd state '$st', expected '$2'"
+}
+
+[[ -x $RESERVD && -x $PRC ]] || die "build reservd and the prclient example first"
+echo "map $MP over ${PATHS[*]}, single-path $SP"
+
+step "reservd starts with multipath support"
+"$RESERVD" -k "$SOCK" --enable-cleanup -v 2>"$LOG" &
+PID=$!
+for ((i = 0; i < 100; i++)); do [[ -S $SOCK ]] && grep -q listening "$LOG" && break; sleep 0.1; done
+[[ -S $SOCK ]] || die "reservd did not create its socket"
+sed 's/^/  reservd| /' "$LOG"
+grep -q 'multipath support: active (multipath-tools 0.9.4' "$LOG" || die "multipath support not active"
+grep '^Cap\(Eff\|Prm\|Bnd\)' /proc/$PID/status
+[[ $(awk '/^CapEff/ { print $2 }' /proc/$PID/status) == 0000000000220000 ]] ||
+    die "reservd should keep exactly CAP_SYS_RAWIO and CAP_SYS_ADMIN"
+
+step "READ KEYS on the map: empty, same bytes as the device"
+good "$MP" in 0
+[[ $DATA == "$(raw_in "$P1" 0)" ]] || die "READ KEYS differs from the device's"
+expect_lu_keys x 0
+
+step "REGISTER through the map puts the key on both paths"
+T0=$EPOCHREALTIME
+good "$MP" out 0 0 0 0x1234
+echo "  REGISTER took $(( (${EPOCHREALTIME/./} - ${T0/./}) / 1000 )) ms"
+expect_lu_keys 0x1234 2
+good "$MP" in 0
+[[ $DATA == "$(raw_in "$P2" 0)" ]] || die "READ KEYS differs from the device's"
+[[ ${DATA:8:8} == 00000010 ]] || die "expected two keys"
+
+step "REPORT CAPABILITIES"
+good "$MP" in 2
+[[ $DATA == "$(raw_in "$P1" 2)" ]] || die "REPORT CAPABILITIES differs from the device's"
+
+step "RESERVE type 5 (Write Exclusive, registrants only)"
+good "$MP" out 1 5 0x1234 0
+good "$MP" in 1
+[[ $(reservation "$DATA") == "0x0000000000001234 5" ]] || die "READ RESERVATION: $DATA"
+for p in "${PATHS[@]}"; do [[ $DATA == "$(raw_in "$p" 1)" ]] || die "READ RESERVATION differs on $p"; done
+# allocation length 8: header only, ADDITIONAL LENGTH kept
+good "$MP" in 1 8
+[[ $DATA == "${DATA:0:16}" && ${#DATA} == 16 && ${DATA:8:8} == 00000010 ]] || die "short READ RESERVATION: $DATA"
+
+step "READ FULL STATUS (qemu-pr-helper refuses it on multipath)"
+good "$MP" in 3
+RAW=$(raw_in "$P1" 3)
+echo "  device: $RAW"
+[[ $DATA == "$RAW" ]] || die "READ FULL STATUS re-encoding differs from the device's bytes"
+for i in "${INITIATORS[@]}"; do [[ $DATA == *"${i#naa.}"* ]] || die "initiator $i missing"; done
+
+step "RELEASE, then RESERVE type 7 (all registrants)"
+good "$MP" out 2 5 0x1234 0
+good "$MP" in 1
+[[ $(reservation "$DATA") == none ]] || die "still reserved: $DATA"
+expect_lu_keys 0x1234 2
+good "$MP" out 1 7 0x1234 0
+good "$MP" in 1
+[[ ${DATA:43:1} == 7 ]] || die "expected a type 7 reservation: $DATA"
+good "$MP" out 2 7 0x1234 0
+
+step "PREEMPT of the own key with type 5 (SPC-4: keeps only the sending I_T nexus)"
+good "$MP" out 1 5 0x1234 0
+good "$MP" out 4 5 0x1234 0x1234
+good "$MP" in 1
+[[ $(reservation "$DATA") == "0x0000000000001234 5" ]] || die "after PREEMPT: $DATA"
+expect_lu_keys 0x1234 1
+# REGISTER AND IGNORE EXISTING KEY puts it back on every path
+good "$MP" out 6 0 0 0x1234
+expect_lu_keys 0x1234 2
+
+step "Errors are answers: REGISTER AND MOVE, 33 TransportIDs, bad key"
+pr "$MP" raw 5f070000000000001800 000000000000123400000000000000000000000000000000
+sense_is 05 24 00
+TIDS=$(for ((i = 0; i < 33; i++)); do printf '0600000050014050%08x000000000000000000000000' "$i"; done)
+LEN=$(( 24 + 4 + 33 * 24 ))
+pr "$MP" raw "5f000000000000$(printf '%04x' $LEN)00" \
+    "0000000000000000000000000000567800000000080000000000$(printf '%04x' $((33 * 24)))$TIDS"
+sense_is 05 26 00
+# a key other than the one in multipathd's prkeys file: libmpathpersist
+# refuses it (SYNTAX_ERROR) and reservd says why in its log
+pr "$MP" out 1 5 0x9999 0
+sense_is 0b 08 00
+grep -q "dm-.*refused the command" "$LOG" || die "no warning about the key mismatch"
+
+step "CLEAR drops everything on both paths"
+good "$MP" out 3 0 0x1234 0
+expect_lu_keys x 0
+good "$MP" in 1
+[[ $(reservation "$DATA") == none ]] || die "reservation left after CLEAR"
+
+step "REGISTER then unregister (REGISTER with SARK 0)"
+good "$MP" out 0 0 0 0x1234
+expect_lu_keys 0x1234 2
+good "$MP" out 0 0 0x1234 0
+expect_lu_keys x 0
+
+step "One path offline: commands still succeed; back online, multipathd re-registers it"
+echo offline >"/sys/block/${P2#/dev/}/device/state"
+wait_state "$P2" "failed faulty"
+good "$MP" out 0 0 0 0x4242
+good "$MP" in 0
+[[ ${DATA:8:8} == 00000008 ]] || die "expected one registration with $P2 down: $DATA"
+good "$MP" out 1 5 0x4242 0
+good "$MP" in 1
+[[ $(reservation "$DATA") == "0x0000000000004242 5" ]] || die "RESERVE with a path down: $DATA"
+good "$MP" in 3
+good "$MP" out 2 5 0x4242 0
+echo running >"/sys/block/${P2#/dev/}/device/state"
+multipathd reinstate path "${P2#/dev/}" >/dev/null 2>&1 || true
+wait_state "$P2" "active ready"
+for ((i = 0; i < 80; i++)); do
+    [[ $(sg_keys "$P1" | grep -c .) == 2 ]] && break
+    sleep 0.25
+done
+expect_lu_keys 0x4242 2
+
+step "CLEANUP: multipathd forgets the key, both I_T nexuses are unregistered"
+multipathd getprkey map "$RESERVD_MP_ALIAS"
+good "$MP" cleanup
+expect_lu_keys x 0
+K=$(multipathd getprkey map "$RESERVD_MP_ALIAS")
+echo "  multipathd getprkey: $K"
+[[ $K == none* ]] || die "multipathd still has key $K"
+
+step "The single-path disk goes through SG_IO"
+good "$SP" in 0
+[[ ${DATA:8:8} == 00000000 ]] || die "single-path disk not empty: $DATA"
+good "$SP" out 0 0 0 0x77
+[[ $(sg_keys "$SP") == 0x77 ]] || die "single-path REGISTER: $(sg_keys "$SP")"
+good "$SP" out 1 5 0x77 0
+good "$SP" in 1
+[[ $DATA == "$(raw_in "$SP" 1)" && $(reservation "$DATA") == "0x0000000000000077 5" ]] || die "$DATA"
+good "$SP" in 3
+[[ $DATA == "$(raw_in "$SP" 3)" ]] || die "single-path READ FULL STATUS differs"
+good "$SP" out 2 5 0x77 0
+good "$SP" out 3 0 0x77 0
+[[ -z $(sg_keys "$SP") ]] || die "single-path CLEAR left keys"
+good "$SP" cleanup
+
+step "reservd log"
+sed 's/^/  reservd| /' "$LOG"
+grep -q 'panicked' "$LOG" && die "reservd panicked"
+echo
+echo "multipath: all checks passed"
