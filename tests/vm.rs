@@ -9,7 +9,8 @@
 //!
 //! Gate: the VM tier runs when the test binary is given `--include-ignored`
 //! or `--ignored` (as `scripts/test.sh` does), or RESERVD_VM_TESTS=1; a
-//! plain `cargo test` prints that it was skipped.
+//! plain `cargo test` prints that it was skipped, and RESERVD_VM_TESTS=0
+//! skips it even with `--include-ignored`.
 
 #[path = "e2e/guest.rs"]
 mod guest;
