@@ -22,7 +22,7 @@ use std::time::Instant;
 /// Groups of guest scenarios; each boots one VM.
 const GROUPS: &[&str] = &["sgio", "reference", "robust"];
 /// Shell scenarios run as they are (tests/vm/scenarios/NAME.sh).
-const SHELL_SCENARIOS: &[&str] = &["smoke"];
+const SHELL_SCENARIOS: &[&str] = &["smoke", "multipath"];
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
