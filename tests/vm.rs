@@ -30,18 +30,27 @@ fn main() {
         let group = args.get(i + 1).map(String::as_str).unwrap_or("");
         std::process::exit(guest::run(group));
     }
-    let enabled = args
+    let gate = std::env::var("RESERVD_VM_TESTS");
+    let asked = args
         .iter()
-        .any(|a| a == "--include-ignored" || a == "--ignored")
-        || std::env::var("RESERVD_VM_TESTS").as_deref() == Ok("1");
-    // Positional words are name filters, as with the standard harness.
-    let filters: Vec<&String> = args
-        .iter()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let selected =
-        |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
+        .any(|a| a == "--include-ignored" || a == "--ignored");
+    let enabled = gate.as_deref() != Ok("0") && (asked || gate.as_deref() == Ok("1"));
+    // Positional words are name filters and `--skip NAME` excludes, as with
+    // the standard harness.
+    let mut filters: Vec<&String> = Vec::new();
+    let mut skips: Vec<&String> = Vec::new();
+    let mut words = args.iter().skip(1);
+    while let Some(a) = words.next() {
+        if a == "--skip" {
+            skips.extend(words.next());
+        } else if !a.starts_with('-') {
+            filters.push(a);
+        }
+    }
+    let selected = |name: &str| {
+        (filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
+            && !skips.iter().any(|s| name.contains(s.as_str()))
+    };
     let mut runs: Vec<(String, Vec<String>)> = Vec::new();
     let exe = std::env::current_exe().expect("current_exe");
     for g in GROUPS {
