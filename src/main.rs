@@ -18,15 +18,26 @@ fn main() {
                     let msg = e.render().to_string();
                     let first = msg.lines().next().unwrap_or("invalid arguments");
                     let first = first.strip_prefix("error: ").unwrap_or(first);
-                    eprintln!("reservd: {first}");
-                    eprintln!("Try 'reservd --help' for more information.");
+                    let p = error_prefix();
+                    eprintln!("{p}reservd: {first}");
+                    eprintln!("{p}Try 'reservd --help' for more information.");
                     std::process::exit(1);
                 }
             }
         }
     };
     if let Err(e) = reservd_daemon::run(cli) {
-        eprintln!("reservd: {e:#}");
+        eprintln!("{}reservd: {e:#}", error_prefix());
         std::process::exit(1);
+    }
+}
+
+/// Under systemd, fatal errors carry the journal's error priority, like the
+/// logger's own lines.
+fn error_prefix() -> &'static str {
+    if reservd_daemon::logging::stderr_is_journal() {
+        "<3>"
+    } else {
+        ""
     }
 }

@@ -149,7 +149,7 @@ pub fn level(verbose: u8, quiet: bool) -> LevelFilter {
 }
 
 /// Whether stderr is the systemd journal (JOURNAL_STREAM names its inode).
-fn stderr_is_journal() -> bool {
+pub fn stderr_is_journal() -> bool {
     use std::os::unix::fs::MetadataExt;
     let Ok(v) = std::env::var("JOURNAL_STREAM") else {
         return false;
