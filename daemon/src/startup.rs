@@ -80,22 +80,41 @@ pub fn listen(path: Option<&Path>, default: &Path) -> anyhow::Result<Listener> {
     if !path.is_absolute() {
         bail!("socket path must be absolute: {}", path.display());
     }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_dir() => {
-            bail!("cannot listen on {}: is a directory", path.display())
-        }
-        Ok(_) => std::fs::remove_file(path)
-            .with_context(|| format!("removing the old socket {}", path.display()))?,
-        Err(_) => {}
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_dir()) {
+        bail!("cannot listen on {}: is a directory", path.display())
     }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    let listener = bind_in_place(path)?;
     let meta = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
     Ok(Listener {
         listener,
         created: Some((path.to_path_buf(), meta.dev(), meta.ino())),
         activated: false,
     })
+}
+
+/// Bind and listen under a temporary name beside `path`, then rename it
+/// into place (replacing an old socket), so the path never names a socket
+/// that is not yet listening: libvirt starts QEMU as soon as the path
+/// exists, and QEMU's connect would be refused in that window.
+fn bind_in_place(path: &Path) -> anyhow::Result<UnixListener> {
+    let bind = |p: &Path| {
+        UnixListener::bind(p).with_context(|| format!("cannot listen on {}", path.display()))
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    // sun_path holds 107 bytes: a name too long for the suffix binds in place.
+    if tmp.as_os_str().len() > 107 {
+        let _ = std::fs::remove_file(path);
+        return bind(path);
+    }
+    let _ = std::fs::remove_file(&tmp);
+    let listener = bind(&tmp)?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot listen on {}", path.display()));
+    }
+    Ok(listener)
 }
 
 fn check_listening_unix_socket(fd: &OwnedFd) -> anyhow::Result<()> {

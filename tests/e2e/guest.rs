@@ -419,13 +419,14 @@ fn sgio_every_reservation_type() -> TestResult {
         let dev_res = device_reservation(&dev)?
             .ok_or(format!("sg_persist sees no reservation of type {ty}"))?;
         check_eq!(dev_res.0, want_key, "sg_persist reservation key");
-        // RELEASE with another type is refused, with the right one it works.
+        // RELEASE with another type is refused (LIO answers RESERVATION
+        // CONFLICT) and leaves the reservation; with the right type it works.
         let other = if ty == 1 { 3 } else { 1 };
         let r = pr_out(&mut c, &dev, prout_sa::RELEASE, other, &keys(0xabc, 0))?;
-        check_eq!(
-            r.sense_code().map(|s| (s.key, s.asc, s.ascq)),
-            Some((5, 0x26, 4)),
-            "RELEASE with the wrong type"
+        check!(r.status != 0, "RELEASE with the wrong type was GOOD");
+        check!(
+            device_reservation(&dev)?.is_some(),
+            "RELEASE with the wrong type released"
         );
         expect_good(
             &pr_out(&mut c, &dev, prout_sa::RELEASE, ty, &keys(0xabc, 0))?,
@@ -502,7 +503,18 @@ fn sgio_truncated_allocation_lengths() -> TestResult {
     )?;
     let full = pr_in(&mut c, &dev, prin_sa::READ_KEYS, 8192)?;
     check_eq!(full.data.len(), 16, "READ KEYS with one key");
-    for alloc in [0u16, 4, 8, 12, 15] {
+    // LIO refuses allocation lengths under 8 (INVALID FIELD IN CDB); reservd
+    // passes the device's answer through.
+    for alloc in [0u16, 4] {
+        let r = pr_in(&mut c, &dev, prin_sa::READ_KEYS, alloc)?;
+        check_eq!(
+            r.sense_code(),
+            Some(SenseCode::INVALID_FIELD),
+            "READ KEYS with allocation length {alloc}"
+        );
+        check!(r.data.is_empty(), "data with a CHECK CONDITION");
+    }
+    for alloc in [8u16, 12, 15] {
         let r = pr_in(&mut c, &dev, prin_sa::READ_KEYS, alloc)?;
         expect_good(&r, "READ KEYS")?;
         check_eq!(
@@ -510,10 +522,12 @@ fn sgio_truncated_allocation_lengths() -> TestResult {
             alloc as usize,
             "answer size for allocation length {alloc}"
         );
+        // The header is the device's; LIO zero-fills a key cut by the
+        // allocation length.
         check_eq!(
-            r.data[..],
-            full.data[..alloc as usize],
-            "truncated data for allocation length {alloc}"
+            r.data[..8],
+            full.data[..8],
+            "header with allocation length {alloc}"
         );
     }
     // The header keeps the full ADDITIONAL LENGTH when no key fits.
@@ -576,16 +590,18 @@ fn sgio_two_initiators_conflict_preempt_clear() -> TestResult {
     }
     let r = past_ua(|| pr_out(&mut c, &p1, prout_sa::RESERVE, 1, &keys(0xa, 0)))?;
     check_eq!(r.status, 0x18, "RESERVE by the preempted initiator");
-    // PREEMPT AND ABORT by path 1 after it registers again.
+    // Path 1 registers again and preempts back. (PREEMPT AND ABORT cannot
+    // be exercised on this target: Linux 6.1's LIO deadlocks in it, waiting
+    // in core_tmr_lun_reset for the very work item that runs the command.)
     expect_good(
         &pr_out(&mut c, &p1, prout_sa::REGISTER, 0, &keys(0, 0xc))?,
         "REGISTER again on path 1",
     )?;
     expect_good(
-        &pr_out(&mut c, &p1, prout_sa::PREEMPT_AND_ABORT, 5, &keys(0xc, 0xb))?,
-        "PREEMPT AND ABORT",
+        &pr_out(&mut c, &p1, prout_sa::PREEMPT, 5, &keys(0xc, 0xb))?,
+        "PREEMPT by path 1",
     )?;
-    check_eq!(device_keys(&p1)?, vec![0xc], "keys after PREEMPT AND ABORT");
+    check_eq!(device_keys(&p1)?, vec![0xc], "keys after PREEMPT by path 1");
     // CLEAR from the holder removes everything.
     expect_good(
         &past_ua(|| pr_out(&mut c, &p1, prout_sa::CLEAR, 0, &keys(0xc, 0)))?,
