@@ -1839,6 +1839,7 @@ mod tests {
         let r = emu
             .execute(&Command {
                 nexus: 1,
+                peer: None,
                 fd: again.as_fd(),
                 cdb: &cmd,
                 params: &[],
@@ -1865,6 +1866,7 @@ mod tests {
                 l.emu.as_ref(),
                 &Command {
                     nexus: 1,
+                    peer: None,
                     fd: ro.as_fd(),
                     cdb: &cdb,
                     params,
@@ -1938,6 +1940,7 @@ mod tests {
         for n in [9, 4] {
             e.execute(&Command {
                 nexus: n,
+                peer: None,
                 fd: d.file.as_fd(),
                 cdb: &cdb_in(0),
                 params: &[],

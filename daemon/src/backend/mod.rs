@@ -22,9 +22,26 @@ pub mod sgio;
 /// treats each one as an I_T nexus.
 pub type Nexus = u64;
 
+/// The credentials of a client process, as the kernel reported them when
+/// it connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pid {} uid {} gid {}", self.pid, self.uid, self.gid)
+    }
+}
+
 /// One command as a backend sees it.
 pub struct Command<'a> {
     pub nexus: Nexus,
+    /// Who sent it (SO_PEERCRED at accept), when known.
+    pub peer: Option<Peer>,
     pub fd: BorrowedFd<'a>,
     pub cdb: &'a [u8; 16],
     pub params: &'a [u8],

@@ -396,6 +396,7 @@ mod tests {
             r,
             &Command {
                 nexus: 1,
+                peer: None,
                 fd: f.as_fd(),
                 cdb: &cdb,
                 params,

@@ -19,7 +19,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use crate::backend::{self, BackendError, Command, PrBackend};
+use crate::backend::{self, BackendError, Command, Peer, PrBackend};
 use crate::sense::Answer;
 use crate::wire::{encode_response, Decoder, Event, ProtoError, Request, DATA_SIZE};
 
@@ -84,6 +84,7 @@ struct Conn {
     out: VecDeque<u8>,
     writable_registered: bool,
     peer: String,
+    peer_cred: Option<Peer>,
 }
 
 struct Completion {
@@ -274,7 +275,8 @@ impl Server {
                     return;
                 }
             };
-            let peer = peer_name(&stream);
+            let peer_cred = peer_cred(&stream);
+            let peer = peer_cred.map_or_else(|| "unknown peer".to_string(), |p| p.to_string());
             if self.conns.len() >= self.config.max_connections {
                 log::warn!(
                     "refusing connection from {peer}: {} connections open",
@@ -307,6 +309,7 @@ impl Server {
                 out,
                 writable_registered: false,
                 peer,
+                peer_cred,
             });
             self.flush(key);
         }
@@ -369,6 +372,7 @@ impl Server {
         let fd = conn.fd.take().expect("decoder checked the fd");
         conn.state = ConnState::InFlight;
         self.in_flight += 1;
+        let peer_cred = conn.peer_cred;
         let (id, backend, tx, waker) = (
             conn.id,
             Arc::clone(&self.backend),
@@ -384,6 +388,7 @@ impl Server {
             let result = {
                 let cmd = Command {
                     nexus: id,
+                    peer: peer_cred,
                     fd: fd.as_fd(),
                     cdb: &request.cdb,
                     params: &request.params,
@@ -513,10 +518,11 @@ pub fn block_stop_signals() -> io::Result<()> {
     Ok(())
 }
 
-fn peer_name(stream: &UnixStream) -> String {
+fn peer_cred(stream: &UnixStream) -> Option<Peer> {
     use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-    match getsockopt(stream, PeerCredentials) {
-        Ok(c) => format!("pid {} uid {}", c.pid(), c.uid()),
-        Err(_) => "unknown peer".into(),
-    }
+    getsockopt(stream, PeerCredentials).ok().map(|c| Peer {
+        pid: c.pid(),
+        uid: c.uid(),
+        gid: c.gid(),
+    })
 }
