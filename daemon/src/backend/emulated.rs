@@ -933,6 +933,7 @@ mod tests {
             self.emu
                 .execute(&Command {
                     nexus,
+                    peer: None,
                     fd: self.disk.file.as_fd(),
                     cdb: &cdb,
                     params,
