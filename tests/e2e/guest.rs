@@ -53,6 +53,10 @@ pub fn run(group: &str) -> i32 {
                 sgio_two_initiators_conflict_preempt_clear,
             ),
         ],
+        "oracle" => vec![(
+            "oracle_emulated_target_answers_as_lio",
+            oracle_emulated_target_answers_as_lio,
+        )],
         "reference" => vec![(
             "reference_same_bytes_as_qemu_pr_helper",
             reference_same_bytes_as_qemu_pr_helper,
@@ -943,4 +947,290 @@ fn reference_same_bytes_as_qemu_pr_helper() -> TestResult {
 
 fn report_hex(b: &[u8]) -> String {
     reservd_daemon::report::hex(b)
+}
+
+/// One step of a two-initiator sequence: which nexus sends it, and what.
+struct NexusStep {
+    nexus: usize,
+    step: Step,
+}
+
+fn on(nexus: usize, step: Step) -> NexusStep {
+    NexusStep { nexus, step }
+}
+
+/// A two-initiator sequence through registration, reservations of two
+/// kinds, conflicts, PREEMPT, unit attentions, RELEASE and CLEAR, avoiding
+/// the cases where the emulated target knowingly answers otherwise than LIO
+/// (listed in daemon/src/backend/emulated.rs).
+fn two_initiator_sequence() -> Vec<NexusStep> {
+    let (a, b) = (0, 1);
+    let mut bad_type = prout_step("RESERVE type 2", prout_sa::RESERVE, 2, 0xa, 0);
+    bad_type.what = "RESERVE with an undefined type";
+    let mut bad_in = prin_step("PR IN service action 7", 0, 8192);
+    bad_in.cdb[1] = 7;
+    vec![
+        on(a, prin_step("READ KEYS", prin_sa::READ_KEYS, 8192)),
+        on(
+            a,
+            prout_step("A: REGISTER 0xa", prout_sa::REGISTER, 0, 0, 0xa),
+        ),
+        on(
+            b,
+            prout_step("B: REGISTER 0xb", prout_sa::REGISTER, 0, 0, 0xb),
+        ),
+        on(a, prin_step("A: READ KEYS", prin_sa::READ_KEYS, 8192)),
+        on(
+            a,
+            prout_step(
+                "A: REGISTER with a wrong key",
+                prout_sa::REGISTER,
+                0,
+                0x77,
+                0x78,
+            ),
+        ),
+        on(a, bad_type),
+        on(a, bad_in),
+        on(
+            a,
+            prout_step("A: RESERVE type 5", prout_sa::RESERVE, 5, 0xa, 0),
+        ),
+        on(
+            b,
+            prin_step("B: READ RESERVATION", prin_sa::READ_RESERVATION, 8192),
+        ),
+        on(
+            b,
+            prout_step("B: RESERVE type 5 (conflict)", prout_sa::RESERVE, 5, 0xb, 0),
+        ),
+        on(
+            b,
+            prout_step(
+                "B: RESERVE with a wrong key",
+                prout_sa::RESERVE,
+                5,
+                0xbad,
+                0,
+            ),
+        ),
+        on(
+            b,
+            prout_step("B: RELEASE as a non-holder", prout_sa::RELEASE, 5, 0xb, 0),
+        ),
+        on(
+            a,
+            prin_step("A: READ FULL STATUS", prin_sa::READ_FULL_STATUS, 8192),
+        ),
+        on(
+            a,
+            prin_step("A: REPORT CAPABILITIES", prin_sa::REPORT_CAPABILITIES, 8192),
+        ),
+        on(
+            b,
+            prout_step("B: PREEMPT 0xa", prout_sa::PREEMPT, 5, 0xb, 0xa),
+        ),
+        on(
+            a,
+            prin_step("A: READ KEYS (unit attention)", prin_sa::READ_KEYS, 8192),
+        ),
+        on(a, prin_step("A: READ KEYS", prin_sa::READ_KEYS, 8192)),
+        on(
+            a,
+            prout_step(
+                "A: RESERVE as a non-registrant",
+                prout_sa::RESERVE,
+                5,
+                0xa,
+                0,
+            ),
+        ),
+        on(
+            a,
+            prout_step(
+                "A: REGISTER AND IGNORE 0xc",
+                prout_sa::REGISTER_AND_IGNORE,
+                0,
+                0,
+                0xc,
+            ),
+        ),
+        on(
+            b,
+            prin_step("B: READ RESERVATION", prin_sa::READ_RESERVATION, 8192),
+        ),
+        on(
+            a,
+            prout_step("A: RESERVE type 5 (conflict)", prout_sa::RESERVE, 5, 0xc, 0),
+        ),
+        on(b, prout_step("B: RELEASE", prout_sa::RELEASE, 5, 0xb, 0)),
+        on(
+            a,
+            prin_step("A: READ KEYS (unit attention)", prin_sa::READ_KEYS, 8192),
+        ),
+        on(a, prin_step("A: READ KEYS", prin_sa::READ_KEYS, 8192)),
+        on(
+            a,
+            prout_step("A: RESERVE type 7", prout_sa::RESERVE, 7, 0xc, 0),
+        ),
+        on(
+            b,
+            prin_step("B: READ RESERVATION", prin_sa::READ_RESERVATION, 8192),
+        ),
+        on(
+            b,
+            prin_step("B: READ FULL STATUS", prin_sa::READ_FULL_STATUS, 8192),
+        ),
+        on(
+            b,
+            prout_step(
+                "B: RESERVE type 7 as a holder",
+                prout_sa::RESERVE,
+                7,
+                0xb,
+                0,
+            ),
+        ),
+        on(
+            b,
+            prout_step("B: RESERVE type 5 (conflict)", prout_sa::RESERVE, 5, 0xb, 0),
+        ),
+        on(a, prout_step("A: CLEAR", prout_sa::CLEAR, 0, 0xc, 0)),
+        on(
+            b,
+            prin_step("B: READ KEYS (unit attention)", prin_sa::READ_KEYS, 8192),
+        ),
+        on(b, prin_step("B: READ KEYS", prin_sa::READ_KEYS, 8192)),
+        on(
+            b,
+            prin_step("B: READ RESERVATION", prin_sa::READ_RESERVATION, 8192),
+        ),
+        on(
+            a,
+            prin_step("A: READ KEYS, allocation 8", prin_sa::READ_KEYS, 8),
+        ),
+    ]
+}
+
+/// What is compared of an answer: status, sense code, and PR IN data with
+/// the generation relative to the sequence's first answer and READ FULL
+/// STATUS reduced to what does not name ports.
+#[derive(Debug, PartialEq, Eq)]
+struct Comparable {
+    status: u8,
+    sense: Option<(u8, u8, u8)>,
+    data: String,
+}
+
+fn comparable(cdb: &[u8; 10], r: &Response, base: u32) -> Comparable {
+    let sense = r.sense_code().map(|c| (c.key, c.asc, c.ascq));
+    let mut data = r.data.clone();
+    normalize_generation(cdb, &mut data, base);
+    let data = if cdb[0] == 0x5e && (cdb[1] & 0x1f) == prin_sa::READ_FULL_STATUS && r.status == 0 {
+        match prin::parse_read_full_status(&data) {
+            Ok((g, d)) => format!(
+                "generation {g}: {:?}",
+                d.iter()
+                    .map(|d| (d.key, d.all_tg_pt, d.reservation_holder, d.scope, d.pr_type))
+                    .collect::<Vec<_>>()
+            ),
+            Err(_) => format!("undecodable {}", report_hex(&data)),
+        }
+    } else {
+        report_hex(&data)
+    };
+    Comparable {
+        status: r.status,
+        sense,
+        data,
+    }
+}
+
+fn oracle_emulated_target_answers_as_lio() -> TestResult {
+    use reservd_daemon::backend::emulated::Emulated;
+    use reservd_daemon::backend::{execute, Command as BackendCommand};
+    // multipathd's path checker sends TEST UNIT READY on both paths, which
+    // would take the unit attentions this sequence checks.
+    let _ = Command::new("multipathd").arg("shutdown").output();
+    std::thread::sleep(Duration::from_millis(500));
+    let (p1, p2) = mp_paths();
+    let paths = [p1, p2];
+    let d = Daemon::start("reservd-oracle", &[])?;
+    let mut c = d.client()?;
+    reset_lun(&mut c, &paths[0])?;
+    // Drain unit attentions left by the reset on both nexuses.
+    for p in &paths {
+        let _ = past_ua(|| pr_in(&mut c, p, prin_sa::READ_KEYS, 8192))?;
+    }
+    let emu = Emulated::new();
+    let lu = std::env::temp_dir().join("reservd-oracle-lu");
+    let lu_file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&lu)
+        .map_err(|e| e.to_string())?;
+    let steps = two_initiator_sequence();
+    let (mut lio_base, mut emu_base) = (None, None);
+    let mut mismatches = Vec::new();
+    for (i, s) in steps.iter().enumerate() {
+        let f = open(&paths[s.nexus], true)?;
+        let lio = c
+            .execute(&s.step.cdb, f.as_fd(), &s.step.params)
+            .map_err(|e| format!("{}: {e}", s.step.what))?;
+        let cdb16 = reservd_daemon::cdb::pad16(&s.step.cdb);
+        let cmd = BackendCommand {
+            nexus: s.nexus as u64 + 1,
+            peer: None,
+            fd: lu_file.as_fd(),
+            cdb: &cdb16,
+            params: &s.step.params,
+        };
+        let ans = execute(&emu, &cmd).map_err(|e| format!("{}: emulated: {e}", s.step.what))?;
+        let ours = Response {
+            status: ans.status.0,
+            sense: ans.sense,
+            data: {
+                let mut d = ans.data;
+                d.truncate(u16::from_be_bytes([s.step.cdb[7], s.step.cdb[8]]) as usize);
+                if ans.status.0 != 0 {
+                    d.clear();
+                }
+                d
+            },
+        };
+        if i == 0 {
+            lio_base = lio
+                .data
+                .get(..4)
+                .map(|b| u32::from_be_bytes(b.try_into().unwrap()));
+            emu_base = ours
+                .data
+                .get(..4)
+                .map(|b| u32::from_be_bytes(b.try_into().unwrap()));
+        }
+        let x = comparable(&s.step.cdb, &lio, lio_base.unwrap_or(0));
+        let y = comparable(&s.step.cdb, &ours, emu_base.unwrap_or(0));
+        if x != y {
+            mismatches.push(format!(
+                "  step {i} {}:\n    LIO      {x:?}\n    emulated {y:?}",
+                s.step.what
+            ));
+        }
+    }
+    let _ = std::fs::remove_file(&lu);
+    reset_lun(&mut c, &paths[0])?;
+    println!(
+        "  {} steps compared, {} differences",
+        steps.len(),
+        mismatches.len()
+    );
+    if !mismatches.is_empty() {
+        return Err(format!(
+            "the emulated target answers otherwise than LIO:\n{}",
+            mismatches.join("\n")
+        ));
+    }
+    Ok(())
 }
