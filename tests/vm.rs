@@ -14,13 +14,14 @@
 
 #[path = "e2e/guest.rs"]
 mod guest;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 /// Groups of guest scenarios; each boots one VM.
-const GROUPS: &[&str] = &["sgio", "reference", "oracle", "robust"];
+const GROUPS: &[&str] = &["sgio", "reference", "oracle", "robust", "qemu"];
 /// Shell scenarios run as they are (tests/vm/scenarios/NAME.sh).
 const SHELL_SCENARIOS: &[&str] = &["smoke", "multipath"];
 
