@@ -52,6 +52,7 @@ pub fn run(group: &str) -> i32 {
                 "sgio_two_initiators_conflict_preempt_clear",
                 sgio_two_initiators_conflict_preempt_clear,
             ),
+            ("sgio_as_an_unprivileged_user", sgio_as_an_unprivileged_user),
         ],
         "oracle" => vec![(
             "oracle_emulated_target_answers_as_lio",
@@ -1296,4 +1297,56 @@ fn qemu_connects_through_restarts() -> TestResult {
         &past_ua(|| pr_in(&mut c, &dev, prin_sa::READ_KEYS, 8192))?,
         "READ KEYS",
     )
+}
+
+/// With `-u nobody -g nogroup`: CAP_SYS_RAWIO is all SG_IO on a client's
+/// fd needs.
+fn sgio_as_an_unprivileged_user() -> TestResult {
+    let dev = PathBuf::from(env("RESERVD_SP_DEV"));
+    let d = Daemon::start("reservd-nobody", &["-u", "nobody", "-g", "nogroup"])?;
+    let mut c = d.client()?;
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", d.pid())).map_err(|e| e.to_string())?;
+    let field = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .unwrap_or("")
+            .to_string()
+    };
+    check!(
+        field("Uid:")
+            .split_whitespace()
+            .skip(1)
+            .all(|u| u == "65534"),
+        "{}",
+        field("Uid:")
+    );
+    // Multipath support is active in the test bed: CAP_SYS_ADMIN is kept
+    // for the device-mapper ioctls, next to CAP_SYS_RAWIO.
+    check_eq!(
+        field("CapEff:"),
+        "CapEff:\t0000000000220000".to_string(),
+        "effective capabilities"
+    );
+    check_eq!(
+        field("CapBnd:"),
+        "CapBnd:\t0000000000000000".to_string(),
+        "bounding set"
+    );
+    reset_lun(&mut c, &dev)?;
+    expect_good(
+        &pr_out(&mut c, &dev, prout_sa::REGISTER, 0, &keys(0, 0x6565))?,
+        "REGISTER as nobody",
+    )?;
+    check_eq!(device_keys(&dev)?, vec![0x6565], "device keys");
+    expect_good(
+        &pr_out(&mut c, &dev, prout_sa::RESERVE, 5, &keys(0x6565, 0))?,
+        "RESERVE as nobody",
+    )?;
+    let (_, res) =
+        prin::parse_read_reservation(&pr_in(&mut c, &dev, prin_sa::READ_RESERVATION, 8192)?.data)
+            .map_err(|_| "short READ RESERVATION")?;
+    check_eq!(res.map(|r| r.key), Some(0x6565), "reservation");
+    reset_lun(&mut c, &dev)
 }
