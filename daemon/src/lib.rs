@@ -6,6 +6,7 @@
 //! [`server`]. Start-up and privileges: [`startup`], [`privs`].
 #![deny(unsafe_code)]
 
+pub mod audit;
 pub mod backend;
 pub mod cdb;
 pub mod cli;
@@ -136,7 +137,10 @@ fn start(
         },
         mpath: mpath.multipath,
     };
-    let backend = Arc::new(logging::Traced(Arc::new(router)));
+    let backend = Arc::new(logging::Traced(Arc::new(audit::Audited::new(
+        router.mpath.is_some(),
+        Arc::new(router),
+    ))));
     let config = server::Config {
         features,
         max_connections: cli.max_connections as usize,
