@@ -16,6 +16,7 @@ pub mod mpath_xlate;
 pub mod mpconf;
 pub mod multipathd;
 pub mod params;
+pub mod pathcheck;
 pub mod prin;
 pub mod privs;
 pub mod report;
