@@ -14,13 +14,15 @@
 
 #[path = "e2e/guest.rs"]
 mod guest;
+#[path = "e2e/ops.rs"]
+mod ops;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 /// Groups of guest scenarios; each boots one VM.
-const GROUPS: &[&str] = &["sgio", "reference", "robust"];
+const GROUPS: &[&str] = &["sgio", "reference", "robust", "ops"];
 /// Shell scenarios run as they are (tests/vm/scenarios/NAME.sh).
 const SHELL_SCENARIOS: &[&str] = &["smoke", "multipath"];
 
