@@ -264,15 +264,19 @@ pub struct Audited {
     pub multipath_active: bool,
     /// The journal's native socket, when records go there.
     pub journal: Option<PathBuf>,
+    /// Whether records are wanted at all (the audit target is enabled).
+    pub enabled: bool,
 }
 
 impl Audited {
-    /// Wrap `inner`; records go to the journal when stderr is the journal.
+    /// Wrap `inner` (after the logger is installed: `-q` turns records
+    /// off); records go to the journal when stderr is the journal.
     pub fn new(multipath_active: bool, inner: Arc<dyn PrBackend>) -> Audited {
         Audited {
             inner,
             multipath_active,
             journal: crate::logging::stderr_is_journal().then(|| PathBuf::from(JOURNAL_SOCKET)),
+            enabled: log::log_enabled!(target: AUDIT_TARGET, log::Level::Info),
         }
     }
 
@@ -301,7 +305,7 @@ impl PrBackend for Audited {
     fn execute(&self, cmd: &Command<'_>) -> Result<Answer, BackendError> {
         let op = cmd.cdb[0];
         let audited = op == PERSISTENT_RESERVE_OUT || op == OP_CLEANUP;
-        if !audited || !log::log_enabled!(target: AUDIT_TARGET, log::Level::Info) {
+        if !audited || !self.enabled {
             return self.inner.execute(cmd);
         }
         let r = self.inner.execute(cmd);
@@ -513,6 +517,91 @@ mod tests {
         drop(journal);
         std::fs::remove_file(&sock).unwrap();
         assert!(send_journal(&sock, b"MESSAGE=x\n").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Answers GOOD to everything.
+    struct Good;
+    impl PrBackend for Good {
+        fn execute(&self, _: &Command<'_>) -> Result<Answer, BackendError> {
+            Ok(Answer::status(Status::GOOD))
+        }
+    }
+
+    #[test]
+    fn the_wrapper_sends_one_datagram_per_pr_out_only() {
+        let dir = std::env::temp_dir().join(format!("reservd-audited-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("socket");
+        let journal = UnixDatagram::bind(&sock).unwrap();
+        journal.set_nonblocking(true).unwrap();
+        let a = Audited {
+            inner: Arc::new(Good),
+            multipath_active: true,
+            journal: Some(sock.clone()),
+            enabled: true,
+        };
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let params = ProutParams {
+            key: 0x77,
+            ..Default::default()
+        }
+        .encode();
+        let prout = crate::cdb::pad16(
+            &PrOutCdb {
+                service_action: prout_sa::RELEASE,
+                scope: 0,
+                pr_type: 3,
+                parameter_list_length: 24,
+            }
+            .encode(),
+        );
+        let prin = crate::cdb::pad16(
+            &crate::cdb::PrInCdb {
+                service_action: 0,
+                allocation_length: 8192,
+            }
+            .encode(),
+        );
+        for cdb in [&prin, &prout, &prin] {
+            let cmd = Command {
+                nexus: 1,
+                peer: None,
+                fd: f.as_fd(),
+                cdb,
+                params: if cdb[0] == PERSISTENT_RESERVE_OUT {
+                    &params
+                } else {
+                    &[]
+                },
+            };
+            assert_eq!(a.execute(&cmd).unwrap(), Answer::status(Status::GOOD));
+        }
+        let mut buf = vec![0u8; 65536];
+        let n = journal.recv(&mut buf).unwrap();
+        let fields = parse_datagram(&buf[..n]);
+        assert!(fields.contains(&("RESERVD_SA".into(), "RELEASE".into())));
+        assert!(fields.contains(&("RESERVD_TYPE".into(), "3".into())));
+        assert!(fields.contains(&("RESERVD_KEY".into(), "0x77".into())));
+        // /dev/null is no SCSI device: no WWID, SG_IO backend.
+        assert!(fields.contains(&("RESERVD_DEVICE".into(), "1:3".into())));
+        assert!(fields.contains(&("RESERVD_BACKEND".into(), "sgio".into())));
+        assert!(journal.recv(&mut buf).is_err(), "only one record");
+        // Disabled (-q): nothing.
+        let quiet = Audited {
+            enabled: false,
+            ..a
+        };
+        let cmd = Command {
+            nexus: 1,
+            peer: None,
+            fd: f.as_fd(),
+            cdb: &prout,
+            params: &params,
+        };
+        quiet.execute(&cmd).unwrap();
+        assert!(journal.recv(&mut buf).is_err(), "a record while disabled");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
