@@ -33,6 +33,11 @@ pub fn scenarios() -> Vec<Scenario> {
         ),
         ("ops_check_all_good", ops_check_all_good),
         ("ops_audit_trail", ops_audit_trail),
+        // Last: multipathd may re-register the key when the path returns.
+        (
+            "ops_status_offline_path_is_not_counted",
+            ops_status_offline_path_is_not_counted,
+        ),
     ]
 }
 
@@ -341,5 +346,42 @@ fn ops_audit_trail() -> TestResult {
     let _ = pr_out(&mut c, &sp, prout_sa::REGISTER, 0, &keys(0x5ad, 0x5ae))?;
     // The log line is written before the answer: nothing to wait for.
     check!(audit_lines(&q.log, 0)?.is_empty(), "audit lines with -q");
+    Ok(())
+}
+
+fn ops_status_offline_path_is_not_counted() -> TestResult {
+    let d = Daemon::start("reservd-ops", &[])?;
+    registered_map(&d)?;
+    let (_, p2) = mp_paths();
+    let dev = mp_dev();
+    sg_persist(
+        &[
+            "--out",
+            "--register",
+            &format!("--param-rk={KEY:#x}"),
+            "--param-sark=0",
+        ],
+        &p2,
+    )?;
+    let state = PathBuf::from(format!("/sys/block/{}/device/state", name(&p2)));
+    std::fs::write(&state, "offline\n").map_err(|e| format!("{}: {e}", state.display()))?;
+    let o = reservdctl(&["status", dev.to_str().unwrap()], Stdio::null());
+    std::fs::write(&state, "running\n").map_err(|e| format!("{}: {e}", state.display()))?;
+    let o = o?;
+    let t = stdout(&o);
+    check!(o.status.code() == Some(0), "exit status {}", o.status);
+    check!(
+        t.contains(&format!("path {} (", name(&p2)))
+            && t.contains("state offline")
+            && t.contains("(not usable)"),
+        "the offline path is listed as not usable"
+    );
+    check!(
+        t.contains(&format!(
+            "Verdict: consistent: key(s) {KEY:#x} registered on all 1 usable path(s) (not counted: {})",
+            name(&p2)
+        )),
+        "verdict"
+    );
     Ok(())
 }
