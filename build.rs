@@ -42,6 +42,17 @@ fn main() -> std::io::Result<()> {
         .manual("System Administration")
         .render(&mut page)?;
     std::fs::write(gen.join("reservdctl.8"), &page)?;
+    // The page lists its subcommands as reservdctl-NAME(8): one page each.
+    for sub in ctl.get_subcommands().filter(|s| s.get_name() != "help") {
+        let name: &'static str = format!("reservdctl-{}", sub.get_name()).leak();
+        let mut page = Vec::new();
+        let bin: &'static str = format!("reservdctl {}", sub.get_name()).leak();
+        clap_mangen::Man::new(sub.clone().name(name).bin_name(bin))
+            .section("8")
+            .manual("System Administration")
+            .render(&mut page)?;
+        std::fs::write(gen.join(format!("{name}.8")), &page)?;
+    }
 
     for shell in [
         clap_complete::Shell::Bash,

@@ -52,6 +52,14 @@ pub enum Cmd {
     },
     /// Keys and reservation as seen through each path of a multipath map,
     /// and whether every usable path carries every key (needs root).
+    ///
+    /// Each path gets PERSISTENT RESERVE IN (READ KEYS, READ RESERVATION,
+    /// READ FULL STATUS) directly with SG_IO; a registration belongs to the
+    /// path whose relative target port (VPD page 0x83) it names. The key
+    /// checked is the one multipathd holds for the map (getprkey), or every
+    /// key registered through a path when multipathd holds none. Offline or
+    /// failed paths are listed but not counted. Exit status: 0 consistent,
+    /// 5 a usable path lacks a key, 1 error.
     Status {
         /// /dev/mapper/NAME, /dev/dm-N, or a SCSI disk (/dev/sdX; a path of
         /// a map stands for its map).
@@ -67,6 +75,9 @@ pub enum Cmd {
     },
     /// Check the set-up: device-mapper, libmpathpersist, multipathd and its
     /// reservation_key configuration, privileges, reservd's socket.
+    ///
+    /// Prints one line per check, each problem with its fix. Exit status: 0
+    /// when everything is in order, 5 when a problem was found.
     Check,
     /// Any CDB, given in hex, with optional parameter data in hex.
     Raw {
