@@ -14,6 +14,8 @@
 
 #[path = "e2e/guest.rs"]
 mod guest;
+#[path = "e2e/ops.rs"]
+mod ops;
 mod support;
 
 use std::path::{Path, PathBuf};
@@ -21,7 +23,7 @@ use std::process::Command;
 use std::time::Instant;
 
 /// Groups of guest scenarios; each boots one VM.
-const GROUPS: &[&str] = &["sgio", "reference", "oracle", "robust", "qemu"];
+const GROUPS: &[&str] = &["sgio", "reference", "oracle", "robust", "qemu", "ops"];
 /// Shell scenarios run as they are (tests/vm/scenarios/NAME.sh).
 const SHELL_SCENARIOS: &[&str] = &["smoke", "multipath"];
 

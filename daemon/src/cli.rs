@@ -62,11 +62,12 @@ pub struct Cli {
     #[arg(short = 'g', long = "group", value_name = "GROUP")]
     pub group: Option<String>,
 
-    /// Log more (repeat for more detail).
+    /// Log more (repeat for more detail). The audit trail of PR OUT
+    /// commands is logged even without it.
     #[arg(short = 'v', long = "verbose", action = ArgAction::Count)]
     pub verbose: u8,
 
-    /// Log errors only.
+    /// Log errors only (no audit trail either).
     #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
 

@@ -6,6 +6,7 @@
 //! [`server`]. Start-up and privileges: [`startup`], [`privs`].
 #![deny(unsafe_code)]
 
+pub mod audit;
 pub mod backend;
 pub mod cdb;
 pub mod cli;
@@ -15,6 +16,7 @@ pub mod mpath_xlate;
 pub mod mpconf;
 pub mod multipathd;
 pub mod params;
+pub mod pathcheck;
 pub mod prin;
 pub mod privs;
 pub mod report;
@@ -136,7 +138,10 @@ fn start(
         },
         mpath: mpath.multipath,
     };
-    let backend = Arc::new(logging::Traced(Arc::new(router)));
+    let backend = Arc::new(logging::Traced(Arc::new(audit::Audited::new(
+        router.mpath.is_some(),
+        Arc::new(router),
+    ))));
     let config = server::Config {
         features,
         max_connections: cli.max_connections as usize,

@@ -1,6 +1,11 @@
 //! Logging: env_logger, with qemu-pr-helper's -v/-q levels, QEMU-style
 //! trace patterns mapped onto log targets, and journald-friendly output
 //! when stderr is connected to the journal.
+//!
+//! Default level: warnings (`-v` info, `-vv` debug, `-vvv` trace, `-q`
+//! errors only). The audit trail ([`crate::audit::AUDIT_TARGET`], one line
+//! per PR OUT) is shown at info level even by default; `-q` silences it,
+//! and `RUST_LOG=reservd::audit=off` does too.
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -148,6 +153,11 @@ pub fn level(verbose: u8, quiet: bool) -> LevelFilter {
     }
 }
 
+/// The level of the audit target: info, or more with -vv and up.
+pub fn audit_level(verbose: u8) -> LevelFilter {
+    level(verbose, false).max(LevelFilter::Info)
+}
+
 /// Whether stderr is the systemd journal (JOURNAL_STREAM names its inode).
 pub fn stderr_is_journal() -> bool {
     use std::os::unix::fs::MetadataExt;
@@ -186,6 +196,10 @@ pub fn init(verbose: u8, quiet: bool, traces: &[String]) -> Result<Vec<String>, 
         if t.file.is_some() {
             log_file = t.file;
         }
+    }
+    // The audit trail (one line per PR OUT) is on by default; -q hides it.
+    if !quiet {
+        builder.filter_module(crate::audit::AUDIT_TARGET, audit_level(verbose));
     }
     let (targets, unknown) = trace_targets(&patterns);
     for t in targets {
@@ -254,5 +268,7 @@ mod tests {
         assert_eq!(level(0, false), LevelFilter::Warn);
         assert_eq!(level(2, false), LevelFilter::Debug);
         assert_eq!(level(3, true), LevelFilter::Error);
+        assert_eq!(audit_level(0), LevelFilter::Info);
+        assert_eq!(audit_level(3), LevelFilter::Trace);
     }
 }

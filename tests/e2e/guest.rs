@@ -15,7 +15,7 @@ use reservd_daemon::prin;
 use reservd_daemon::sense::SenseCode;
 
 pub type TestResult = Result<(), String>;
-type Scenario = (&'static str, fn() -> TestResult);
+pub type Scenario = (&'static str, fn() -> TestResult);
 
 macro_rules! check {
     ($cond:expr, $($fmt:tt)+) => {
@@ -78,6 +78,7 @@ pub fn run(group: &str) -> i32 {
                 robust_sigterm_with_commands_in_flight,
             ),
         ],
+        "ops" => crate::ops::scenarios(),
         _ => {
             eprintln!("unknown guest group '{group}'");
             return 2;
@@ -276,7 +277,7 @@ pub fn past_ua(mut f: impl FnMut() -> Result<Response, String>) -> Result<Respon
     Err("unit attentions kept coming".into())
 }
 
-fn sg_persist(args: &[&str], dev: &Path) -> Result<String, String> {
+pub fn sg_persist(args: &[&str], dev: &Path) -> Result<String, String> {
     let out = Command::new("sg_persist")
         .args(["-n"])
         .args(args)

@@ -286,7 +286,7 @@ impl MultipathSupport {
 
 /// `reservation_key` settings from /etc/multipath.conf and
 /// /etc/multipath/conf.d/*.conf.
-fn read_key_config() -> crate::mpconf::KeyConfig {
+pub fn read_key_config() -> crate::mpconf::KeyConfig {
     let mut cfg = crate::mpconf::KeyConfig::default();
     if let Ok(t) = std::fs::read_to_string("/etc/multipath.conf") {
         cfg = crate::mpconf::parse(&t);

@@ -2,8 +2,13 @@
 //! reservd (or any qemu-pr-helper), exactly as QEMU would, and show the
 //! answers.
 //!
+//! `status` shows a multipath map's keys and reservation as each path sees
+//! them and which path lacks which key (`--repair` registers it again);
+//! `check` checks the host's set-up.
+//!
 //! Exit status: 0 GOOD, 1 usage or connection error, 2 CHECK CONDITION,
-//! 3 RESERVATION CONFLICT, 4 any other SCSI status.
+//! 3 RESERVATION CONFLICT, 4 any other SCSI status; `status`: 0 consistent,
+//! 5 a usable path lacks a key; `check`: 0 all good, 5 problems found.
 
 use std::fs::OpenOptions;
 use std::os::fd::AsFd;
@@ -11,109 +16,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::Parser;
 use reservd_daemon::cdb::{prin_sa, prout_sa, PrInCdb, PrOutCdb};
 use reservd_daemon::client::{Client, Response};
 use reservd_daemon::params::ProutParams;
 use reservd_daemon::report;
 
-#[derive(Parser)]
-#[command(
-    name = "reservdctl",
-    version,
-    about = "Send SCSI persistent reservation commands through reservd"
-)]
-struct Cli {
-    /// reservd's socket.
-    #[arg(
-        short = 'k',
-        long = "socket",
-        global = true,
-        default_value = "/var/run/qemu-pr-helper.sock"
-    )]
-    socket: PathBuf,
-    /// Print JSON instead of text.
-    #[arg(long, global = true)]
-    json: bool,
-    #[command(subcommand)]
-    cmd: Cmd,
-}
+mod check;
+mod cli;
+mod status;
 
-#[derive(Subcommand)]
-enum Cmd {
-    /// PERSISTENT RESERVE IN.
-    In {
-        /// Block or SCSI generic device (opened read-only).
-        device: PathBuf,
-        action: InAction,
-        /// Allocation length (0..8192).
-        #[arg(long, default_value_t = 8192)]
-        alloc_len: u16,
-    },
-    /// PERSISTENT RESERVE OUT.
-    Out {
-        /// Block or SCSI generic device (opened read-write).
-        device: PathBuf,
-        action: OutAction,
-        #[command(flatten)]
-        p: OutParams,
-    },
-    /// Any CDB, given in hex, with optional parameter data in hex.
-    Raw {
-        device: PathBuf,
-        #[arg(long)]
-        cdb: String,
-        #[arg(long, default_value = "")]
-        data: String,
-        /// Open the device read-only.
-        #[arg(long)]
-        read_only: bool,
-    },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum InAction {
-    ReadKeys,
-    ReadReservation,
-    ReportCapabilities,
-    ReadFullStatus,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum OutAction {
-    Register,
-    Reserve,
-    Release,
-    Clear,
-    Preempt,
-    PreemptAbort,
-    RegisterIgnore,
-}
-
-#[derive(Args)]
-struct OutParams {
-    /// RESERVATION KEY (0x-prefixed hex or decimal).
-    #[arg(long, default_value = "0", value_parser = parse_u64)]
-    key: u64,
-    /// SERVICE ACTION RESERVATION KEY.
-    #[arg(long, default_value = "0", value_parser = parse_u64)]
-    sa_key: u64,
-    /// Reservation type (1, 3, 5, 6, 7, 8).
-    #[arg(long = "type", default_value_t = 0)]
-    pr_type: u8,
-    #[arg(long)]
-    aptpl: bool,
-    #[arg(long)]
-    all_tg_pt: bool,
-}
-
-fn parse_u64(s: &str) -> Result<u64, String> {
-    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(h) => u64::from_str_radix(h, 16),
-        None => s.parse(),
-    }
-    .map_err(|e| format!("invalid number '{s}': {e}"))
-}
+use cli::{Cli, Cmd, InAction, OutAction};
 
 fn parse_hex(s: &str) -> anyhow::Result<Vec<u8>> {
     let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
@@ -158,6 +71,16 @@ fn exchange(
 
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     let (resp, prin) = match &cli.cmd {
+        Cmd::Status {
+            device,
+            repair,
+            yes,
+        } => {
+            return Ok(ExitCode::from(status::run(
+                device, *repair, *yes, cli.json,
+            )?))
+        }
+        Cmd::Check => return Ok(ExitCode::from(check::run(&cli.socket, cli.json))),
         Cmd::In {
             device,
             action,

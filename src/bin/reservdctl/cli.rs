@@ -1,0 +1,137 @@
+//! reservdctl's command line. Depends on clap only: the root build.rs
+//! includes it to generate reservdctl(8).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "reservdctl",
+    version,
+    about = "Send SCSI persistent reservation commands through reservd, check \
+             reservations on every path of a multipath map, check the set-up",
+    after_help = "Exit status: 0 GOOD (status: consistent; check: all good), 1 usage, \
+                  connection or other error, 2 CHECK CONDITION, 3 RESERVATION CONFLICT, \
+                  4 any other SCSI status, 5 status: inconsistent paths (check: problems found)."
+)]
+pub struct Cli {
+    /// reservd's socket.
+    #[arg(
+        short = 'k',
+        long = "socket",
+        global = true,
+        default_value = "/var/run/qemu-pr-helper.sock"
+    )]
+    pub socket: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// PERSISTENT RESERVE IN.
+    In {
+        /// Block or SCSI generic device (opened read-only).
+        device: PathBuf,
+        action: InAction,
+        /// Allocation length (0..8192).
+        #[arg(long, default_value_t = 8192)]
+        alloc_len: u16,
+    },
+    /// PERSISTENT RESERVE OUT.
+    Out {
+        /// Block or SCSI generic device (opened read-write).
+        device: PathBuf,
+        action: OutAction,
+        #[command(flatten)]
+        p: OutParams,
+    },
+    /// Keys and reservation as seen through each path of a multipath map,
+    /// and whether every usable path carries every key (needs root).
+    ///
+    /// Each path gets PERSISTENT RESERVE IN (READ KEYS, READ RESERVATION,
+    /// READ FULL STATUS) directly with SG_IO; a registration belongs to the
+    /// path whose relative target port (VPD page 0x83) it names. The key
+    /// checked is the one multipathd holds for the map (getprkey), or every
+    /// key registered through a path when multipathd holds none. Offline or
+    /// failed paths are listed but not counted. Exit status: 0 consistent,
+    /// 5 a usable path lacks a key, 1 error.
+    Status {
+        /// /dev/mapper/NAME, /dev/dm-N, or a SCSI disk (/dev/sdX; a path of
+        /// a map stands for its map).
+        device: PathBuf,
+        /// Register missing keys again on the paths that lack them
+        /// (REGISTER AND IGNORE EXISTING KEY through libmpathpersist on the
+        /// map), then check again.
+        #[arg(long)]
+        repair: bool,
+        /// Do not ask before repairing.
+        #[arg(long, short = 'y', requires = "repair")]
+        yes: bool,
+    },
+    /// Check the set-up: device-mapper, libmpathpersist, multipathd and its
+    /// reservation_key configuration, privileges, reservd's socket.
+    ///
+    /// Prints one line per check, each problem with its fix. Exit status: 0
+    /// when everything is in order, 5 when a problem was found.
+    Check,
+    /// Any CDB, given in hex, with optional parameter data in hex.
+    Raw {
+        device: PathBuf,
+        #[arg(long)]
+        cdb: String,
+        #[arg(long, default_value = "")]
+        data: String,
+        /// Open the device read-only.
+        #[arg(long)]
+        read_only: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum InAction {
+    ReadKeys,
+    ReadReservation,
+    ReportCapabilities,
+    ReadFullStatus,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum OutAction {
+    Register,
+    Reserve,
+    Release,
+    Clear,
+    Preempt,
+    PreemptAbort,
+    RegisterIgnore,
+}
+
+#[derive(Args)]
+pub struct OutParams {
+    /// RESERVATION KEY (0x-prefixed hex or decimal).
+    #[arg(long, default_value = "0", value_parser = parse_u64)]
+    pub key: u64,
+    /// SERVICE ACTION RESERVATION KEY.
+    #[arg(long, default_value = "0", value_parser = parse_u64)]
+    pub sa_key: u64,
+    /// Reservation type (1, 3, 5, 6, 7, 8).
+    #[arg(long = "type", default_value_t = 0)]
+    pub pr_type: u8,
+    #[arg(long)]
+    pub aptpl: bool,
+    #[arg(long)]
+    pub all_tg_pt: bool,
+}
+
+fn parse_u64(s: &str) -> Result<u64, String> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("invalid number '{s}': {e}"))
+}

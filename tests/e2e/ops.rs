@@ -1,0 +1,387 @@
+//! Guest scenarios for the operator tools: `reservdctl status` (per-path
+//! keys, verdict, `--repair`), `reservdctl check`, and reservd's audit
+//! trail, on the test bed's two-path multipath map.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use reservd_daemon::cdb::{prin_sa, prout_sa};
+
+use crate::guest::{
+    device_keys, env, expect_good, keys, mp_paths, past_ua, pr_in, pr_out, reset_lun, sg_persist,
+    Daemon, Scenario, TestResult,
+};
+
+macro_rules! check {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err(format!("{} (at line {})", format!($($fmt)+), line!()));
+        }
+    };
+}
+
+/// The key the scenarios register on the map.
+const KEY: u64 = 0x0a5e_0000_0000_0001;
+
+pub fn scenarios() -> Vec<Scenario> {
+    vec![
+        ("ops_status_consistent_map", ops_status_consistent_map),
+        (
+            "ops_status_path_lost_its_key_and_repair",
+            ops_status_path_lost_its_key_and_repair,
+        ),
+        ("ops_check_all_good", ops_check_all_good),
+        ("ops_audit_trail", ops_audit_trail),
+        // Last: multipathd may re-register the key when the path returns.
+        (
+            "ops_status_offline_path_is_not_counted",
+            ops_status_offline_path_is_not_counted,
+        ),
+    ]
+}
+
+fn mp_dev() -> PathBuf {
+    PathBuf::from(env("RESERVD_MP_DEV"))
+}
+
+fn name(p: &Path) -> String {
+    p.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+fn reservdctl(args: &[&str], stdin: Stdio) -> Result<Output, String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_reservdctl"))
+        .args(args)
+        .stdin(stdin)
+        .output()
+        .map_err(|e| format!("running reservdctl: {e}"))?;
+    println!(
+        "  $ reservdctl {} -> {}\n{}{}",
+        args.join(" "),
+        out.status,
+        indent(&String::from_utf8_lossy(&out.stdout)),
+        indent(&String::from_utf8_lossy(&out.stderr)),
+    );
+    Ok(out)
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("    | {l}\n")).collect()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A map with KEY registered through reservd (both paths).
+fn registered_map(d: &Daemon) -> TestResult {
+    let dev = mp_dev();
+    let mut c = d.client()?;
+    reset_lun(&mut c, &dev)?;
+    expect_good(
+        &past_ua(|| pr_out(&mut c, &dev, prout_sa::REGISTER, 0, &keys(0, KEY)))?,
+        "REGISTER on the map",
+    )?;
+    let (p1, p2) = mp_paths();
+    check!(
+        device_keys(&p1)? == vec![KEY, KEY],
+        "both nexuses registered: {:x?}",
+        device_keys(&p1)?
+    );
+    let _ = device_keys(&p2)?;
+    Ok(())
+}
+
+fn unregister_map(d: &Daemon) -> TestResult {
+    let dev = mp_dev();
+    let mut c = d.client()?;
+    expect_good(
+        &past_ua(|| pr_out(&mut c, &dev, prout_sa::REGISTER, 0, &keys(KEY, 0)))?,
+        "unregister on the map",
+    )
+}
+
+fn ops_status_consistent_map() -> TestResult {
+    let d = Daemon::start("reservd-ops", &[])?;
+    registered_map(&d)?;
+    let (p1, p2) = mp_paths();
+    let dev = mp_dev();
+    let o = reservdctl(&["status", dev.to_str().unwrap()], Stdio::null())?;
+    let t = stdout(&o);
+    check!(o.status.code() == Some(0), "exit status {}", o.status);
+    let alias = env("RESERVD_MP_ALIAS");
+    let wwid = env("RESERVD_MP_WWID");
+    check!(
+        t.contains(&format!("multipath map {alias}")) && t.contains(&wwid),
+        "map name and WWID: {t}"
+    );
+    check!(
+        t.contains(&format!("multipathd: key for this map {KEY:#x}")),
+        "multipathd's key: {t}"
+    );
+    for p in [&p1, &p2] {
+        check!(
+            t.contains(&format!("path {} (", name(p))),
+            "path {} listed",
+            name(p)
+        );
+    }
+    check!(
+        t.matches(&format!("registered through this path: {KEY:#x}"))
+            .count()
+            == 2,
+        "both paths carry the key"
+    );
+    check!(
+        t.contains(&format!(
+            "Verdict: consistent: key(s) {KEY:#x} registered on all 2 usable path(s)"
+        )),
+        "verdict"
+    );
+    // The same through the map's dm node, a path, and as JSON.
+    let o = reservdctl(&["status", &env("RESERVD_MP_DM"), "--json"], Stdio::null())?;
+    let j = stdout(&o);
+    check!(o.status.code() == Some(0), "exit status {}", o.status);
+    check!(
+        j.contains(&format!("\"map\":\"{alias}\""))
+            && j.contains(&format!(
+                "\"verdict\":{{\"consistent\":true,\"keys\":[\"{KEY:#x}\"],\"missing\":[]"
+            ))
+            && j.contains(&format!("\"multipathd_key\":\"{KEY:#x}\"")),
+        "JSON: {j}"
+    );
+    let o = reservdctl(&["status", p2.to_str().unwrap()], Stdio::null())?;
+    check!(
+        o.status.code() == Some(0) && stdout(&o).contains(&format!("multipath map {alias}")),
+        "a path stands for its map"
+    );
+    unregister_map(&d)
+}
+
+fn ops_status_path_lost_its_key_and_repair() -> TestResult {
+    let d = Daemon::start("reservd-ops", &[])?;
+    registered_map(&d)?;
+    let (p1, p2) = mp_paths();
+    let dev = mp_dev();
+    // Path 2's I_T nexus loses its registration (as after a failover that
+    // went wrong); path 1 keeps its own.
+    sg_persist(
+        &[
+            "--out",
+            "--register",
+            &format!("--param-rk={KEY:#x}"),
+            "--param-sark=0",
+        ],
+        &p2,
+    )?;
+    check!(
+        device_keys(&p1)? == vec![KEY],
+        "one registration left: {:x?}",
+        device_keys(&p1)?
+    );
+    let o = reservdctl(&["status", dev.to_str().unwrap()], Stdio::null())?;
+    let t = stdout(&o);
+    check!(o.status.code() == Some(5), "exit status {}", o.status);
+    check!(
+        t.contains(&format!(
+            "Verdict: INCONSISTENT\n  path {} lacks key {KEY:#x}",
+            name(&p2)
+        )),
+        "verdict names path 2"
+    );
+    check!(
+        !t.contains(&format!("path {} lacks", name(&p1))),
+        "path 1 is not blamed"
+    );
+    // Without --yes and without a terminal: refused, nothing changes.
+    let o = reservdctl(
+        &["status", "--repair", dev.to_str().unwrap()],
+        Stdio::null(),
+    )?;
+    check!(o.status.code() == Some(1), "exit status {}", o.status);
+    check!(
+        String::from_utf8_lossy(&o.stderr).contains("--yes"),
+        "refusal names --yes"
+    );
+    check!(device_keys(&p1)? == vec![KEY], "nothing repaired");
+    // Repair.
+    let o = reservdctl(
+        &["status", "--repair", "--yes", dev.to_str().unwrap()],
+        Stdio::null(),
+    )?;
+    let t = stdout(&o);
+    check!(o.status.code() == Some(0), "exit status {}", o.status);
+    check!(
+        t.contains(&format!(
+            "service action key {KEY:#x} on /dev/mapper/{}",
+            env("RESERVD_MP_ALIAS")
+        )) && t.contains(&format!("on path(s) {}", name(&p2))),
+        "the plan is printed"
+    );
+    let after = t.split("After the repair:").nth(1).unwrap_or("");
+    check!(
+        after.contains("Verdict: consistent"),
+        "verdict after the repair"
+    );
+    check!(
+        device_keys(&p1)? == vec![KEY, KEY],
+        "both nexuses registered again: {:x?}",
+        device_keys(&p1)?
+    );
+    // Path 2's nexus holds the key: RESERVE through it directly works.
+    let mut c = d.client()?;
+    expect_good(
+        &past_ua(|| pr_out(&mut c, &p2, prout_sa::RESERVE, 1, &keys(KEY, 0)))?,
+        "RESERVE through path 2 after the repair",
+    )?;
+    expect_good(
+        &pr_out(&mut c, &p2, prout_sa::RELEASE, 1, &keys(KEY, 0))?,
+        "RELEASE through path 2",
+    )?;
+    unregister_map(&d)
+}
+
+fn ops_check_all_good() -> TestResult {
+    let d = Daemon::start("reservd-ops", &["--enable-cleanup"])?;
+    let o = reservdctl(&["-k", d.socket.to_str().unwrap(), "check"], Stdio::null())?;
+    let t = stdout(&o);
+    check!(o.status.code() == Some(0), "exit status {}", o.status);
+    for want in [
+        "ok: /dev/mapper/control usable",
+        "ok: libmpathpersist loadable",
+        "ok: multipathd reachable",
+        "ok: reservation_key file configured",
+        "ok: capabilities reservd keeps are available: CAP_SYS_RAWIO, CAP_SYS_ADMIN",
+        "handshake ok, features 0x00000001 (CLEANUP)",
+        "All good.",
+    ] {
+        check!(t.contains(want), "'{want}' missing");
+    }
+    // A socket nobody listens on is a problem, with its fix.
+    let o = reservdctl(&["-k", "/run/reservd-nobody.sock", "check"], Stdio::null())?;
+    check!(o.status.code() == Some(5), "exit status {}", o.status);
+    check!(
+        stdout(&o).contains("PROBLEM: reservd socket /run/reservd-nobody.sock unusable")
+            && stdout(&o).contains("fix: start reservd"),
+        "socket problem"
+    );
+    Ok(())
+}
+
+/// The audit lines of reservd's log, once `n` of them are there.
+fn audit_lines(log: &Path, n: usize) -> Result<Vec<String>, String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let lines: Vec<String> = text
+            .lines()
+            .filter(|l| l.contains("audit: "))
+            .map(String::from)
+            .collect();
+        if lines.len() >= n || Instant::now() > deadline {
+            return Ok(lines);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn ops_audit_trail() -> TestResult {
+    let dev = mp_dev();
+    let sp = PathBuf::from(env("RESERVD_SP_DEV"));
+    let d = Daemon::start("reservd-ops-audit", &[])?;
+    let mut c = d.client()?;
+    // Settle pending unit attentions with PR IN, which is not audited.
+    let _ = past_ua(|| pr_in(&mut c, &dev, prin_sa::READ_KEYS, 8192))?;
+    let _ = past_ua(|| pr_in(&mut c, &sp, prin_sa::READ_KEYS, 8192))?;
+    let steps: [(&str, u8, u8, u64, u64); 4] = [
+        ("REGISTER", prout_sa::REGISTER, 0, 0, KEY),
+        ("RESERVE", prout_sa::RESERVE, 5, KEY, 0),
+        ("RELEASE", prout_sa::RELEASE, 5, KEY, 0),
+        ("REGISTER", prout_sa::REGISTER, 0, KEY, 0),
+    ];
+    for (what, sa, ty, k, sk) in steps {
+        expect_good(&pr_out(&mut c, &dev, sa, ty, &keys(k, sk))?, what)?;
+        let _ = pr_in(&mut c, &dev, prin_sa::READ_RESERVATION, 8192)?;
+    }
+    // A refused command on the single-path disk (SG_IO backend).
+    let r = pr_out(&mut c, &sp, prout_sa::REGISTER, 0, &keys(0x5ad, 0x5ae))?;
+    check!(r.status == 0x18, "REGISTER with a wrong key: {}", r.status);
+
+    let lines = audit_lines(&d.log, 5)?;
+    for l in &lines {
+        println!("    | {l}");
+    }
+    check!(lines.len() == 5, "{} audit lines, want 5", lines.len());
+    let pid = std::process::id();
+    let dm = std::fs::metadata(&dev).map_err(|e| e.to_string())?;
+    let devno = {
+        use std::os::unix::fs::MetadataExt;
+        format!("{}:{}", libc::major(dm.rdev()), libc::minor(dm.rdev()))
+    };
+    let common = format!(
+        "device={devno} wwid={} map={} ",
+        env("RESERVD_MP_WWID"),
+        env("RESERVD_MP_ALIAS")
+    );
+    for (l, (what, _, ty, k, sk)) in lines.iter().zip(steps) {
+        let want = format!(
+            "audit: PR OUT {what} {common}type={ty} key={k:#x} sa_key={sk:#x} status=GOOD \
+             sense=- backend=multipath peer_pid={pid} peer_uid=0"
+        );
+        check!(l.ends_with(&want), "line '{l}' != '...{want}'");
+    }
+    let l = &lines[4];
+    check!(
+        l.contains("audit: PR OUT REGISTER device=")
+            && l.contains(&format!(
+                "key=0x5ad sa_key=0x5ae status=RESERVATION_CONFLICT sense=- backend=sgio peer_pid={pid}"
+            ))
+            && !l.contains("map=mpath"),
+        "single-path line: {l}"
+    );
+    // -q silences the audit trail.
+    drop(c);
+    let q = Daemon::start("reservd-ops-quiet", &["-q"])?;
+    let mut c = q.client()?;
+    let _ = pr_out(&mut c, &sp, prout_sa::REGISTER, 0, &keys(0x5ad, 0x5ae))?;
+    // The log line is written before the answer: nothing to wait for.
+    check!(audit_lines(&q.log, 0)?.is_empty(), "audit lines with -q");
+    Ok(())
+}
+
+fn ops_status_offline_path_is_not_counted() -> TestResult {
+    let d = Daemon::start("reservd-ops", &[])?;
+    registered_map(&d)?;
+    let (_, p2) = mp_paths();
+    let dev = mp_dev();
+    sg_persist(
+        &[
+            "--out",
+            "--register",
+            &format!("--param-rk={KEY:#x}"),
+            "--param-sark=0",
+        ],
+        &p2,
+    )?;
+    let state = PathBuf::from(format!("/sys/block/{}/device/state", name(&p2)));
+    std::fs::write(&state, "offline\n").map_err(|e| format!("{}: {e}", state.display()))?;
+    let o = reservdctl(&["status", dev.to_str().unwrap()], Stdio::null());
+    std::fs::write(&state, "running\n").map_err(|e| format!("{}: {e}", state.display()))?;
+    let o = o?;
+    let t = stdout(&o);
+    check!(o.status.code() == Some(0), "exit status {}", o.status);
+    check!(
+        t.contains(&format!("path {} (", name(&p2)))
+            && t.contains("state offline")
+            && t.contains("(not usable)"),
+        "the offline path is listed as not usable"
+    );
+    check!(
+        t.contains(&format!(
+            "Verdict: consistent: key(s) {KEY:#x} registered on all 1 usable path(s) (not counted: {})",
+            name(&p2)
+        )),
+        "verdict"
+    );
+    Ok(())
+}
