@@ -20,7 +20,7 @@ use std::process::Command;
 use std::time::Instant;
 
 /// Groups of guest scenarios; each boots one VM.
-const GROUPS: &[&str] = &["sgio", "reference", "robust"];
+const GROUPS: &[&str] = &["sgio", "reference", "robust", "access"];
 /// Shell scenarios run as they are (tests/vm/scenarios/NAME.sh).
 const SHELL_SCENARIOS: &[&str] = &["smoke", "multipath"];
 

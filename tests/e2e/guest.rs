@@ -34,6 +34,9 @@ macro_rules! check_eq {
     }};
 }
 
+#[path = "access.rs"]
+mod access;
+
 /// Run the scenarios of `group`; returns the process exit status.
 pub fn run(group: &str) -> i32 {
     let tests: Vec<Scenario> = match group {
@@ -69,6 +72,7 @@ pub fn run(group: &str) -> i32 {
                 robust_sigterm_with_commands_in_flight,
             ),
         ],
+        "access" => access::scenarios(),
         _ => {
             eprintln!("unknown guest group '{group}'");
             return 2;
