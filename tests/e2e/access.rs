@@ -5,12 +5,15 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use reservd_daemon::cdb::{prin_sa, prout_sa};
+use reservd_daemon::cdb::{pr_type, prin_sa, prout_sa};
 use reservd_daemon::prin;
 use reservd_daemon::seccomp::Mode;
 
 use super::Scenario;
-use super::{device_keys, env, expect_good, keys, mp_paths, past_ua, pr_in, pr_out, reset_lun};
+use super::{
+    device_keys, device_reservation, env, expect_good, keys, mp_paths, past_ua, pr_in, pr_out,
+    reset_lun,
+};
 use super::{Daemon, TestResult};
 
 pub fn scenarios() -> Vec<Scenario> {
@@ -49,7 +52,8 @@ fn seccomp_of_threads(pid: u32) -> Result<Vec<String>, String> {
 }
 
 /// REGISTER, READ KEYS (through reservd and on each path with sg_persist),
-/// unregister, on the multipath map.
+/// RESERVE, READ RESERVATION, REPORT CAPABILITIES, READ FULL STATUS,
+/// RELEASE, unregister, on the multipath map.
 fn register_read_keys_unregister(d: &Daemon, dev: &Path) -> TestResult {
     let (p1, p2) = mp_paths();
     let mut c = d.client()?;
@@ -63,6 +67,40 @@ fn register_read_keys_unregister(d: &Daemon, dev: &Path) -> TestResult {
     check_eq!(k, vec![KEY, KEY], "READ KEYS through reservd");
     check_eq!(device_keys(&p1)?, vec![KEY, KEY], "keys on path 1");
     check_eq!(device_keys(&p2)?, vec![KEY, KEY], "keys on path 2");
+    let r = past_ua(|| {
+        pr_out(
+            &mut c,
+            dev,
+            prout_sa::RESERVE,
+            pr_type::WRITE_EXCLUSIVE,
+            &keys(KEY, 0),
+        )
+    })?;
+    expect_good(&r, "RESERVE on the map")?;
+    check_eq!(
+        device_reservation(&p1)?.map(|(k, _)| k),
+        Some(KEY),
+        "reservation on path 1"
+    );
+    for sa in [
+        prin_sa::READ_RESERVATION,
+        prin_sa::REPORT_CAPABILITIES,
+        prin_sa::READ_FULL_STATUS,
+    ] {
+        let r = past_ua(|| pr_in(&mut c, dev, sa, 8192))?;
+        expect_good(&r, &format!("PR IN service action {sa} on the map"))?;
+    }
+    let r = past_ua(|| {
+        pr_out(
+            &mut c,
+            dev,
+            prout_sa::RELEASE,
+            pr_type::WRITE_EXCLUSIVE,
+            &keys(KEY, 0),
+        )
+    })?;
+    expect_good(&r, "RELEASE on the map")?;
+    check_eq!(device_reservation(&p1)?, None, "reservation after RELEASE");
     let r = past_ua(|| pr_out(&mut c, dev, prout_sa::REGISTER, 0, &keys(KEY, 0)))?;
     expect_good(&r, "unregister on the map")?;
     check_eq!(
