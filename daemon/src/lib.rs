@@ -192,14 +192,15 @@ fn start(
     let config = server::Config {
         features,
         max_connections: cli.max_connections as usize,
-        allow: access.allow,
+        allow: access.allow.clone(),
         ..Default::default()
     };
+    let server_allow = access.allow;
     let mut server = server::Server::new(listener.listener.try_clone()?, backend, config)?;
     server.watch_signals().context("watching signals")?;
     log::info!(
         "reservd {} listening{}; features {features:#010x}, SG_IO timeout {} ms, \
-         at most {} connections; seccomp {:?}; multipath support: {}",
+         at most {} connections; seccomp {}; multipath support: {}",
         env!("CARGO_PKG_VERSION"),
         if listener.activated {
             " on the socket-activated fd".to_string()
@@ -217,6 +218,13 @@ fn start(
     );
     for w in &mpath.warnings {
         log::warn!("{w}");
+    }
+    if let Some(a) = &server_allow {
+        log::info!(
+            "serving only uid 0 and uids {:?}, gids {:?}",
+            a.uids,
+            a.gids
+        );
     }
     Ok((server, pidfile))
 }
