@@ -23,7 +23,15 @@ use std::process::Command;
 use std::time::Instant;
 
 /// Groups of guest scenarios; each boots one VM.
-const GROUPS: &[&str] = &["sgio", "reference", "oracle", "robust", "qemu", "ops"];
+const GROUPS: &[&str] = &[
+    "sgio",
+    "reference",
+    "oracle",
+    "robust",
+    "qemu",
+    "ops",
+    "access",
+];
 /// Shell scenarios run as they are (tests/vm/scenarios/NAME.sh).
 const SHELL_SCENARIOS: &[&str] = &["smoke", "multipath"];
 

@@ -10,6 +10,16 @@ use clap::{ArgAction, Parser};
 
 pub const DEFAULT_SOCKET: &str = "/var/run/qemu-pr-helper.sock";
 pub const DEFAULT_PIDFILE: &str = "/var/run/qemu-pr-helper.pid";
+/// Permissions of the socket reservd creates, unless --socket-mode says.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+
+/// An octal file mode of at most 0777.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!("invalid mode '{s}' (octal, at most 0777)")),
+    }
+}
 
 /// SCSI persistent reservation helper for QEMU, with dm-multipath support.
 ///
@@ -85,6 +95,42 @@ pub struct Cli {
     /// proposed for QEMU's migration of reservations and in no QEMU release.
     #[arg(long = "enable-cleanup")]
     pub enable_cleanup: bool,
+
+    /// System call filter installed once privileges are dropped, on every
+    /// thread: "enforce" makes a system call outside reservd's allow-list
+    /// fail with EPERM; "log" lets it through and has the kernel log it
+    /// (audit type 1326, SECCOMP); "off" installs no filter.
+    #[arg(long = "seccomp", value_name = "MODE", default_value = "enforce",
+          value_parser = ["enforce", "log", "off"])]
+    pub seccomp: String,
+
+    /// Serve only clients whose uid is in this list (names or numbers,
+    /// comma-separated; repeatable). A client passes when its uid or its
+    /// gid is allowed; uid 0 always passes. Without --allow-uid and
+    /// --allow-gid every client that can open the socket is served.
+    /// Refused clients are closed before the handshake and logged.
+    #[arg(long = "allow-uid", value_name = "USER[,USER...]", value_delimiter = ',',
+          action = ArgAction::Append)]
+    pub allow_uid: Vec<String>,
+
+    /// Serve only clients whose gid is in this list (names or numbers,
+    /// comma-separated; repeatable); see --allow-uid.
+    #[arg(long = "allow-gid", value_name = "GROUP[,GROUP...]", value_delimiter = ',',
+          action = ArgAction::Append)]
+    pub allow_gid: Vec<String>,
+
+    /// Permissions of the socket reservd creates, in octal. Default: 0600
+    /// (only its owner, root, can connect; libvirt gives the socket to
+    /// the QEMU user when it starts reservd itself). Not allowed with
+    /// socket activation (set SocketMode= in the socket unit).
+    #[arg(long = "socket-mode", value_name = "MODE", value_parser = parse_mode)]
+    pub socket_mode: Option<u32>,
+
+    /// Group owning the socket reservd creates (name or number), e.g. the
+    /// group QEMU runs as, with --socket-mode 0660. Not allowed with
+    /// socket activation (set SocketGroup= in the socket unit).
+    #[arg(long = "socket-group", value_name = "GROUP")]
+    pub socket_group: Option<String>,
 
     /// Accepted for compatibility with qemu-pr-helper and ignored.
     #[arg(hide = true, value_name = "FILE")]

@@ -3,9 +3,11 @@
 //!
 //! Pure modules (no I/O, no `unsafe`): [`wire`], [`cdb`], [`params`],
 //! [`prin`], [`sense`], [`mpath_xlate`], [`mpconf`]. Backends run commands: [`backend`]. The event loop:
-//! [`server`]. Start-up and privileges: [`startup`], [`privs`].
+//! [`server`]. Start-up and privileges: [`startup`], [`privs`], [`seccomp`],
+//! [`access`].
 #![deny(unsafe_code)]
 
+pub mod access;
 pub mod audit;
 pub mod backend;
 pub mod cdb;
@@ -20,6 +22,7 @@ pub mod pathcheck;
 pub mod prin;
 pub mod privs;
 pub mod report;
+pub mod seccomp;
 pub mod sense;
 pub mod server;
 pub mod startup;
@@ -61,6 +64,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         uid: user.map(|(u, _)| u),
         gid: group.or(user.and_then(|(_, g)| g)),
     };
+    let seccomp_mode: seccomp::Mode = cli.seccomp.parse().map_err(anyhow::Error::msg)?;
+    let allow = allow_list(&cli.allow_uid, &cli.allow_gid).map_err(anyhow::Error::msg)?;
+    let perms = startup::SocketPerms {
+        mode: cli.socket_mode,
+        group: cli
+            .socket_group
+            .as_deref()
+            .map(privs::lookup_group)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+    };
     let pidfile_path = match (&cli.pidfile, cli.daemon) {
         (Some(p), _) => Some(p.clone()),
         (None, true) => Some(PathBuf::from(cli::DEFAULT_PIDFILE)),
@@ -73,9 +87,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     // Stop signals go to the event loop's signal fd, in every thread.
     server::block_stop_signals().context("blocking signals")?;
 
-    let listener = startup::listen(cli.socket.as_deref(), Path::new(cli::DEFAULT_SOCKET))?;
+    let listener = startup::listen(
+        cli.socket.as_deref(),
+        Path::new(cli::DEFAULT_SOCKET),
+        perms,
+        cli::DEFAULT_SOCKET_MODE,
+    )?;
     let mut detached = None;
-    let started = start(&cli, &listener, pidfile_path.as_deref(), ids, &mut detached);
+    let started = start(
+        &cli,
+        &listener,
+        pidfile_path.as_deref(),
+        ids,
+        Access {
+            seccomp: seccomp_mode,
+            allow,
+        },
+        &mut detached,
+    );
     let (server, pidfile) = match started {
         Ok(s) => s,
         Err(e) => {
@@ -103,12 +132,32 @@ struct Ids {
     gid: Option<nix::unistd::Gid>,
 }
 
+/// The seccomp mode and the clients allowed.
+struct Access {
+    seccomp: seccomp::Mode,
+    allow: Option<access::AllowList>,
+}
+
+/// `--allow-uid` and `--allow-gid`, names resolved to numbers.
+fn allow_list(uids: &[String], gids: &[String]) -> Result<Option<access::AllowList>, String> {
+    let uids = uids
+        .iter()
+        .map(|u| privs::lookup_user(u.trim()).map(|(u, _)| u.as_raw()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let gids = gids
+        .iter()
+        .map(|g| privs::lookup_group(g.trim()).map(|g| g.as_raw()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(access::AllowList::new(uids, gids))
+}
+
 /// Everything between binding the socket and serving.
 fn start(
     cli: &Cli,
     listener: &startup::Listener,
     pidfile_path: Option<&Path>,
     ids: Ids,
+    access: Access,
     detached: &mut Option<startup::Detached>,
 ) -> anyhow::Result<(server::Server, Option<startup::PidFile>)> {
     if cli.daemon {
@@ -126,6 +175,9 @@ fn start(
         &[privs::CAP_SYS_RAWIO]
     };
     privs::drop_privileges(ids.uid, ids.gid, keep).context("failed to drop privileges")?;
+    // Before the first worker thread; TSYNC covers any thread a library
+    // started, and every later thread inherits the filter.
+    seccomp::install(access.seccomp)?;
 
     let features = if cli.enable_cleanup {
         wire::FEATURE_CLEANUP
@@ -145,13 +197,15 @@ fn start(
     let config = server::Config {
         features,
         max_connections: cli.max_connections as usize,
+        allow: access.allow.clone(),
         ..Default::default()
     };
+    let server_allow = access.allow;
     let mut server = server::Server::new(listener.listener.try_clone()?, backend, config)?;
     server.watch_signals().context("watching signals")?;
     log::info!(
         "reservd {} listening{}; features {features:#010x}, SG_IO timeout {} ms, \
-         at most {} connections; multipath support: {}",
+         at most {} connections; seccomp {}; multipath support: {}",
         env!("CARGO_PKG_VERSION"),
         if listener.activated {
             " on the socket-activated fd".to_string()
@@ -164,10 +218,18 @@ fn start(
         },
         cli.sgio_timeout,
         cli.max_connections,
+        access.seccomp,
         mpath.summary,
     );
     for w in &mpath.warnings {
         log::warn!("{w}");
+    }
+    if let Some(a) = &server_allow {
+        log::info!(
+            "serving only uid 0 and uids {:?}, gids {:?}",
+            a.uids,
+            a.gids
+        );
     }
     Ok((server, pidfile))
 }

@@ -63,11 +63,35 @@ pub fn activation_fd() -> anyhow::Result<Option<OwnedFd>> {
     Ok(Some(owned))
 }
 
-/// Open the listening socket: systemd's, or a new one at `path`.
-pub fn listen(path: Option<&Path>, default: &Path) -> anyhow::Result<Listener> {
+/// Permissions and group of a socket reservd creates.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SocketPerms {
+    /// `--socket-mode`; None for the default.
+    pub mode: Option<u32>,
+    /// `--socket-group`.
+    pub group: Option<nix::unistd::Gid>,
+}
+
+/// Open the listening socket: systemd's, or a new one at `path` with
+/// `perms` (the mode defaulting to `default_mode`).
+pub fn listen(
+    path: Option<&Path>,
+    default: &Path,
+    perms: SocketPerms,
+    default_mode: u32,
+) -> anyhow::Result<Listener> {
     if let Some(fd) = activation_fd()? {
         if path.is_some() {
             bail!("the socket path can't be set (-k) when using socket activation");
+        }
+        // systemd created the socket: its unit's SocketMode= and
+        // SocketGroup= say who may connect, and reservd does not
+        // silently second-guess them.
+        if perms.mode.is_some() || perms.group.is_some() {
+            bail!(
+                "--socket-mode and --socket-group can't be used with socket activation \
+                 (set SocketMode= and SocketGroup= in the socket unit)"
+            );
         }
         check_listening_unix_socket(&fd)?;
         return Ok(Listener {
@@ -83,7 +107,8 @@ pub fn listen(path: Option<&Path>, default: &Path) -> anyhow::Result<Listener> {
     if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_dir()) {
         bail!("cannot listen on {}: is a directory", path.display())
     }
-    let listener = bind_in_place(path)?;
+    let mode = perms.mode.unwrap_or(default_mode);
+    let listener = bind_in_place(path, mode, perms.group)?;
     let meta = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
     Ok(Listener {
         listener,
@@ -96,9 +121,33 @@ pub fn listen(path: Option<&Path>, default: &Path) -> anyhow::Result<Listener> {
 /// into place (replacing an old socket), so the path never names a socket
 /// that is not yet listening: libvirt starts QEMU as soon as the path
 /// exists, and QEMU's connect would be refused in that window.
-fn bind_in_place(path: &Path) -> anyhow::Result<UnixListener> {
+///
+/// The socket gets `mode` and `group` before it is renamed into place, so
+/// the path never names it with other permissions.
+fn bind_in_place(
+    path: &Path,
+    mode: u32,
+    group: Option<nix::unistd::Gid>,
+) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
     let bind = |p: &Path| {
-        UnixListener::bind(p).with_context(|| format!("cannot listen on {}", path.display()))
+        let l = UnixListener::bind(p)
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
+        let set = || -> anyhow::Result<()> {
+            if let Some(g) = group {
+                nix::unistd::chown(p, None, Some(g)).with_context(|| {
+                    format!("cannot set the group of {} to {g}", path.display())
+                })?;
+            }
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+            Ok(())
+        };
+        if let Err(e) = set() {
+            let _ = std::fs::remove_file(p);
+            return Err(e);
+        }
+        Ok(l)
     };
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".{}", std::process::id()));

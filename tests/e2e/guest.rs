@@ -34,6 +34,9 @@ macro_rules! check_eq {
     }};
 }
 
+#[path = "access.rs"]
+mod access;
+
 /// Run the scenarios of `group`; returns the process exit status.
 pub fn run(group: &str) -> i32 {
     let tests: Vec<Scenario> = match group {
@@ -79,6 +82,7 @@ pub fn run(group: &str) -> i32 {
             ),
         ],
         "ops" => crate::ops::scenarios(),
+        "access" => access::scenarios(),
         _ => {
             eprintln!("unknown guest group '{group}'");
             return 2;

@@ -38,6 +38,9 @@ pub struct Config {
     pub max_workers: usize,
     /// On shutdown, how long to wait for commands in flight.
     pub drain_timeout: Duration,
+    /// Clients allowed to connect (`--allow-uid`, `--allow-gid`); None
+    /// serves every client.
+    pub allow: Option<crate::access::AllowList>,
 }
 
 impl Default for Config {
@@ -47,6 +50,7 @@ impl Default for Config {
             max_connections: 4096,
             max_workers: 256,
             drain_timeout: Duration::from_secs(120),
+            allow: None,
         }
     }
 }
@@ -109,6 +113,7 @@ pub struct Server {
     next_id: u64,
     in_flight: usize,
     buf: Vec<u8>,
+    refusals: crate::access::RefusalLog,
 }
 
 impl Server {
@@ -139,6 +144,7 @@ impl Server {
             next_id: 1,
             in_flight: 0,
             buf: vec![0; DATA_SIZE],
+            refusals: crate::access::RefusalLog::new(),
         })
     }
 
@@ -277,6 +283,20 @@ impl Server {
             };
             let peer_cred = peer_cred(&stream);
             let peer = peer_cred.map_or_else(|| "unknown peer".to_string(), |p| p.to_string());
+            if let Some(allow) = &self.config.allow {
+                if !allow.allows(peer_cred.as_ref()) {
+                    // Dropping the stream closes it before the handshake.
+                    if let Some(n) = self.refusals.refusal(std::time::Instant::now()) {
+                        let more = if n > 0 {
+                            format!(" ({n} more refused since the last report)")
+                        } else {
+                            String::new()
+                        };
+                        log::warn!("refusing connection from {peer}: not allowed{more}");
+                    }
+                    continue;
+                }
+            }
             if self.conns.len() >= self.config.max_connections {
                 log::warn!(
                     "refusing connection from {peer}: {} connections open",
