@@ -30,9 +30,14 @@ out := $(CARGO_TARGET_DIR)/release
 gen := $(out)/generated
 stamp := $(out)/.reservd-make-stamp
 
+# reservdctl has a page for itself and one for each subcommand.
+ctl_pages := reservdctl reservdctl-in reservdctl-out reservdctl-raw \
+	reservdctl-status reservdctl-check
+
 outputs := $(out)/reservd $(out)/reservdctl $(gen)/reservd.8 \
-	$(gen)/completions/reservd.bash $(gen)/completions/_reservd \
-	$(gen)/completions/reservd.fish
+	$(foreach p,$(ctl_pages),$(gen)/$(p).8) \
+	$(foreach c,reservd reservdctl,$(gen)/completions/$(c).bash \
+		$(gen)/completions/_$(c) $(gen)/completions/$(c).fish)
 
 # Everything cargo reads to build the two binaries.
 sources := Cargo.toml Cargo.lock build.rs \
@@ -64,17 +69,23 @@ install: build
 		chmod 0644 $(DESTDIR)$(UNITDIR)/$$u.tmp && \
 		mv $(DESTDIR)$(UNITDIR)/$$u.tmp $(DESTDIR)$(UNITDIR)/$$u || exit 1; \
 	done
-	$(INSTALL) -m 0644 $(gen)/reservd.8 $(DESTDIR)$(MANDIR)/man8/reservd.8
-	$(INSTALL) -m 0644 $(gen)/completions/reservd.bash $(DESTDIR)$(BASHCOMPDIR)/reservd
-	$(INSTALL) -m 0644 $(gen)/completions/_reservd $(DESTDIR)$(ZSHCOMPDIR)/_reservd
-	$(INSTALL) -m 0644 $(gen)/completions/reservd.fish $(DESTDIR)$(FISHCOMPDIR)/reservd.fish
+	$(INSTALL) -m 0644 $(gen)/reservd.8 $(foreach p,$(ctl_pages),$(gen)/$(p).8) \
+		$(DESTDIR)$(MANDIR)/man8/
+	for c in reservd reservdctl; do \
+		$(INSTALL) -m 0644 $(gen)/completions/$$c.bash $(DESTDIR)$(BASHCOMPDIR)/$$c && \
+		$(INSTALL) -m 0644 $(gen)/completions/_$$c $(DESTDIR)$(ZSHCOMPDIR)/_$$c && \
+		$(INSTALL) -m 0644 $(gen)/completions/$$c.fish $(DESTDIR)$(FISHCOMPDIR)/$$c.fish \
+			|| exit 1; \
+	done
 	$(INSTALL) -m 0644 $(docs) $(DESTDIR)$(DOCDIR)/
 
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/reservd $(DESTDIR)$(BINDIR)/reservdctl \
 		$(DESTDIR)$(UNITDIR)/reservd.socket $(DESTDIR)$(UNITDIR)/reservd.service \
-		$(DESTDIR)$(MANDIR)/man8/reservd.8 $(DESTDIR)$(BASHCOMPDIR)/reservd \
-		$(DESTDIR)$(ZSHCOMPDIR)/_reservd $(DESTDIR)$(FISHCOMPDIR)/reservd.fish
+		$(DESTDIR)$(MANDIR)/man8/reservd.8 \
+		$(foreach p,$(ctl_pages),$(DESTDIR)$(MANDIR)/man8/$(p).8) \
+		$(foreach c,reservd reservdctl,$(DESTDIR)$(BASHCOMPDIR)/$(c) \
+			$(DESTDIR)$(ZSHCOMPDIR)/_$(c) $(DESTDIR)$(FISHCOMPDIR)/$(c).fish)
 	rm -f $(addprefix $(DESTDIR)$(DOCDIR)/,$(notdir $(docs)))
 	-rmdir $(DESTDIR)$(DOCDIR)
 

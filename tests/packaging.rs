@@ -148,12 +148,18 @@ fn expected_deb_files() -> BTreeSet<String> {
         "/usr/share/bash-completion/completions/reservd",
         "/usr/share/zsh/vendor-completions/_reservd",
         "/usr/share/fish/vendor_completions.d/reservd.fish",
+        "/usr/share/bash-completion/completions/reservdctl",
+        "/usr/share/zsh/vendor-completions/_reservdctl",
+        "/usr/share/fish/vendor_completions.d/reservdctl.fish",
         "/usr/share/doc/reservd/copyright",
         "/usr/share/doc/reservd/changelog.gz",
     ]
     .into_iter()
     .map(String::from)
     .collect();
+    for page in ["", "-in", "-out", "-raw", "-status", "-check"] {
+        files.insert(format!("/usr/share/man/man8/reservdctl{page}.8.gz"));
+    }
     for d in tree_docs() {
         files.insert(format!("/usr/share/doc/reservd/{d}"));
     }
