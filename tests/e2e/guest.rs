@@ -769,9 +769,10 @@ fn robust_sigterm_with_commands_in_flight() -> TestResult {
     let dev = PathBuf::from(env("RESERVD_SP_DEV"));
     let mut d = Daemon::start("reservd-robust", &[])?;
     let socket = d.socket.clone();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let workers: Vec<_> = (0..8)
         .map(|_| {
-            let (socket, dev) = (socket.clone(), dev.clone());
+            let (socket, dev, answered) = (socket.clone(), dev.clone(), answered.clone());
             std::thread::spawn(move || -> (u32, u32) {
                 let (mut ok, mut closed) = (0, 0);
                 let Ok(mut c) = Client::connect(&socket) else {
@@ -779,7 +780,10 @@ fn robust_sigterm_with_commands_in_flight() -> TestResult {
                 };
                 for _ in 0..10_000 {
                     match pr_in(&mut c, &dev, prin_sa::READ_KEYS, 8192) {
-                        Ok(_) => ok += 1,
+                        Ok(_) => {
+                            ok += 1;
+                            answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
                         Err(_) => {
                             closed += 1;
                             break;
@@ -790,7 +794,12 @@ fn robust_sigterm_with_commands_in_flight() -> TestResult {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    // SIGTERM once every client is being served (the socket exists before
+    // reservd has finished starting), so commands are in flight.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while answered.load(std::sync::atomic::Ordering::SeqCst) < 16 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let t = Instant::now();
     let status = d.stop().ok_or("reservd was not running")?;
     check!(status.success(), "reservd exited with {status} on SIGTERM");
