@@ -725,3 +725,52 @@ fn unfinished_frames_time_out_idle_connections_do_not() {
     assert_eq!(common::read_answer(&mut idle2).unwrap().status, 0);
     server.assert_serves();
 }
+
+#[test]
+fn hung_commands_beyond_the_pool_queue_without_stalling_the_loop() {
+    let gate = common::Gate::new();
+    let _open = common::OpenOnDrop(gate.clone());
+    let config = Config {
+        max_workers: 2,
+        ..common::test_config()
+    };
+    let server = common::TestServer::start(gate.clone(), config);
+    let disk = common::Disk::new();
+    let mut held_cdb = common::cdb_in(0, 8192);
+    held_cdb[15] = common::HOLD;
+    // Every worker hangs on the device.
+    let mut hung: Vec<UnixStream> = (0..2)
+        .map(|_| {
+            let s = server.ready();
+            send_frame(&s, &held_cdb, &[disk.fd()]);
+            s
+        })
+        .collect();
+    gate.wait_for_held(2);
+    // The event loop still accepts, handshakes and reads requests; the
+    // command waits for a worker.
+    let mut waiting = server.ready();
+    send_frame(&waiting, &common::cdb_in(0, 8192), &[disk.fd()]);
+    waiting
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    let r = std::io::Read::read(&mut waiting, &mut b);
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "{r:?}"
+    );
+    // Malformed clients are still closed at once.
+    let mut bad = server.ready();
+    send_frame(&bad, &cdb(&[0x12]), &[disk.fd()]);
+    common::assert_closed(&mut bad);
+    assert_eq!(gate.held(), 2);
+    // The device comes back: everything queued is answered.
+    gate.open();
+    common::set_timeouts(&waiting);
+    assert_eq!(common::read_answer(&mut waiting).unwrap().status, 0);
+    for s in hung.iter_mut() {
+        assert_eq!(common::read_answer(s).unwrap().status, 0);
+    }
+    server.assert_serves();
+}
