@@ -7,8 +7,8 @@
 
 use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -178,20 +178,20 @@ pub fn prin(data: &[u8]) {
 }
 
 /// A server running in this process on the emulated target, shared by all
-/// inputs, and the file its clients pass as their disk.
+/// inputs, and the file its clients pass as their disk. The socket has an
+/// abstract name and the file is unlinked at once: nothing is left behind
+/// when the process exits (libFuzzer ends it with `exit`).
 struct Harness {
-    path: PathBuf,
+    addr: SocketAddr,
     disk: std::fs::File,
 }
 
 fn harness() -> &'static Harness {
     static H: OnceLock<Harness> = OnceLock::new();
     H.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("reservd-fuzz-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join("sock");
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).expect("bind");
+        let name = format!("reservd-fuzz-{}", std::process::id());
+        let addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("abstract name");
+        let listener = UnixListener::bind_addr(&addr).expect("bind");
         let config = Config {
             features: FEATURE_CLEANUP,
             drain_timeout: Duration::from_secs(1),
@@ -199,14 +199,16 @@ fn harness() -> &'static Harness {
         };
         let server = Server::new(listener, Arc::new(Emulated::new()), config).expect("server");
         std::thread::spawn(move || server.run());
+        let path = std::env::temp_dir().join(format!("{name}-disk"));
         let disk = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(dir.join("disk"))
+            .open(&path)
             .expect("disk");
-        Harness { path, disk }
+        std::fs::remove_file(&path).expect("unlink the disk file");
+        Harness { addr, disk }
     })
 }
 
@@ -234,7 +236,7 @@ pub fn server(data: &[u8]) {
             conns[k] = None;
             continue;
         }
-        let s = conns[k].get_or_insert_with(|| connect(&h.path));
+        let s = conns[k].get_or_insert_with(|| connect(&h.addr));
         let fds: Vec<BorrowedFd<'_>> = vec![h.disk.as_fd(); ((ctl >> 3) & 3) as usize];
         // A full socket (the server waits for its answer to be read) or a
         // closed one only cuts the input short.
@@ -245,7 +247,7 @@ pub fn server(data: &[u8]) {
         check_answers(s);
     }
     // Still serving.
-    let mut s = connect(&h.path);
+    let mut s = connect(&h.addr);
     s.set_nonblocking(false).unwrap();
     let mut frame = [0u8; 4].to_vec();
     frame.extend_from_slice(&pad16(&[0x5e, 0, 0, 0, 0, 0, 0, 0x20, 0]));
@@ -258,8 +260,8 @@ pub fn server(data: &[u8]) {
     assert_eq!(ResponseHeader::parse(&hdr).status, 0);
 }
 
-fn connect(path: &std::path::Path) -> UnixStream {
-    let s = UnixStream::connect(path).expect("connect");
+fn connect(addr: &SocketAddr) -> UnixStream {
+    let s = UnixStream::connect_addr(addr).expect("connect");
     s.set_nonblocking(true).unwrap();
     s.set_read_timeout(Some(SERVER_LIMIT)).unwrap();
     s
