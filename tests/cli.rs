@@ -673,6 +673,52 @@ fn max_connections_refuses_the_extra_connection() {
 }
 
 #[test]
+fn frame_timeout_closes_a_stalled_request_and_keeps_idle_connections() {
+    use std::io::{Read, Write};
+    let dir = TempDir::new();
+    let sock = dir.join("s.sock");
+    let _p = serve(&sock, &["--frame-timeout", "1"]);
+    // Idle between frames: kept.
+    let (mut idle, _) = hello(&sock, 0);
+    // Half a handshake, then nothing: closed after about a second.
+    let mut stalled = connect(&sock);
+    assert_eq!(read_up_to(&mut stalled, 4), vec![0, 0, 0, 0]);
+    stalled.write_all(&[0, 0]).unwrap();
+    stalled
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let t = std::time::Instant::now();
+    let mut b = [0u8; 1];
+    assert_eq!(
+        stalled.read(&mut b).unwrap(),
+        0,
+        "stalled client not closed"
+    );
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(500),
+        "closed too early"
+    );
+    // The idle one still works, well after the timeout.
+    assert_eq!(read_keys_on_a_file(&mut idle, &dir).status(), 0x02);
+    // And 0 means never.
+    let sock0 = dir.join("s0.sock");
+    let _p0 = serve(&sock0, &["--frame-timeout", "0"]);
+    let mut s0 = connect(&sock0);
+    assert_eq!(read_up_to(&mut s0, 4), vec![0, 0, 0, 0]);
+    s0.write_all(&[0, 0]).unwrap();
+    s0.set_read_timeout(Some(std::time::Duration::from_millis(1500)))
+        .unwrap();
+    let e = s0.read(&mut b).unwrap_err();
+    assert!(
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "{e}"
+    );
+}
+
+#[test]
 fn enable_cleanup_advertises_and_accepts_the_feature() {
     let dir = TempDir::new();
     let sock = dir.join("s.sock");

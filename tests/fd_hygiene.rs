@@ -78,6 +78,12 @@ fn no_fd_outlives_its_request_or_connection() {
         let mut s = server.ready();
         send(&s, &cdb_in(0, 8192), &[disk.fd(), disk.fd()]).unwrap();
         assert_closed(&mut s);
+        // More fds than a small control buffer holds: none may stay open.
+        for n in [5, 10, 253] {
+            let mut s = server.ready();
+            send(&s, &cdb_in(0, 8192), &vec![disk.fd(); n]).unwrap();
+            assert_closed(&mut s);
+        }
         let s = server.ready();
         send(&s, &cdb_out(prout_sa::REGISTER, 0, 24), &[disk.fd()]).unwrap();
         drop(s);

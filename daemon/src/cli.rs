@@ -91,6 +91,11 @@ pub struct Cli {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
+    /// Close a client that starts a request (or its handshake) and does not
+    /// finish it within SECONDS; 0: never. Idle connections are kept.
+    #[arg(long = "frame-timeout", value_name = "SECONDS", default_value_t = 60)]
+    pub frame_timeout: u32,
+
     /// Offer the CLEANUP protocol extension (feature bit 1, opcode 0xFF),
     /// proposed for QEMU's migration of reservations and in no QEMU release.
     #[arg(long = "enable-cleanup")]

@@ -197,6 +197,8 @@ fn start(
     let config = server::Config {
         features,
         max_connections: cli.max_connections as usize,
+        frame_timeout: (cli.frame_timeout > 0)
+            .then(|| std::time::Duration::from_secs(cli.frame_timeout.into())),
         allow: access.allow.clone(),
         ..Default::default()
     };

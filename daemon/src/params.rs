@@ -180,6 +180,25 @@ impl ProutParams {
         Ok(out)
     }
 
+    /// Encode the list as service action `sa` lays it out: REGISTER AND
+    /// MOVE has its own layout (UNREG, relative target port, one
+    /// TransportID with its length at bytes 20..23); the others are
+    /// [`ProutParams::encode`].
+    pub fn encode_for(&self, sa: u8) -> Vec<u8> {
+        if sa != prout_sa::REGISTER_AND_MOVE {
+            return self.encode();
+        }
+        let mut p = vec![0u8; BASIC_PARAMS_LEN];
+        p[0..8].copy_from_slice(&self.key.to_be_bytes());
+        p[8..16].copy_from_slice(&self.sa_key.to_be_bytes());
+        p[17] = (if self.aptpl { 0x01 } else { 0 }) | (if self.unreg { 0x02 } else { 0 });
+        p[18..20].copy_from_slice(&self.relative_target_port.to_be_bytes());
+        let tid: Vec<u8> = self.transport_ids.iter().flat_map(|t| t.encode()).collect();
+        p[20..24].copy_from_slice(&(tid.len() as u32).to_be_bytes());
+        p.extend_from_slice(&tid);
+        p
+    }
+
     /// Encode the basic parameter list (and transport IDs with SPEC_I_PT).
     pub fn encode(&self) -> Vec<u8> {
         let mut p = vec![0u8; BASIC_PARAMS_LEN];
@@ -229,6 +248,30 @@ mod tests {
         p[8..16].copy_from_slice(&sa_key.to_be_bytes());
         p[20] = flags;
         p
+    }
+
+    #[test]
+    fn register_and_move_round_trips_in_its_own_layout() {
+        // Found by fuzzing: the basic encoding of a REGISTER AND MOVE list
+        // does not parse back as one.
+        let mut p = vec![0u8; 24];
+        p[0..8].copy_from_slice(&0xd08b_3a65_6c00_0000u64.to_be_bytes());
+        p[17] = 0x03;
+        p[18..20].copy_from_slice(&7u16.to_be_bytes());
+        let tid = TransportId::Sas { address: [0x22; 8] }.encode();
+        p[20..24].copy_from_slice(&(tid.len() as u32).to_be_bytes());
+        p.extend_from_slice(&tid);
+        let sa = prout_sa::REGISTER_AND_MOVE;
+        let parsed = ProutParams::parse(sa, &p).unwrap();
+        assert!(parsed.unreg && parsed.aptpl);
+        assert_eq!(parsed.relative_target_port, 7);
+        assert_eq!(parsed.encode_for(sa), p);
+        assert_eq!(
+            ProutParams::parse(sa, &parsed.encode_for(sa)),
+            Ok(parsed.clone())
+        );
+        // Other service actions keep the basic layout.
+        assert_eq!(parsed.encode_for(prout_sa::REGISTER), parsed.encode());
     }
 
     #[test]

@@ -7,8 +7,12 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
-/// Most fds accepted in one message; more truncates the control data.
-const MAX_FDS: usize = 4;
+/// Room for as many fds as one message can carry (the kernel's
+/// SCM_MAX_FD), so that the control data is never truncated. A truncated
+/// SCM_RIGHTS message would still have installed the fds that fit, and nix
+/// refuses to iterate over truncated control data: they would leak. A
+/// stream recvmsg returns the fds of at most one sendmsg.
+const MAX_FDS: usize = 253;
 
 /// The result of one `recvmsg`.
 pub struct Received {

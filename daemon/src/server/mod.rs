@@ -27,6 +27,14 @@ const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
 const SIGNALS: Token = Token(usize::MAX - 3);
 
+/// How long a client may take to finish a frame it has started.
+pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// File descriptors kept for other uses than client connections (listener,
+/// poll, waker, signal fd, logging, the device fds of commands in flight
+/// are counted apart).
+const FD_HEADROOM: u64 = 64;
+
 /// Server limits and options.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -41,6 +49,10 @@ pub struct Config {
     /// Clients allowed to connect (`--allow-uid`, `--allow-gid`); None
     /// serves every client.
     pub allow: Option<crate::access::AllowList>,
+    /// A connection that has started a frame (or has not finished its
+    /// handshake) and does not complete it within this time is closed.
+    /// `None`: no limit. Idle connections between frames are never timed out.
+    pub frame_timeout: Option<Duration>,
 }
 
 impl Default for Config {
@@ -51,6 +63,7 @@ impl Default for Config {
             max_workers: 256,
             drain_timeout: Duration::from_secs(120),
             allow: None,
+            frame_timeout: Some(DEFAULT_FRAME_TIMEOUT),
         }
     }
 }
@@ -89,6 +102,9 @@ struct Conn {
     writable_registered: bool,
     peer: String,
     peer_cred: Option<Peer>,
+    /// When the frame being read (or the handshake) started; `None` between
+    /// frames and while a command is in flight.
+    frame_start: Option<Instant>,
 }
 
 struct Completion {
@@ -114,6 +130,8 @@ pub struct Server {
     in_flight: usize,
     buf: Vec<u8>,
     refusals: crate::access::RefusalLog,
+    /// When the next scan for timed-out frames is due.
+    next_scan: Option<Instant>,
 }
 
 impl Server {
@@ -123,6 +141,7 @@ impl Server {
         config: Config,
     ) -> io::Result<Server> {
         listener.set_nonblocking(true)?;
+        raise_fd_limit(config.max_connections, config.max_workers);
         let mut listener = UnixListener::from_std(listener);
         let poll = Poll::new()?;
         poll.registry()
@@ -145,6 +164,7 @@ impl Server {
             in_flight: 0,
             buf: vec![0; DATA_SIZE],
             refusals: crate::access::RefusalLog::new(),
+            next_scan: None,
         })
     }
 
@@ -176,7 +196,11 @@ impl Server {
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(256);
         while !self.shutdown.load(Ordering::SeqCst) {
-            self.poll_once(&mut events, None)?;
+            let timeout = self
+                .next_scan
+                .map(|t| t.saturating_duration_since(Instant::now()));
+            self.poll_once(&mut events, timeout)?;
+            self.expire_frames();
         }
         self.drain(&mut events)
     }
@@ -208,6 +232,65 @@ impl Server {
         }
         self.collect_completions();
         Ok(())
+    }
+
+    /// How often started frames are checked against the frame timeout.
+    fn scan_interval(&self) -> Option<Duration> {
+        let t = self.config.frame_timeout?;
+        Some((t / 10).clamp(Duration::from_millis(10), Duration::from_secs(1)))
+    }
+
+    /// Close the connections whose started frame is older than the frame
+    /// timeout. Runs at most once per scan interval, and only while some
+    /// connection is inside a frame.
+    fn expire_frames(&mut self) {
+        let (Some(limit), Some(interval)) = (self.config.frame_timeout, self.scan_interval())
+        else {
+            return;
+        };
+        let now = Instant::now();
+        if self.next_scan.is_some_and(|t| now < t) {
+            return;
+        }
+        let mut any = false;
+        let expired: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.frame_start.is_some_and(|s| {
+                    any = true;
+                    now.duration_since(s) >= limit
+                })
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for k in expired {
+            let c = &self.conns[k];
+            log::warn!(
+                "connection {} ({}): frame not completed within {} s; closing",
+                c.id,
+                c.peer,
+                limit.as_secs_f64()
+            );
+            self.close(k, None);
+        }
+        self.next_scan = any.then(|| now + interval);
+    }
+
+    /// A connection entered a frame: make sure a scan is scheduled.
+    fn frame_started(&mut self, key: usize) {
+        let Some(interval) = self.scan_interval() else {
+            return;
+        };
+        if let Some(c) = self.conns.get_mut(key) {
+            if c.frame_start.is_none() {
+                let now = Instant::now();
+                c.frame_start = Some(now);
+                if self.next_scan.is_none() {
+                    self.next_scan = Some(now + interval);
+                }
+            }
+        }
     }
 
     fn drain(&mut self, events: &mut Events) -> io::Result<()> {
@@ -330,7 +413,10 @@ impl Server {
                 writable_registered: false,
                 peer,
                 peer_cred,
+                frame_start: None,
             });
+            // The handshake is the first frame.
+            self.frame_started(key);
             self.flush(key);
         }
     }
@@ -373,13 +459,21 @@ impl Server {
             if let Some(fd) = rcv.fds.into_iter().next() {
                 conn.fd = Some(fd);
             }
+            let at_boundary = conn.decoder.at_boundary();
             match event {
                 Err(e) => {
                     self.close(key, Some(e));
                     return;
                 }
-                Ok(None) | Ok(Some(Event::Negotiated(_))) => {}
+                Ok(None) | Ok(Some(Event::Negotiated(_))) => {
+                    if at_boundary {
+                        conn.frame_start = None;
+                    } else {
+                        self.frame_started(key);
+                    }
+                }
                 Ok(Some(Event::Request(req))) => {
+                    conn.frame_start = None;
                     self.dispatch(key, req);
                     return;
                 }
@@ -536,6 +630,33 @@ pub fn block_stop_signals() -> io::Result<()> {
     // SAFETY: installing SIG_IGN runs no handler code in signal context.
     unsafe { signal(Signal::SIGPIPE, SigHandler::SigIgn) }?;
     Ok(())
+}
+
+/// Raise the soft RLIMIT_NOFILE (up to the hard limit) so that
+/// `max_connections` clients, each with a device fd in flight, fit: the
+/// usual soft default of 1024 would make accept fail with EMFILE long before
+/// the default connection limit.
+fn raise_fd_limit(max_connections: usize, max_workers: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let want = (max_connections as u64)
+        .saturating_add(max_workers as u64)
+        .saturating_add(FD_HEADROOM);
+    let target = want.min(hard);
+    if soft < target {
+        match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
+            Ok(()) => log::debug!("raised the open-file limit from {soft} to {target}"),
+            Err(e) => log::warn!("cannot raise the open-file limit from {soft}: {e}"),
+        }
+    }
+    if hard < want {
+        log::warn!(
+            "the open-file limit ({hard}) is below what {max_connections} connections \
+             need ({want}); connections beyond it wait in the listen backlog"
+        );
+    }
 }
 
 fn peer_cred(stream: &UnixStream) -> Option<Peer> {
