@@ -174,6 +174,11 @@ fn start(
     } else {
         &[privs::CAP_SYS_RAWIO]
     };
+    // While setrlimit is still allowed: the seccomp filter only lets it read.
+    server::raise_fd_limit(
+        cli.max_connections as usize,
+        server::Config::default().max_workers,
+    );
     privs::drop_privileges(ids.uid, ids.gid, keep).context("failed to drop privileges")?;
     // Before the first worker thread; TSYNC covers any thread a library
     // started, and every later thread inherits the filter.

@@ -635,8 +635,10 @@ pub fn block_stop_signals() -> io::Result<()> {
 /// Raise the soft RLIMIT_NOFILE (up to the hard limit) so that
 /// `max_connections` clients, each with a device fd in flight, fit: the
 /// usual soft default of 1024 would make accept fail with EMFILE long before
-/// the default connection limit.
-fn raise_fd_limit(max_connections: usize, max_workers: usize) {
+/// the default connection limit. The daemon calls it before its seccomp
+/// filter, which lets the limit be read but not changed.
+pub fn raise_fd_limit(max_connections: usize, max_workers: usize) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return;
@@ -651,7 +653,7 @@ fn raise_fd_limit(max_connections: usize, max_workers: usize) {
             Err(e) => log::warn!("cannot raise the open-file limit from {soft}: {e}"),
         }
     }
-    if hard < want {
+    if hard < want && !WARNED.swap(true, Ordering::SeqCst) {
         log::warn!(
             "the open-file limit ({hard}) is below what {max_connections} connections \
              need ({want}); connections beyond it wait in the listen backlog"
