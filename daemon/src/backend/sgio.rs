@@ -5,7 +5,7 @@
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use super::{BackendError, Command, PrBackend};
-use crate::cdb::{PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT};
+use crate::cdb::{transfer_length, PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT};
 use crate::sense::{failure_answer, Answer, Failure, Status, SENSE_SIZE};
 use crate::wire::{DATA_SIZE, OP_CLEANUP};
 
@@ -163,7 +163,10 @@ impl PrBackend for SgIo {
         let cdb = &cmd.cdb[..10];
         match cmd.cdb[0] {
             PERSISTENT_RESERVE_IN => {
-                let mut buf = vec![0u8; DATA_SIZE];
+                // The device sends at most the allocation length: a buffer
+                // of that size, not the protocol's maximum, to zero and free.
+                let len = transfer_length(cmd.cdb).min(DATA_SIZE);
+                let mut buf = vec![0u8; len];
                 let r = sg_io(cmd.fd, cdb, Transfer::FromDevice(&mut buf), self.timeout_ms);
                 let mut answer = r.answer;
                 if answer.status == Status::GOOD {

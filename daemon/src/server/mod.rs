@@ -1,6 +1,9 @@
 //! The event loop: one mio thread owns the listener, every connection, the
-//! signal fd and a waker. Device commands run on the worker pool; their
-//! answers come back over a channel and wake the loop. Nothing here blocks.
+//! signal fd and a waker. Device commands run on the worker pool. The worker
+//! writes the answer to the (non-blocking) socket itself, so the client does
+//! not wait for the loop to wake up; what could not be written, and the end
+//! of the command, come back over a channel and wake the loop. Nothing here
+//! blocks.
 
 pub mod fdpass;
 pub mod worker;
@@ -20,7 +23,6 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use crate::backend::{self, BackendError, Command, Peer, PrBackend};
-use crate::sense::Answer;
 use crate::wire::{encode_response, Decoder, Event, ProtoError, Request, DATA_SIZE};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -91,7 +93,9 @@ enum ConnState {
 }
 
 struct Conn {
-    stream: UnixStream,
+    /// Shared with the worker running this connection's command, which
+    /// writes the answer; the fd stays open until both are done with it.
+    stream: Arc<UnixStream>,
     /// Unique for the life of the server; guards against reused slab slots.
     id: u64,
     decoder: Decoder,
@@ -110,8 +114,17 @@ struct Conn {
 struct Completion {
     key: usize,
     id: u64,
-    request: Request,
-    result: Result<Answer, BackendError>,
+    outcome: Outcome,
+}
+
+/// How a command on a worker ended.
+enum Outcome {
+    /// The answer was sent, but for `unsent` (the socket was full).
+    Answered { unsent: Vec<u8> },
+    /// Writing the answer failed: the client is gone.
+    WriteFailed(io::Error),
+    /// A transport failure of the backend: the connection is closed.
+    Failed(BackendError),
 }
 
 pub struct Server {
@@ -354,7 +367,7 @@ impl Server {
             let Some(listener) = self.listener.as_ref() else {
                 return;
             };
-            let (mut stream, _) = match listener.accept() {
+            let (stream, _) = match listener.accept() {
                 Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -389,11 +402,11 @@ impl Server {
             }
             let entry = self.conns.vacant_entry();
             let key = entry.key();
-            if let Err(e) =
-                self.poll
-                    .registry()
-                    .register(&mut stream, Token(key), Interest::READABLE)
-            {
+            if let Err(e) = self.poll.registry().register(
+                &mut SourceFd(&stream.as_raw_fd()),
+                Token(key),
+                Interest::READABLE,
+            ) {
                 log::warn!("cannot watch connection from {peer}: {e}");
                 continue;
             }
@@ -404,7 +417,7 @@ impl Server {
             self.next_id += 1;
             log::debug!("connection {id} from {peer}");
             entry.insert(Conn {
-                stream,
+                stream: Arc::new(stream),
                 id,
                 decoder,
                 fd: None,
@@ -487,11 +500,12 @@ impl Server {
         conn.state = ConnState::InFlight;
         self.in_flight += 1;
         let peer_cred = conn.peer_cred;
-        let (id, backend, tx, waker) = (
+        let (id, backend, tx, waker, stream) = (
             conn.id,
             Arc::clone(&self.backend),
             self.done_tx.clone(),
             Arc::clone(&self.waker),
+            Arc::clone(&conn.stream),
         );
         log::debug!(
             "connection {id}: opcode {:#04x} service action {:#04x}",
@@ -511,15 +525,20 @@ impl Server {
             };
             // The client's fd is closed after every request.
             drop(fd);
-            if tx
-                .send(Completion {
-                    key,
-                    id,
-                    request,
-                    result,
-                })
-                .is_ok()
-            {
+            let outcome = match result {
+                Ok(answer) => {
+                    let bytes = encode_response(&request, &answer);
+                    match write_some(&stream, &bytes) {
+                        Ok(n) => Outcome::Answered {
+                            unsent: bytes[n..].to_vec(),
+                        },
+                        Err(e) => Outcome::WriteFailed(e),
+                    }
+                }
+                Err(e) => Outcome::Failed(e),
+            };
+            drop(stream);
+            if tx.send(Completion { key, id, outcome }).is_ok() {
                 let _ = waker.wake();
             }
         });
@@ -535,9 +554,9 @@ impl Server {
             };
             // The command is over, whatever its result.
             conn.state = ConnState::Reading;
-            match c.result {
-                Ok(answer) => {
-                    conn.out.extend(encode_response(&c.request, &answer));
+            match c.outcome {
+                Outcome::Answered { unsent } => {
+                    conn.out.extend(unsent);
                     conn.decoder.complete();
                     self.flush(c.key);
                     // Bytes may already be waiting; edge-triggered polling
@@ -546,7 +565,11 @@ impl Server {
                         self.on_readable(c.key);
                     }
                 }
-                Err(e) => {
+                Outcome::WriteFailed(e) => {
+                    log::debug!("connection {}: write failed: {e}", conn.id);
+                    self.close(c.key, None);
+                }
+                Outcome::Failed(e) => {
                     log::warn!("connection {} ({}): {e}; closing", conn.id, conn.peer);
                     self.close(c.key, None);
                 }
@@ -568,7 +591,7 @@ impl Server {
                     if !conn.writable_registered {
                         conn.writable_registered = true;
                         let _ = self.poll.registry().reregister(
-                            &mut conn.stream,
+                            &mut SourceFd(&conn.stream.as_raw_fd()),
                             Token(key),
                             Interest::READABLE | Interest::WRITABLE,
                         );
@@ -585,10 +608,11 @@ impl Server {
         }
         if conn.writable_registered {
             conn.writable_registered = false;
-            let _ =
-                self.poll
-                    .registry()
-                    .reregister(&mut conn.stream, Token(key), Interest::READABLE);
+            let _ = self.poll.registry().reregister(
+                &mut SourceFd(&conn.stream.as_raw_fd()),
+                Token(key),
+                Interest::READABLE,
+            );
         }
     }
 
@@ -597,8 +621,11 @@ impl Server {
             return;
         }
         let busy = matches!(self.conns[key].state, ConnState::InFlight);
-        let mut conn = self.conns.remove(key);
-        let _ = self.poll.registry().deregister(&mut conn.stream);
+        let conn = self.conns.remove(key);
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&conn.stream.as_raw_fd()));
         match why {
             Some(ProtoError::Closed) | None => {
                 log::debug!("connection {} ({}) closed", conn.id, conn.peer)
@@ -659,6 +686,21 @@ pub fn raise_fd_limit(max_connections: usize, max_workers: usize) {
              need ({want}); connections beyond it wait in the listen backlog"
         );
     }
+}
+
+/// Write as much of `bytes` as the non-blocking socket takes now; the
+/// number written (less than `bytes.len()` only when the socket is full).
+fn write_some(stream: &UnixStream, bytes: &[u8]) -> io::Result<usize> {
+    let mut sent = 0;
+    while sent < bytes.len() {
+        match fdpass::send_with_fds(stream.as_fd(), &bytes[sent..], &[]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(sent)
 }
 
 fn peer_cred(stream: &UnixStream) -> Option<Peer> {

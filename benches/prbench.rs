@@ -1,0 +1,787 @@
+//! reservd against qemu-pr-helper, side by side.
+//!
+//! `prbench host  --reservd BIN --qemu BIN`: the error path (a regular file
+//! as the disk: SG_IO fails with ENOTTY and the daemon answers CHECK
+//! CONDITION), start-up time, resident memory idle and with 1,000 idle
+//! connections.
+//! `prbench guest --reservd BIN --qemu BIN`: inside the VM test bed
+//! (`tests/vm/run-vm.sh`): the single-path LIO disk next to raw SG_IO on the
+//! same fd, the multipath map (reservd only), one client while another
+//! client's device hangs, start-up and memory with and without
+//! libmpathpersist.
+//!
+//! Every figure is printed as one Markdown table row:
+//! `| where | figure | reservd | qemu-pr-helper | ratio |`, ratio being
+//! reservd / qemu-pr-helper. `scripts/bench.sh` prints the header.
+//! Without arguments (as `cargo bench` or `cargo test --benches` run it)
+//! the program says how to use it and exits successfully.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use reservd_daemon::backend::sgio::{sg_io, Transfer};
+use reservd_daemon::client::Client;
+
+/// PR IN READ KEYS with an allocation length of 8 KiB, as QEMU sends it
+/// for a guest asking with a large buffer.
+const READ_KEYS: [u8; 10] = [0x5e, 0x00, 0, 0, 0, 0, 0, 0x20, 0x00, 0];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Reservd,
+    Qemu,
+}
+
+struct Opts {
+    reservd: PathBuf,
+    qemu: PathBuf,
+    /// Scales iteration counts and durations (1.0 = default).
+    scale: f64,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: prbench host|guest --reservd BIN --qemu BIN [--scale F]\n\
+         \x20      prbench load SOCKET COUNT  (COUNT error-path requests on one\n\
+         \x20      connection to a running daemon, for profiling)\n\
+         (scripts/bench.sh runs both parts and prints the table)"
+    );
+    std::process::exit(0)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(mode) = args.first().cloned() else {
+        usage()
+    };
+    if mode == "load" {
+        return load(&args[1..]);
+    }
+    if mode != "host" && mode != "guest" {
+        usage()
+    }
+    let mut opts = Opts {
+        reservd: PathBuf::from("target/release/reservd"),
+        qemu: PathBuf::from("/usr/bin/qemu-pr-helper"),
+        scale: 1.0,
+    };
+    let mut it = args[1..].iter();
+    while let Some(a) = it.next() {
+        let v = it.next().unwrap_or_else(|| usage());
+        match a.as_str() {
+            "--reservd" => opts.reservd = PathBuf::from(v),
+            "--qemu" => opts.qemu = PathBuf::from(v),
+            "--scale" => opts.scale = v.parse().unwrap_or_else(|_| usage()),
+            _ => usage(),
+        }
+    }
+    raise_fd_limit();
+    if mode == "host" {
+        host(&opts)
+    } else {
+        guest(&opts)
+    }
+}
+
+/// Send `COUNT` error-path READ KEYS to the daemon at `SOCKET` and print
+/// the mean round trip: a fixed load for profiling a daemon started by hand
+/// (e.g. under `valgrind --tool=callgrind`).
+fn load(args: &[String]) {
+    let (Some(sock), Some(n)) = (
+        args.first(),
+        args.get(1).and_then(|n| n.parse::<u32>().ok()),
+    ) else {
+        usage()
+    };
+    let path = std::env::temp_dir().join(format!("prbench-disk-{}", std::process::id()));
+    std::fs::write(&path, [0u8; 512]).unwrap();
+    let disk = File::open(&path).unwrap();
+    let mut c = Client::connect(Path::new(sock)).expect("connect");
+    let t = Instant::now();
+    for _ in 0..n {
+        c.execute(&READ_KEYS, disk.as_fd(), &[]).expect("request");
+    }
+    println!("{n} requests, mean {}", us(t.elapsed() / n.max(1)));
+    let _ = std::fs::remove_file(&path);
+}
+
+// ---------------------------------------------------------------- daemons
+
+struct Daemon {
+    child: Child,
+    sock: PathBuf,
+    /// Time from spawn to the 4 handshake bytes.
+    startup: Duration,
+}
+
+impl Daemon {
+    fn start(opts: &Opts, kind: Kind, hide_dm: bool) -> Daemon {
+        let dir = std::env::temp_dir();
+        let tag = match kind {
+            Kind::Reservd => "reservd",
+            Kind::Qemu => "qemu",
+        };
+        let sock = dir.join(format!("prbench-{tag}-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&sock);
+        let bin = match kind {
+            Kind::Reservd => &opts.reservd,
+            Kind::Qemu => &opts.qemu,
+        };
+        let mut cmd = Command::new(bin);
+        cmd.arg("-k")
+            .arg(&sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if hide_dm {
+            // SAFETY: the closure runs in the forked child before exec and
+            // calls only async-signal-safe system calls (unshare, mount)
+            // with pointers to static NUL-terminated strings.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::unshare(libc::CLONE_NEWNS) != 0
+                        || libc::mount(
+                            std::ptr::null(),
+                            c"/".as_ptr(),
+                            std::ptr::null(),
+                            libc::MS_REC | libc::MS_PRIVATE,
+                            std::ptr::null(),
+                        ) != 0
+                        || libc::mount(
+                            c"none".as_ptr(),
+                            c"/dev/mapper".as_ptr(),
+                            c"tmpfs".as_ptr(),
+                            0,
+                            std::ptr::null(),
+                        ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let t0 = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let deadline = t0 + Duration::from_secs(30);
+        loop {
+            if let Ok(mut s) = UnixStream::connect(&sock) {
+                let mut f = [0u8; 4];
+                if s.read_exact(&mut f).is_ok() {
+                    let startup = t0.elapsed();
+                    return Daemon {
+                        child,
+                        sock,
+                        startup,
+                    };
+                }
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("{} exited during start-up: {st}", bin.display());
+            }
+            assert!(Instant::now() < deadline, "{} did not start", bin.display());
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.sock).expect("connect")
+    }
+
+    /// VmRSS in KiB.
+    fn rss_kib(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
+    }
+}
+
+fn raise_fd_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the rlimit struct we
+    // pass, which lives for the duration of the calls.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            r.rlim_cur = r.rlim_max.min(65536);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- figures
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() - 1) as f64 * p / 100.0).round() as usize;
+    sorted[i]
+}
+
+struct Lat {
+    p50: Duration,
+    p99: Duration,
+    n: usize,
+}
+
+fn lat(mut v: Vec<Duration>) -> Lat {
+    v.sort();
+    Lat {
+        p50: pct(&v, 50.0),
+        p99: pct(&v, 99.0),
+        n: v.len(),
+    }
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "—".into()
+    }
+}
+
+fn row(place: &str, figure: &str, r: &str, q: &str, ratio: &str) {
+    println!("| {place} | {figure} | {r} | {q} | {ratio} |");
+}
+
+fn row_d(place: &str, figure: &str, r: Duration, q: Duration) {
+    row(
+        place,
+        figure,
+        &us(r),
+        &us(q),
+        &ratio(r.as_secs_f64(), q.as_secs_f64()),
+    );
+}
+
+/// Round trips of READ KEYS on one connection, for `iters` requests or
+/// `limit`, whichever comes first (after `warm` unmeasured ones).
+fn measure(client: &mut Client, disk: &File, iters: usize, limit: Duration) -> Lat {
+    for _ in 0..iters.div_ceil(20).min(200) {
+        client
+            .execute(&READ_KEYS, disk.as_fd(), &[])
+            .expect("request");
+    }
+    let mut v = Vec::with_capacity(iters);
+    let end = Instant::now() + limit;
+    while v.len() < iters && (v.len() < 100 || Instant::now() < end) {
+        let t = Instant::now();
+        client
+            .execute(&READ_KEYS, disk.as_fd(), &[])
+            .expect("request");
+        v.push(t.elapsed());
+    }
+    lat(v)
+}
+
+/// Raw SG_IO of the same command on the same fd.
+fn measure_raw(disk: &File, iters: usize, limit: Duration) -> Lat {
+    let mut buf = vec![0u8; 8192];
+    let mut v = Vec::with_capacity(iters);
+    let end = Instant::now() + limit;
+    for _ in 0..iters.div_ceil(20).min(200) {
+        sg_io(
+            disk.as_fd(),
+            &READ_KEYS,
+            Transfer::FromDevice(&mut buf),
+            30_000,
+        );
+    }
+    while v.len() < iters && (v.len() < 100 || Instant::now() < end) {
+        let t = Instant::now();
+        let r = sg_io(
+            disk.as_fd(),
+            &READ_KEYS,
+            Transfer::FromDevice(&mut buf),
+            30_000,
+        );
+        v.push(t.elapsed());
+        assert_eq!(r.answer.status.0, 0, "raw READ KEYS failed");
+    }
+    lat(v)
+}
+
+/// Requests per second with `n` clients, each on its own connection with
+/// its own fd, for `dur`.
+fn throughput(d: &Daemon, open: &dyn Fn() -> File, n: usize, dur: Duration) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let barrier = Arc::new(Barrier::new(n + 1));
+    let mut threads = Vec::new();
+    for _ in 0..n {
+        let mut c = d.client();
+        let f = open();
+        let (stop, count, barrier) = (stop.clone(), count.clone(), barrier.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn(move || {
+                    barrier.wait();
+                    let mut k = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        c.execute(&READ_KEYS, f.as_fd(), &[]).expect("request");
+                        k += 1;
+                    }
+                    count.fetch_add(k, Ordering::Relaxed);
+                })
+                .unwrap(),
+        );
+    }
+    barrier.wait();
+    let t = Instant::now();
+    std::thread::sleep(dur);
+    stop.store(true, Ordering::Relaxed);
+    for th in threads {
+        th.join().unwrap();
+    }
+    count.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Median start-up time over `n` starts, and idle RSS of the last one.
+fn startup(opts: &Opts, kind: Kind, hide_dm: bool, n: usize) -> (Duration, u64) {
+    let mut v = Vec::new();
+    let mut rss = 0;
+    for i in 0..n {
+        let d = Daemon::start(opts, kind, hide_dm);
+        v.push(d.startup);
+        if i == n - 1 {
+            // Let the first connection's teardown settle.
+            std::thread::sleep(Duration::from_millis(100));
+            rss = d.rss_kib();
+        }
+    }
+    v.sort();
+    (v[v.len() / 2], rss)
+}
+
+/// RSS idle and with `n` idle connections (handshake done).
+fn conn_memory(opts: &Opts, kind: Kind, n: usize) -> (u64, u64) {
+    let d = Daemon::start(opts, kind, false);
+    std::thread::sleep(Duration::from_millis(100));
+    let idle = d.rss_kib();
+    let clients: Vec<Client> = (0..n).map(|_| d.client()).collect();
+    // Every connection has been accepted once the last one got its hello;
+    // give the daemon a moment to take in the feature words.
+    std::thread::sleep(Duration::from_millis(300));
+    let loaded = d.rss_kib();
+    drop(clients);
+    (idle, loaded)
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+fn memory_rows(place: &str, opts: &Opts, reservd_label: &str) {
+    const N: usize = 1000;
+    let (ri, rl) = conn_memory(opts, Kind::Reservd, N);
+    let (qi, ql) = conn_memory(opts, Kind::Qemu, N);
+    row(
+        place,
+        &format!("RSS with {N} idle connections{reservd_label}"),
+        &mib(rl),
+        &mib(ql),
+        &ratio(rl as f64, ql as f64),
+    );
+    let rg = (rl.saturating_sub(ri)) as f64 / N as f64;
+    let qg = (ql.saturating_sub(qi)) as f64 / N as f64;
+    row(
+        place,
+        &format!("RSS growth per connection{reservd_label} (target < 10 KiB)"),
+        &format!("{rg:.2} KiB"),
+        &format!("{qg:.2} KiB"),
+        &ratio(rg, qg),
+    );
+}
+
+fn startup_rows(place: &str, opts: &Opts, n: usize, with_mpath: bool) {
+    let (qt, qr) = startup(opts, Kind::Qemu, false, n);
+    let (rt, rr) = startup(opts, Kind::Reservd, false, n);
+    let label = if with_mpath {
+        " (reservd: libmpathpersist loaded)"
+    } else {
+        " (reservd: multipath inactive, no device-mapper)"
+    };
+    row_d(
+        place,
+        &format!("start-up, exec → handshake (median of {n}){label}"),
+        rt,
+        qt,
+    );
+    row(
+        place,
+        &format!("RSS idle{label}"),
+        &mib(rr),
+        &mib(qr),
+        &ratio(rr as f64, qr as f64),
+    );
+    if with_mpath {
+        let (rt2, rr2) = startup(opts, Kind::Reservd, true, n);
+        let label = " (reservd: device-mapper hidden, libmpathpersist not loaded)";
+        row_d(
+            place,
+            &format!("start-up, exec → handshake (median of {n}){label}"),
+            rt2,
+            qt,
+        );
+        row(
+            place,
+            &format!("RSS idle{label}"),
+            &mib(rr2),
+            &mib(qr),
+            &ratio(rr2 as f64, qr as f64),
+        );
+    }
+}
+
+fn scaled(opts: &Opts, n: usize) -> usize {
+    ((n as f64 * opts.scale) as usize).max(100)
+}
+
+fn scaled_d(opts: &Opts, d: Duration) -> Duration {
+    d.mul_f64(opts.scale)
+}
+
+// ---------------------------------------------------------------- host
+
+fn host(opts: &Opts) {
+    let place = "host, error path";
+    let path = std::env::temp_dir().join(format!("prbench-disk-{}", std::process::id()));
+    std::fs::write(&path, vec![0u8; 4096]).unwrap();
+    let open = || {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap()
+    };
+    let disk = open();
+    let iters = scaled(opts, 20_000);
+
+    let r = Daemon::start(opts, Kind::Reservd, false);
+    let q = Daemon::start(opts, Kind::Qemu, false);
+    // Sanity: the answer is CHECK CONDITION from both.
+    for d in [&r, &q] {
+        let a = d.client().execute(&READ_KEYS, disk.as_fd(), &[]).unwrap();
+        assert_eq!(a.status, 2, "expected CHECK CONDITION on a regular file");
+    }
+    let rl = measure(&mut r.client(), &disk, iters, Duration::from_secs(10));
+    let ql = measure(&mut q.client(), &disk, iters, Duration::from_secs(10));
+    row_d(
+        place,
+        &format!("READ KEYS round trip p50 (n={})", rl.n),
+        rl.p50,
+        ql.p50,
+    );
+    row_d(
+        place,
+        &format!("READ KEYS round trip p99 (n={})", rl.n),
+        rl.p99,
+        ql.p99,
+    );
+    for n in [1, 16, 256] {
+        let dur = scaled_d(opts, Duration::from_secs(2));
+        let rt = throughput(&r, &open, n, dur);
+        let qt = throughput(&q, &open, n, dur);
+        row(
+            place,
+            &format!("throughput, {n} client(s)"),
+            &format!("{rt:.0} req/s"),
+            &format!("{qt:.0} req/s"),
+            &ratio(rt, qt),
+        );
+    }
+    drop((r, q));
+    startup_rows("host", opts, 21, false);
+    memory_rows("host", opts, "");
+    let _ = std::fs::remove_file(&path);
+}
+
+// ---------------------------------------------------------------- guest
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} not set: run inside tests/vm/run-vm.sh"))
+}
+
+fn open_dev(p: &str) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .unwrap_or_else(|e| panic!("{p}: {e}"))
+}
+
+/// A dm-multipath map with no paths: with `queue_if_no_path` SG_IO on it
+/// waits (the kernel retries the ioctl until a path appears), without it
+/// SG_IO fails at once.
+struct HangMap {
+    name: String,
+    dev: String,
+}
+
+fn dmsetup(args: &[&str]) {
+    let st = Command::new("dmsetup")
+        .args(args)
+        .stdin(Stdio::null())
+        .status()
+        .expect("dmsetup");
+    assert!(st.success(), "dmsetup {args:?}: {st}");
+}
+
+impl HangMap {
+    /// The map has one path, `path` (claimed, but still usable through
+    /// its own node), which is failed at once.
+    fn create(path: &str) -> HangMap {
+        use std::os::unix::fs::MetadataExt;
+        let rdev = std::fs::metadata(path).unwrap().rdev();
+        let dev_t = format!("{}:{}", libc::major(rdev), libc::minor(rdev));
+        let name = format!("prbench-hang-{}", std::process::id());
+        let table = format!("0 8 multipath 0 0 1 1 round-robin 0 1 1 {dev_t} 1000");
+        // Created without queueing, so that udev's probe of the new disk returns.
+        dmsetup(&["create", &name, "--table", &table]);
+        let _ = Command::new("udevadm")
+            .args(["settle", "-t", "10"])
+            .status();
+        dmsetup(&["mknodes", &name]);
+        dmsetup(&["message", &name, "0", &format!("fail_path {dev_t}")]);
+        let dev = format!("/dev/mapper/{name}");
+        HangMap { name, dev }
+    }
+
+    fn queue(&self, on: bool) {
+        let msg = if on {
+            "queue_if_no_path"
+        } else {
+            "fail_if_no_path"
+        };
+        dmsetup(&["message", &self.name, "0", msg]);
+    }
+
+    /// SG_IO on the map must wait while queueing, and return once the map
+    /// fails instead.
+    fn verify(&self, fd: &File) {
+        self.queue(true);
+        let f = fd.try_clone().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 8192];
+            sg_io(
+                f.as_fd(),
+                &READ_KEYS,
+                Transfer::FromDevice(&mut buf),
+                30_000,
+            )
+            .answer
+            .status
+            .0
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let hung = !t.is_finished();
+        self.queue(false);
+        let status = t.join().unwrap();
+        assert!(hung, "SG_IO on {} did not wait", self.dev);
+        eprintln!(
+            "{}: SG_IO waits while the map queues; status {status:#04x} once it fails (verified)",
+            self.dev
+        );
+    }
+}
+
+impl Drop for HangMap {
+    fn drop(&mut self) {
+        self.queue(false);
+        let _ = Command::new("dmsetup")
+            .args(["remove", "--retry", &self.name])
+            .status();
+    }
+}
+
+fn guest(opts: &Opts) {
+    let place = "VM, single-path LIO disk";
+    let sp = env("RESERVD_SP_DEV");
+    let mp = env("RESERVD_MP_DEV");
+    let paths = env("RESERVD_MP_PATHS");
+    let paths: Vec<&str> = paths.split_whitespace().collect();
+    let disk = open_dev(&sp);
+    let iters = scaled(opts, 2000);
+    let limit = scaled_d(opts, Duration::from_secs(8));
+
+    let r = Daemon::start(opts, Kind::Reservd, false);
+    let q = Daemon::start(opts, Kind::Qemu, false);
+    for d in [&r, &q] {
+        let a = d.client().execute(&READ_KEYS, disk.as_fd(), &[]).unwrap();
+        assert_eq!(a.status, 0, "READ KEYS on {sp} failed: {a:?}");
+    }
+    let raw = measure_raw(&disk, iters, limit);
+    let rl = measure(&mut r.client(), &disk, iters, limit);
+    let ql = measure(&mut q.client(), &disk, iters, limit);
+    row(
+        place,
+        &format!("raw SG_IO READ KEYS p50 / p99 (device floor, n={})", raw.n),
+        &format!("{} / {}", us(raw.p50), us(raw.p99)),
+        &format!("{} / {}", us(raw.p50), us(raw.p99)),
+        "—",
+    );
+    row_d(
+        place,
+        &format!("READ KEYS round trip p50 (n={})", rl.n),
+        rl.p50,
+        ql.p50,
+    );
+    row_d(
+        place,
+        &format!("READ KEYS round trip p99 (n={})", rl.n),
+        rl.p99,
+        ql.p99,
+    );
+    let ro = rl.p50.saturating_sub(raw.p50);
+    let qo = ql.p50.saturating_sub(raw.p50);
+    row_d(
+        place,
+        "overhead p50 = daemon − raw (target: ≤ 0.5 ratio)",
+        ro,
+        qo,
+    );
+    for n in [1, 16, 256] {
+        let dur = scaled_d(opts, Duration::from_secs(2));
+        let open = || open_dev(&sp);
+        let rt = throughput(&r, &open, n, dur);
+        let qt = throughput(&q, &open, n, dur);
+        row(
+            place,
+            &format!("throughput, {n} client(s)"),
+            &format!("{rt:.0} req/s"),
+            &format!("{qt:.0} req/s"),
+            &ratio(rt, qt),
+        );
+    }
+
+    // Multipath: reservd only, raw SG_IO on one path for reference.
+    let mpd = open_dev(&mp);
+    let path1 = open_dev(paths[0]);
+    let mraw = measure_raw(&path1, iters, limit);
+    let ml = measure(&mut r.client(), &mpd, iters / 2, limit);
+    let mplace = "VM, multipath map";
+    row(
+        mplace,
+        &format!("raw SG_IO on path {} p50 / p99 (n={})", paths[0], mraw.n),
+        &format!("{} / {}", us(mraw.p50), us(mraw.p99)),
+        "n/a",
+        "—",
+    );
+    row(
+        mplace,
+        &format!("READ KEYS on {mp} p50 / p99 (n={})", ml.n),
+        &format!("{} / {}", us(ml.p50), us(ml.p99)),
+        "n/a (no multipath)",
+        "—",
+    );
+
+    // One client's device hangs; another's latency meanwhile. The hanging
+    // device is a dm-multipath map whose only path failed and that queues
+    // I/O (its path is the single-path disk, which B keeps using): SG_IO on
+    // it waits until the map is told to fail (the SCSI device state
+    // `blocked` cannot be set through sysfs on this kernel). reservd runs
+    // without device-mapper access here, so it too sends SG_IO to the map
+    // (with libmpathpersist it would ask multipathd, which knows no such
+    // map, and fail at once).
+    drop(r);
+    let r = Daemon::start(opts, Kind::Reservd, true);
+    let hang = HangMap::create(&sp);
+    let hang_fd = open_dev(&hang.dev);
+    hang.verify(&hang_fd);
+    let mut during = Vec::new();
+    let mut base = Vec::new();
+    for d in [&r, &q] {
+        base.push(measure(&mut d.client(), &disk, iters, limit));
+        hang.queue(true);
+        let mut a = d.client();
+        let hf = hang_fd.try_clone().unwrap();
+        let blocked = std::thread::spawn(move || {
+            let t = Instant::now();
+            let r = a.execute(&READ_KEYS, hf.as_fd(), &[]);
+            (t.elapsed(), r.map(|r| r.status))
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!blocked.is_finished(), "client A's command did not hang");
+        let l = measure(&mut d.client(), &disk, iters, limit);
+        let still = !blocked.is_finished();
+        hang.queue(false);
+        let (waited, st) = blocked.join().unwrap();
+        assert!(still, "client A was answered in {waited:?} ({st:?})");
+        during.push(l);
+    }
+    row_d(
+        place,
+        &format!("client B p50, no hang (n={})", base[0].n),
+        base[0].p50,
+        base[1].p50,
+    );
+    row_d(
+        place,
+        &format!("client B p99, no hang (n={})", base[0].n),
+        base[0].p99,
+        base[1].p99,
+    );
+    row_d(
+        place,
+        &format!(
+            "client B p50 while client A's device hangs (n={})",
+            during[0].n
+        ),
+        during[0].p50,
+        during[1].p50,
+    );
+    row_d(
+        place,
+        &format!(
+            "client B p99 while client A's device hangs (n={})",
+            during[0].n
+        ),
+        during[0].p99,
+        during[1].p99,
+    );
+    row(
+        place,
+        "client B p99, hang / no hang (target: no slowdown)",
+        &format!(
+            "{:.2}",
+            during[0].p99.as_secs_f64() / base[0].p99.as_secs_f64()
+        ),
+        &format!(
+            "{:.2}",
+            during[1].p99.as_secs_f64() / base[1].p99.as_secs_f64()
+        ),
+        "—",
+    );
+    drop(hang_fd);
+    drop(hang);
+    drop((r, q));
+    startup_rows("VM", opts, 11, true);
+    memory_rows("VM", opts, " (reservd: libmpathpersist loaded)");
+}
