@@ -81,6 +81,10 @@ pub fn run(group: &str) -> i32 {
                 robust_sigterm_with_commands_in_flight,
             ),
         ],
+        "package" => vec![(
+            "package_socket_activated_on_a_real_disk",
+            package_socket_activated_on_a_real_disk,
+        )],
         "ops" => crate::ops::scenarios(),
         "access" => access::scenarios(),
         _ => {
@@ -1363,4 +1367,84 @@ fn sgio_as_an_unprivileged_user() -> TestResult {
             .map_err(|_| "short READ RESERVATION")?;
     check_eq!(res.map(|r| r.key), Some(0x6565), "reservation");
     reset_lun(&mut c, &dev)
+}
+
+/// The packaged daemon, started the way its units start it: systemd's
+/// socket activation (`systemd-socket-activate`, the socket unit's
+/// ListenStream) running the service unit's ExecStart, serves a client on a
+/// real disk. The guest's /usr is the host's, read-only, so the .deb that
+/// the host side built is unpacked rather than installed.
+fn package_socket_activated_on_a_real_disk() -> TestResult {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let deb = std::fs::read_dir(root.join("target/packages"))
+        .map_err(|e| format!("target/packages: {e}"))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or("no .deb in target/packages")?;
+    let pkg = PathBuf::from("/tmp/reservd-pkgroot");
+    let _ = std::fs::remove_dir_all(&pkg);
+    let out = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&pkg)
+        .output()
+        .map_err(|e| e.to_string())?;
+    check!(
+        out.status.success(),
+        "dpkg-deb -x: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let unit = std::fs::read_to_string(pkg.join("lib/systemd/system/reservd.service"))
+        .map_err(|e| e.to_string())?;
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .ok_or("no ExecStart")?;
+    let mut argv: Vec<String> = exec.split_whitespace().map(String::from).collect();
+    // The unit names the installed path; run the unpacked copy of it.
+    argv[0] = pkg
+        .join(argv[0].trim_start_matches('/'))
+        .display()
+        .to_string();
+    let socket = PathBuf::from("/run/reservd-activated.sock");
+    let _ = std::fs::remove_file(&socket);
+    let log = File::create(log_dir().join("reservd-activated.log")).map_err(|e| e.to_string())?;
+    let mut act = Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&socket)
+        .args(&argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("systemd-socket-activate: {e}"))?;
+    let result = (|| -> TestResult {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            check!(
+                Instant::now() < deadline,
+                "{} never appeared",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The first connection makes systemd-socket-activate exec reservd.
+        let mut c = Client::connect(&socket).map_err(|e| format!("connect: {e}"))?;
+        let dev = PathBuf::from(env("RESERVD_SP_DEV"));
+        reset_lun(&mut c, &dev)?;
+        expect_good(
+            &pr_out(&mut c, &dev, prout_sa::REGISTER, 0, &keys(0, 0xdeb))?,
+            "REGISTER",
+        )?;
+        check_eq!(device_keys(&dev)?, vec![0xdeb], "device keys");
+        reset_lun(&mut c, &dev)
+    })();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(act.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = act.wait();
+    let _ = std::fs::remove_dir_all(&pkg);
+    result
 }
