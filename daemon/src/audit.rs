@@ -232,14 +232,18 @@ pub fn device_info(fd: std::os::fd::BorrowedFd<'_>) -> DeviceInfo {
     device_info_at(Path::new("/sys/dev"), kind, maj, min)
 }
 
+/// A sysfs attribute's value without surrounding white space; None when
+/// it cannot be read or is empty.
+pub fn read_sysfs(path: &Path) -> Option<String> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let s = s.trim();
+    (!s.is_empty()).then(|| s.to_string())
+}
+
 /// [`device_info`] below `sys_dev` (normally `/sys/dev`).
 pub fn device_info_at(sys_dev: &Path, kind: &str, maj: u32, min: u32) -> DeviceInfo {
     let base = sys_dev.join(kind).join(format!("{maj}:{min}"));
-    let read = |rel: &str| -> Option<String> {
-        let s = std::fs::read_to_string(base.join(rel)).ok()?;
-        let s = s.trim();
-        (!s.is_empty()).then(|| s.to_string())
-    };
+    let read = |rel: &str| read_sysfs(&base.join(rel));
     let mut info = DeviceInfo {
         dev: format!("{maj}:{min}"),
         ..Default::default()

@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use reservd_daemon::audit::read_sysfs;
 use reservd_daemon::backend::dm::{DmControl, MapKind};
 use reservd_daemon::backend::mpath::{Libmpathpersist, PersistLib};
 use reservd_daemon::backend::sgio::{sg_io, Transfer};
@@ -39,12 +40,6 @@ use reservd_daemon::sense::Status;
 pub const EXIT_INCONSISTENT: u8 = 5;
 
 const SG_TIMEOUT_MS: u32 = 20_000;
-
-fn read_trim(p: &Path) -> Option<String> {
-    let s = std::fs::read_to_string(p).ok()?;
-    let s = s.trim();
-    (!s.is_empty()).then(|| s.to_string())
-}
 
 /// The device's `/sys/class/block/NAME` directory and kernel name.
 fn sys_block(dev: &Path) -> anyhow::Result<(PathBuf, String)> {
@@ -68,7 +63,7 @@ fn sys_block(dev: &Path) -> anyhow::Result<(PathBuf, String)> {
 }
 
 fn is_mpath(sys: &Path) -> bool {
-    read_trim(&sys.join("dm/uuid")).is_some_and(|u| u.starts_with("mpath-"))
+    read_sysfs(&sys.join("dm/uuid")).is_some_and(|u| u.starts_with("mpath-"))
 }
 
 /// One PR IN on `fd`, repeated while the path reports a unit attention.
@@ -121,12 +116,12 @@ fn scsi_host(sys: &Path) -> Option<String> {
 fn path_state(name: &str, mpd_paths: &[(String, String)]) -> PathState {
     let sys = PathBuf::from("/sys/class/block").join(name);
     let initiator = scsi_host(&sys)
-        .and_then(|h| read_trim(&Path::new("/sys/class/fc_host").join(h).join("port_name")))
+        .and_then(|h| read_sysfs(&Path::new("/sys/class/fc_host").join(h).join("port_name")))
         .and_then(|p| pathcheck::parse_port_name(&p));
     PathState {
         name: name.to_string(),
-        devno: read_trim(&sys.join("dev")).unwrap_or_else(|| "?".into()),
-        sysfs_state: read_trim(&sys.join("device/state")),
+        devno: read_sysfs(&sys.join("dev")).unwrap_or_else(|| "?".into()),
+        sysfs_state: read_sysfs(&sys.join("device/state")),
         multipathd: mpd_paths
             .iter()
             .find(|(d, _)| d == name)
@@ -151,7 +146,7 @@ pub fn gather(device: &Path) -> anyhow::Result<MapStatus> {
                     eprintln!(
                         "reservdctl: {} is a path of multipath map {}; showing the map",
                         device.display(),
-                        read_trim(&hs.join("dm/name")).unwrap_or_default()
+                        read_sysfs(&hs.join("dm/name")).unwrap_or_default()
                     );
                     name = h.file_name().to_string_lossy().into_owned();
                     sys = hs;
@@ -162,8 +157,8 @@ pub fn gather(device: &Path) -> anyhow::Result<MapStatus> {
     }
     let mpd = Multipathd::from_env().with_timeout(Duration::from_secs(5));
     if is_mpath(&sys) {
-        let map = read_trim(&sys.join("dm/name")).context("map without a dm name")?;
-        let wwid = read_trim(&sys.join("dm/uuid")).map(|u| u["mpath-".len()..].to_string());
+        let map = read_sysfs(&sys.join("dm/name")).context("map without a dm name")?;
+        let wwid = read_sysfs(&sys.join("dm/uuid")).map(|u| u["mpath-".len()..].to_string());
         let mut slaves: Vec<String> = std::fs::read_dir(sys.join("slaves"))
             .with_context(|| format!("{}/slaves", sys.display()))?
             .flatten()
@@ -194,7 +189,7 @@ pub fn gather(device: &Path) -> anyhow::Result<MapStatus> {
             multipathd_key: key,
         })
     } else {
-        if read_trim(&sys.join("dm/uuid")).is_some() {
+        if read_sysfs(&sys.join("dm/uuid")).is_some() {
             bail!(
                 "{} is a device-mapper device but not a multipath map",
                 device.display()
@@ -203,7 +198,7 @@ pub fn gather(device: &Path) -> anyhow::Result<MapStatus> {
         Ok(MapStatus {
             device: device.display().to_string(),
             map: None,
-            wwid: read_trim(&sys.join("device/wwid")),
+            wwid: read_sysfs(&sys.join("device/wwid")),
             paths: vec![path_state(&name, &[])],
             kernel_name: name,
             multipathd: Err("not used for a plain disk".into()),
