@@ -282,6 +282,18 @@ fn row_d(place: &str, figure: &str, r: Duration, q: Duration) {
 
 /// Round trips of READ KEYS on one connection, for `iters` requests or
 /// `limit`, whichever comes first (after `warm` unmeasured ones).
+/// The p50 and p99 rows of a READ KEYS round trip through both daemons.
+fn round_trip_rows(place: &str, rl: &Lat, ql: &Lat) {
+    for (pct, r, q) in [("p50", rl.p50, ql.p50), ("p99", rl.p99, ql.p99)] {
+        row_d(
+            place,
+            &format!("READ KEYS round trip {pct} (n={})", rl.n),
+            r,
+            q,
+        );
+    }
+}
+
 fn measure(client: &mut Client, disk: &File, iters: usize, limit: Duration) -> Lat {
     for _ in 0..iters.div_ceil(20).min(200) {
         client
@@ -493,18 +505,7 @@ fn host(opts: &Opts) {
     }
     let rl = measure(&mut r.client(), &disk, iters, Duration::from_secs(10));
     let ql = measure(&mut q.client(), &disk, iters, Duration::from_secs(10));
-    row_d(
-        place,
-        &format!("READ KEYS round trip p50 (n={})", rl.n),
-        rl.p50,
-        ql.p50,
-    );
-    row_d(
-        place,
-        &format!("READ KEYS round trip p99 (n={})", rl.n),
-        rl.p99,
-        ql.p99,
-    );
+    round_trip_rows(place, &rl, &ql);
     for n in [1, 16, 256] {
         let dur = scaled_d(opts, Duration::from_secs(2));
         let rt = throughput(&r, &open, n, dur);
@@ -647,18 +648,7 @@ fn guest(opts: &Opts) {
         &format!("{} / {}", us(raw.p50), us(raw.p99)),
         "—",
     );
-    row_d(
-        place,
-        &format!("READ KEYS round trip p50 (n={})", rl.n),
-        rl.p50,
-        ql.p50,
-    );
-    row_d(
-        place,
-        &format!("READ KEYS round trip p99 (n={})", rl.n),
-        rl.p99,
-        ql.p99,
-    );
+    round_trip_rows(place, &rl, &ql);
     let ro = rl.p50.saturating_sub(raw.p50);
     let qo = ql.p50.saturating_sub(raw.p50);
     row_d(

@@ -414,6 +414,15 @@ mod tests {
         .encode()
     }
 
+    /// READ KEYS with the largest allocation length.
+    fn read_keys_cdb() -> [u8; 10] {
+        PrInCdb {
+            service_action: 0,
+            allocation_length: 8192,
+        }
+        .encode()
+    }
+
     fn basic(key: u64, sa_key: u64) -> Vec<u8> {
         let mut p = vec![0u8; 24];
         p[..8].copy_from_slice(&key.to_be_bytes());
@@ -425,16 +434,7 @@ mod tests {
     fn non_multipath_fds_go_to_sg_io() {
         let lib = FakeLib::new(0, vec![]);
         let r = router(MapKind::Other, lib.clone(), nowhere());
-        let a = run(
-            &r,
-            &PrInCdb {
-                service_action: 0,
-                allocation_length: 8192,
-            }
-            .encode(),
-            &[],
-        )
-        .unwrap();
+        let a = run(&r, &read_keys_cdb(), &[]).unwrap();
         // SG_IO on a regular file: ENOTTY → ABORTED COMMAND / I/O ERROR.
         assert_eq!(a, Answer::check(SenseCode::IO_ERROR));
         assert!(lib.calls.lock().unwrap().is_empty());
@@ -443,16 +443,7 @@ mod tests {
             sgio: SgIo::default(),
             mpath: None,
         };
-        let a = run(
-            &plain,
-            &PrInCdb {
-                service_action: 0,
-                allocation_length: 8192,
-            }
-            .encode(),
-            &[],
-        )
-        .unwrap();
+        let a = run(&plain, &read_keys_cdb(), &[]).unwrap();
         assert_eq!(a, Answer::check(SenseCode::IO_ERROR));
     }
 
@@ -464,16 +455,7 @@ mod tests {
         resp[8..16].copy_from_slice(&0x1234u64.to_be_bytes());
         let lib = FakeLib::new(0, resp);
         let r = router(MapKind::Multipath { minor: 3 }, lib.clone(), nowhere());
-        let a = run(
-            &r,
-            &PrInCdb {
-                service_action: 0,
-                allocation_length: 8192,
-            }
-            .encode(),
-            &[],
-        )
-        .unwrap();
+        let a = run(&r, &read_keys_cdb(), &[]).unwrap();
         assert_eq!(a.status, Status::GOOD);
         assert_eq!(
             a.data,
