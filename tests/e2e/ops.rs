@@ -101,6 +101,21 @@ fn unregister_map(d: &Daemon) -> TestResult {
     )
 }
 
+/// Remove the registration of one path's I_T nexus only, directly on that
+/// path with sg_persist (as after a failover that went wrong).
+fn unregister_path(path: &Path) -> TestResult {
+    sg_persist(
+        &[
+            "--out",
+            "--register",
+            &format!("--param-rk={KEY:#x}"),
+            "--param-sark=0",
+        ],
+        path,
+    )?;
+    Ok(())
+}
+
 fn ops_status_consistent_map() -> TestResult {
     let d = Daemon::start("reservd-ops", &[])?;
     registered_map(&d)?;
@@ -165,15 +180,7 @@ fn ops_status_path_lost_its_key_and_repair() -> TestResult {
     let dev = mp_dev();
     // Path 2's I_T nexus loses its registration (as after a failover that
     // went wrong); path 1 keeps its own.
-    sg_persist(
-        &[
-            "--out",
-            "--register",
-            &format!("--param-rk={KEY:#x}"),
-            "--param-sark=0",
-        ],
-        &p2,
-    )?;
+    unregister_path(&p2)?;
     check!(
         device_keys(&p1)? == vec![KEY],
         "one registration left: {:x?}",
@@ -354,15 +361,7 @@ fn ops_status_offline_path_is_not_counted() -> TestResult {
     registered_map(&d)?;
     let (_, p2) = mp_paths();
     let dev = mp_dev();
-    sg_persist(
-        &[
-            "--out",
-            "--register",
-            &format!("--param-rk={KEY:#x}"),
-            "--param-sark=0",
-        ],
-        &p2,
-    )?;
+    unregister_path(&p2)?;
     let state = PathBuf::from(format!("/sys/block/{}/device/state", name(&p2)));
     std::fs::write(&state, "offline\n").map_err(|e| format!("{}: {e}", state.display()))?;
     let o = reservdctl(&["status", dev.to_str().unwrap()], Stdio::null());
