@@ -255,6 +255,15 @@ fn rule(conds: Vec<SeccompCondition>) -> anyhow::Result<SeccompRule> {
     SeccompRule::new(conds).context("building a seccomp rule")
 }
 
+/// One rule per value: the call is allowed when argument `arg` equals any
+/// of `values`.
+fn arg_in(arg: u8, values: impl IntoIterator<Item = u64>) -> anyhow::Result<Vec<SeccompRule>> {
+    values
+        .into_iter()
+        .map(|v| rule(vec![cond(arg, SeccompCmpOp::Eq, v)?]))
+        .collect()
+}
+
 /// The rules of the allow-list, for the process `pid` (the target of the
 /// signals reservd may send itself).
 fn rules(pid: u32) -> anyhow::Result<BTreeMap<i64, Vec<SeccompRule>>> {
@@ -264,33 +273,17 @@ fn rules(pid: u32) -> anyhow::Result<BTreeMap<i64, Vec<SeccompRule>>> {
         map.insert(nr, vec![]);
     }
     // ioctl(fd, request, ...): the request is an unsigned int to the kernel.
-    let ioctls = IOCTLS
-        .iter()
-        .chain(DM_IOCTLS)
-        .map(|&(req, _)| rule(vec![cond(1, Eq, req)?]))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    map.insert(libc::SYS_ioctl, ioctls);
+    let requests = IOCTLS.iter().chain(DM_IOCTLS).map(|&(req, _)| req);
+    map.insert(libc::SYS_ioctl, arg_in(1, requests)?);
     map.insert(
         libc::SYS_socket,
-        vec![
-            rule(vec![cond(0, Eq, libc::AF_UNIX as u64)?])?,
-            rule(vec![cond(0, Eq, libc::AF_NETLINK as u64)?])?,
-        ],
+        arg_in(0, [libc::AF_UNIX as u64, libc::AF_NETLINK as u64])?,
     );
-    map.insert(
-        libc::SYS_socketpair,
-        vec![rule(vec![cond(0, Eq, libc::AF_UNIX as u64)?])?],
-    );
-    map.insert(
-        libc::SYS_tgkill,
-        vec![rule(vec![cond(0, Eq, u64::from(pid))?])?],
-    );
+    map.insert(libc::SYS_socketpair, arg_in(0, [libc::AF_UNIX as u64])?);
+    map.insert(libc::SYS_tgkill, arg_in(0, [u64::from(pid)])?);
     map.insert(
         libc::SYS_prctl,
-        vec![
-            rule(vec![cond(0, Eq, libc::PR_SET_NAME as u64)?])?,
-            rule(vec![cond(0, Eq, libc::PR_GET_NAME as u64)?])?,
-        ],
+        arg_in(0, [libc::PR_SET_NAME as u64, libc::PR_GET_NAME as u64])?,
     );
     // prlimit64(pid, resource, new_limit = NULL, old_limit): reading only.
     map.insert(
