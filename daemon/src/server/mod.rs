@@ -154,7 +154,6 @@ impl Server {
         config: Config,
     ) -> io::Result<Server> {
         listener.set_nonblocking(true)?;
-        raise_fd_limit(config.max_connections, config.max_workers);
         let mut listener = UnixListener::from_std(listener);
         let poll = Poll::new()?;
         poll.registry()
@@ -665,7 +664,6 @@ pub fn block_stop_signals() -> io::Result<()> {
 /// the default connection limit. The daemon calls it before its seccomp
 /// filter, which lets the limit be read but not changed.
 pub fn raise_fd_limit(max_connections: usize, max_workers: usize) {
-    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return;
@@ -680,7 +678,7 @@ pub fn raise_fd_limit(max_connections: usize, max_workers: usize) {
             Err(e) => log::warn!("cannot raise the open-file limit from {soft}: {e}"),
         }
     }
-    if hard < want && !WARNED.swap(true, Ordering::SeqCst) {
+    if hard < want {
         log::warn!(
             "the open-file limit ({hard}) is below what {max_connections} connections \
              need ({want}); connections beyond it wait in the listen backlog"
