@@ -3,8 +3,9 @@
 //! After privileges are dropped, reservd installs a seccomp filter on every
 //! thread of the process (SECCOMP_FILTER_FLAG_TSYNC; threads started later
 //! inherit it) that lets through only the system calls serving clients
-//! needs: the event loop (epoll, eventfd, signalfd, accept4, recvmsg/sendmsg
-//! with SCM_RIGHTS), the worker threads (clone/clone3, futex, mmap...),
+//! needs: the event loop (epoll, eventfd, signalfd, the crew's timerfd,
+//! accept4, recvmsg/sendmsg with SCM_RIGHTS), the server's threads
+//! (clone/clone3, futex, mmap...),
 //! SG_IO and the read-only device-mapper ioctls, and what libmpathpersist
 //! and the libraries under it do while running a command: open the path
 //! devices, read sysfs and `/dev/mapper` through libudev, talk to
@@ -186,6 +187,8 @@ fn plain_syscalls() -> Vec<i64> {
         libc::SYS_epoll_pwait,
         libc::SYS_epoll_pwait2,
         libc::SYS_eventfd2,
+        libc::SYS_timerfd_create,
+        libc::SYS_timerfd_settime,
         libc::SYS_ppoll,
         libc::SYS_pselect6,
         // Sockets: the listener, clients, multipathd, the journal.

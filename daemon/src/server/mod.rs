@@ -1,12 +1,14 @@
-//! The event loop: one mio thread owns the listener, every connection, the
-//! signal fd and a waker. Device commands run on the worker pool. The worker
-//! writes the answer to the (non-blocking) socket itself, so the client does
-//! not wait for the loop to wake up; what could not be written, and the end
-//! of the command, come back over a channel and wake the loop. Nothing here
-//! blocks.
+//! The event loop: a mio loop owns the listener, every connection, the
+//! signal fd and a waker, and is run by one thread of the crew at a time
+//! (`crew.rs`). When a turn of the loop has read a request, its thread runs
+//! the device command itself and writes the answer to the (non-blocking)
+//! socket; the loop goes on with that thread when the command ends, or with
+//! the crew's standby thread if the command takes long. What could not be
+//! written, and the end of the command, come back over a channel. Nothing
+//! the loop does blocks.
 
+pub mod crew;
 pub mod fdpass;
-pub mod worker;
 
 use std::collections::VecDeque;
 use std::io;
@@ -88,12 +90,12 @@ impl ShutdownHandle {
 enum ConnState {
     /// Reading the handshake, a CDB or a parameter list.
     Reading,
-    /// A command is on a worker.
+    /// A command is running on a thread of the crew.
     InFlight,
 }
 
 struct Conn {
-    /// Shared with the worker running this connection's command, which
+    /// Shared with the thread running this connection's command, which
     /// writes the answer; the fd stays open until both are done with it.
     stream: Arc<UnixStream>,
     /// Unique for the life of the server; guards against reused slab slots.
@@ -117,7 +119,7 @@ struct Completion {
     outcome: Outcome,
 }
 
-/// How a command on a worker ended.
+/// How a command ended.
 enum Outcome {
     /// The answer was sent, but for `unsent` (the socket was full).
     Answered { unsent: Vec<u8> },
@@ -132,7 +134,10 @@ pub struct Server {
     listener: Option<UnixListener>,
     conns: Slab<Conn>,
     backend: Arc<dyn PrBackend>,
-    pool: worker::Pool,
+    /// Commands read in this turn of the loop, for the crew to run.
+    ready: Vec<crew::Job>,
+    /// Shutting down: when the wait for commands in flight ends.
+    drain_deadline: Option<Instant>,
     waker: Arc<Waker>,
     done_tx: Sender<Completion>,
     done_rx: Receiver<Completion>,
@@ -165,7 +170,8 @@ impl Server {
             listener: Some(listener),
             conns: Slab::new(),
             backend,
-            pool: worker::Pool::new(config.max_workers),
+            ready: Vec::new(),
+            drain_deadline: None,
             waker,
             done_tx,
             done_rx,
@@ -205,16 +211,52 @@ impl Server {
     }
 
     /// Serve until shut down; then finish commands in flight and return.
-    pub fn run(mut self) -> io::Result<()> {
-        let mut events = Events::with_capacity(256);
-        while !self.shutdown.load(Ordering::SeqCst) {
-            let timeout = self
-                .next_scan
-                .map(|t| t.saturating_duration_since(Instant::now()));
-            self.poll_once(&mut events, timeout)?;
-            self.expire_frames();
+    /// The calling thread waits while the crew runs the loop.
+    pub fn run(self) -> io::Result<()> {
+        let max_workers = self.config.max_workers;
+        let lp = Turns {
+            server: self,
+            events: Events::with_capacity(256),
+        };
+        crew::run(lp, max_workers)?
+    }
+
+    /// One turn of the loop: serve until requests are ready to run, or
+    /// until shut down and drained.
+    fn turn(&mut self, events: &mut Events) -> crew::Turn<io::Result<()>> {
+        // Commands that ended while the loop was down, without waiting.
+        self.collect_completions();
+        loop {
+            if !self.ready.is_empty() {
+                return crew::Turn::Jobs(std::mem::take(&mut self.ready));
+            }
+            if self.shutdown.load(Ordering::SeqCst) && self.drain_deadline.is_none() {
+                self.start_drain();
+            }
+            let r = match self.drain_deadline {
+                None => {
+                    let timeout = self
+                        .next_scan
+                        .map(|t| t.saturating_duration_since(Instant::now()));
+                    let r = self.poll_once(events, timeout);
+                    self.expire_frames();
+                    r
+                }
+                Some(deadline) => {
+                    if !self.draining(deadline) {
+                        self.finish_drain();
+                        return crew::Turn::Done(Ok(()));
+                    }
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let r = self.poll_once(events, Some(left.min(Duration::from_millis(200))));
+                    self.close_finished();
+                    r
+                }
+            };
+            if let Err(e) = r {
+                return crew::Turn::Done(Err(e));
+            }
         }
-        self.drain(&mut events)
     }
 
     fn poll_once(&mut self, events: &mut Events, timeout: Option<Duration>) -> io::Result<()> {
@@ -260,8 +302,12 @@ impl Server {
         else {
             return;
         };
+        // No frame in progress: nothing to scan, and no clock to read.
+        let Some(due) = self.next_scan else {
+            return;
+        };
         let now = Instant::now();
-        if self.next_scan.is_some_and(|t| now < t) {
+        if now < due {
             return;
         }
         let mut any = false;
@@ -305,50 +351,49 @@ impl Server {
         }
     }
 
-    fn drain(&mut self, events: &mut Events) -> io::Result<()> {
+    /// Stop accepting, close idle connections and start waiting for the
+    /// commands in flight.
+    fn start_drain(&mut self) {
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
-        let deadline = Instant::now() + self.config.drain_timeout;
+        self.drain_deadline = Some(Instant::now() + self.config.drain_timeout);
         // Idle connections do not hold the daemon; close them now.
-        let idle: Vec<usize> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| matches!(c.state, ConnState::Reading) && c.out.is_empty())
-            .map(|(k, _)| k)
-            .collect();
-        for k in idle {
-            self.close(k, None);
-        }
+        self.close_finished();
         if self.in_flight > 0 {
             log::info!(
                 "shutting down: waiting for {} command(s) in flight",
                 self.in_flight
             );
         }
-        while (self.in_flight > 0 || self.conns.iter().any(|(_, c)| !c.out.is_empty()))
+    }
+
+    /// Still waiting for commands in flight or answers to go out.
+    fn draining(&self, deadline: Instant) -> bool {
+        (self.in_flight > 0 || self.conns.iter().any(|(_, c)| !c.out.is_empty()))
             && Instant::now() < deadline
-        {
-            let left = deadline.saturating_duration_since(Instant::now());
-            self.poll_once(events, Some(left.min(Duration::from_millis(200))))?;
-            // Connections whose answer went out are done.
-            let finished: Vec<usize> = self
-                .conns
-                .iter()
-                .filter(|(_, c)| matches!(c.state, ConnState::Reading) && c.out.is_empty())
-                .map(|(k, _)| k)
-                .collect();
-            for k in finished {
-                self.close(k, None);
-            }
+    }
+
+    /// Close the connections with nothing in flight and nothing to send.
+    fn close_finished(&mut self) {
+        let finished: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.state, ConnState::Reading) && c.out.is_empty())
+            .map(|(k, _)| k)
+            .collect();
+        for k in finished {
+            self.close(k, None);
         }
+    }
+
+    fn finish_drain(&self) {
         if self.in_flight > 0 {
             log::warn!(
                 "shutting down with {} command(s) still in flight",
                 self.in_flight
             );
         }
-        Ok(())
     }
 
     fn read_signals(&mut self) {
@@ -499,11 +544,10 @@ impl Server {
         conn.state = ConnState::InFlight;
         self.in_flight += 1;
         let peer_cred = conn.peer_cred;
-        let (id, backend, tx, waker, stream) = (
+        let (id, backend, tx, stream) = (
             conn.id,
             Arc::clone(&self.backend),
             self.done_tx.clone(),
-            Arc::clone(&self.waker),
             Arc::clone(&conn.stream),
         );
         log::debug!(
@@ -511,7 +555,7 @@ impl Server {
             request.cdb[0],
             request.cdb[1] & 0x1f
         );
-        self.pool.submit(move || {
+        self.ready.push(Box::new(move || {
             let result = {
                 let cmd = Command {
                     nexus: id,
@@ -537,10 +581,9 @@ impl Server {
                 Err(e) => Outcome::Failed(e),
             };
             drop(stream);
-            if tx.send(Completion { key, id, outcome }).is_ok() {
-                let _ = waker.wake();
-            }
-        });
+            // The crew wakes the loop if another thread has it.
+            let _ = tx.send(Completion { key, id, outcome });
+        }));
     }
 
     fn collect_completions(&mut self) {
@@ -634,6 +677,26 @@ impl Server {
         if !busy {
             self.backend.disconnect(conn.id);
         }
+    }
+}
+
+/// The server and its event buffer, run by the crew one turn at a time.
+struct Turns {
+    server: Server,
+    events: Events,
+}
+
+impl crew::Loop for Turns {
+    type Output = io::Result<()>;
+    fn turn(&mut self) -> crew::Turn<io::Result<()>> {
+        self.server.turn(&mut self.events)
+    }
+
+    fn waker(&self) -> Arc<dyn Fn() + Send + Sync> {
+        let waker = Arc::clone(&self.server.waker);
+        Arc::new(move || {
+            let _ = waker.wake();
+        })
     }
 }
 

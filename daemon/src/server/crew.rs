@@ -1,0 +1,534 @@
+//! The server's threads. A request crosses no thread on its way from the
+//! socket to the device and back: the thread running the event loop, once
+//! it has read a request, runs the device command itself. Meanwhile the
+//! loop is *down*: no thread runs it. A command that ends quickly (a
+//! healthy device answers well within a millisecond) finds the loop where
+//! it left it and goes on with it; no other thread is woken. One that runs
+//! longer than [`RESCUE_AFTER`] is rescued: a standby thread, asleep on a
+//! timerfd armed when the loop was put down, takes the loop over and serves
+//! every other client, and the slow command's thread stays with its
+//! device. So a hung device holds one thread, and delays the other clients
+//! by at most `RESCUE_AFTER`, once.
+//!
+//! That is for a lone command on a quiet server, the common case (a guest's
+//! cluster software issues one PR command at a time). When one turn of the
+//! loop reads several requests, or commands are already running, the loop
+//! stays on its thread and idle threads (started as needed) run the
+//! commands, one each. Commands running at once are capped (`max_workers`):
+//! past the cap they wait in a queue for the first thread that finishes,
+//! and the loop goes on.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
+
+pub type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// How long the loop stays down while its thread runs a command before the
+/// standby thread takes it over.
+pub const RESCUE_AFTER: Duration = Duration::from_millis(1);
+
+/// How long an idle thread waits for work before it exits.
+const IDLE_EXIT: Duration = Duration::from_secs(30);
+
+/// An event loop the crew runs, one thread at a time.
+pub trait Loop: Send + 'static {
+    type Output: Send + 'static;
+    /// Run until there are commands to run (`Jobs`, never empty) or the
+    /// loop is over (`Done`). A turn first takes in what commands that ended
+    /// meanwhile reported, without waiting.
+    fn turn(&mut self) -> Turn<Self::Output>;
+    /// Makes a turn waiting for events return: called when a command ended
+    /// while another thread had the loop.
+    fn waker(&self) -> Arc<dyn Fn() + Send + Sync>;
+}
+
+pub enum Turn<T> {
+    Jobs(Vec<Job>),
+    Done(T),
+}
+
+struct State<L: Loop> {
+    /// The loop, while it is down.
+    down: Option<L>,
+    /// Commands waiting for a thread.
+    queue: VecDeque<Job>,
+    /// Commands running.
+    running: usize,
+    /// Threads waiting on `work`.
+    idle: usize,
+    /// A thread is asleep on the timer.
+    standby: bool,
+    threads: usize,
+    /// Threads started that have not yet looked for work.
+    starting: usize,
+    /// What the loop returned, for `run`.
+    done: Option<L::Output>,
+    finished: bool,
+}
+
+struct Shared<L: Loop> {
+    state: Mutex<State<L>>,
+    /// Idle threads wait here.
+    work: Condvar,
+    /// `run` waits here for the end of the loop.
+    over: Condvar,
+    /// Armed while the loop is down; the standby thread waits on it.
+    timer: TimerFd,
+    wake: Arc<dyn Fn() + Send + Sync>,
+    max_workers: usize,
+    rescue_after: Duration,
+}
+
+impl<L: Loop> Shared<L> {
+    fn lock(&self) -> MutexGuard<'_, State<L>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn arm(&self, after: Duration) {
+        let when = Expiration::OneShot(TimeSpec::from_duration(after));
+        if let Err(e) = self.timer.set(when, TimerSetTimeFlags::empty()) {
+            log::error!("cannot arm the loop's rescue timer: {e}");
+        }
+    }
+
+    fn disarm(&self) {
+        // Disarming also clears a past expiry not yet read.
+        let _ = self.timer.unset();
+    }
+}
+
+/// Run `lp` until it is done, with at most `max_workers` commands at once;
+/// the calling thread only waits. Fails if no thread can be started.
+pub fn run<L: Loop>(lp: L, max_workers: usize) -> std::io::Result<L::Output> {
+    run_with(lp, max_workers, RESCUE_AFTER)
+}
+
+fn run_with<L: Loop>(
+    lp: L,
+    max_workers: usize,
+    rescue_after: Duration,
+) -> std::io::Result<L::Output> {
+    let timer = TimerFd::new(ClockId::CLOCK_MONOTONIC, TimerFlags::TFD_CLOEXEC)?;
+    let shared = Arc::new(Shared {
+        wake: lp.waker(),
+        state: Mutex::new(State {
+            down: Some(lp),
+            queue: VecDeque::new(),
+            running: 0,
+            idle: 0,
+            standby: false,
+            threads: 0,
+            starting: 0,
+            done: None,
+            finished: false,
+        }),
+        work: Condvar::new(),
+        over: Condvar::new(),
+        timer,
+        max_workers: max_workers.max(1),
+        rescue_after,
+    });
+    let mut st = shared.lock();
+    spawn(&shared, &mut st, true)?;
+    loop {
+        if let Some(out) = st.done.take() {
+            return Ok(out);
+        }
+        st = shared.over.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// Start one more thread; the caller holds the lock.
+fn spawn<L: Loop>(
+    shared: &Arc<Shared<L>>,
+    st: &mut State<L>,
+    loop_first: bool,
+) -> std::io::Result<()> {
+    let s = Arc::clone(shared);
+    std::thread::Builder::new()
+        .name("reservd-loop".into())
+        .spawn(move || serve(&s, loop_first))?;
+    st.threads += 1;
+    st.starting += 1;
+    Ok(())
+}
+
+/// A thread of the crew. `loop_first`: the first thread, which starts the
+/// loop; the others start as runners of queued commands or as the standby.
+fn serve<L: Loop>(shared: &Arc<Shared<L>>, mut loop_first: bool) {
+    let mut st = shared.lock();
+    st.starting -= 1;
+    // A thread whose command just ended, or whose timer fired, takes a
+    // loop that is down before anything else. A new or woken thread runs a
+    // queued command, or becomes the standby, and leaves the loop to the
+    // thread that put it down (or to the rescue).
+    loop {
+        if st.finished {
+            break;
+        }
+        if loop_first && st.down.is_some() {
+            st = take_loop(shared, st);
+            continue;
+        }
+        // The loop is down with nobody to rescue it: that comes first.
+        let rescue_needed = st.down.is_some() && !st.standby;
+        if !rescue_needed && st.running < shared.max_workers && !st.queue.is_empty() {
+            let job = st.queue.pop_front().expect("checked");
+            st = run_job(shared, st, job);
+            loop_first = true;
+            continue;
+        }
+        if !st.standby {
+            st.standby = true;
+            drop(st);
+            let _ = shared.timer.wait();
+            st = shared.lock();
+            st.standby = false;
+            loop_first = true;
+            continue;
+        }
+        st.idle += 1;
+        let (g, wait) = shared
+            .work
+            .wait_timeout(st, IDLE_EXIT)
+            .unwrap_or_else(|e| e.into_inner());
+        st = g;
+        st.idle -= 1;
+        loop_first = false;
+        if wait.timed_out() && st.down.is_none() && st.queue.is_empty() {
+            break;
+        }
+    }
+    st.threads -= 1;
+}
+
+/// Take the loop that is down and run it; the caller holds the lock.
+fn take_loop<'a, L: Loop>(
+    shared: &'a Arc<Shared<L>>,
+    mut st: MutexGuard<'a, State<L>>,
+) -> MutexGuard<'a, State<L>> {
+    let lp = st.down.take().expect("the loop is down");
+    shared.disarm();
+    lead(shared, st, lp)
+}
+
+/// Run one command; the caller holds the lock, and gets it back.
+fn run_job<'a, L: Loop>(
+    shared: &'a Arc<Shared<L>>,
+    mut st: MutexGuard<'a, State<L>>,
+    job: Job,
+) -> MutexGuard<'a, State<L>> {
+    st.running += 1;
+    drop(st);
+    job();
+    let mut st = shared.lock();
+    st.running -= 1;
+    if st.down.is_none() && !st.finished {
+        // Another thread has the loop: tell it the command ended.
+        (shared.wake)();
+    }
+    st
+}
+
+/// Run the loop until it has a lone command to run on this thread (the loop
+/// is then down, with a standby ready to rescue it); hand commands that
+/// come with others to other threads and go on.
+fn lead<'a, L: Loop>(
+    shared: &'a Arc<Shared<L>>,
+    mut st: MutexGuard<'a, State<L>>,
+    mut lp: L,
+) -> MutexGuard<'a, State<L>> {
+    loop {
+        drop(st);
+        let turn = lp.turn();
+        st = shared.lock();
+        let jobs = match turn {
+            Turn::Done(out) => {
+                st.done = Some(out);
+                st.finished = true;
+                shared.over.notify_all();
+                shared.work.notify_all();
+                // Wake the standby thread so that it leaves.
+                shared.arm(Duration::from_nanos(1));
+                drop(st);
+                drop(lp);
+                return shared.lock();
+            }
+            Turn::Jobs(jobs) => jobs,
+        };
+        st.queue.extend(jobs);
+        if st.running >= shared.max_workers {
+            // At the cap: the commands wait, the loop goes on here.
+            continue;
+        }
+        if st.queue.len() == 1 && st.running == 0 {
+            // A lone command on a quiet server: run it on this thread, with
+            // a standby ready to rescue the loop.
+            let mine = st.queue.pop_front().expect("one job");
+            if !st.standby {
+                if st.idle > 0 {
+                    shared.work.notify_one();
+                } else if st.starting == 0 {
+                    if let Err(e) = spawn(shared, &mut st, false) {
+                        log::error!("cannot start a server thread: {e}");
+                    }
+                }
+            }
+            st.down = Some(lp);
+            shared.arm(shared.rescue_after);
+            return run_job(shared, st, mine);
+        }
+        // Busy: the loop stays on this thread, other threads run the
+        // commands (one each, as many as may start now).
+        let startable = st.queue.len().min(shared.max_workers - st.running);
+        let mut available = st.idle + st.starting;
+        while available < startable {
+            if let Err(e) = spawn(shared, &mut st, false) {
+                log::error!("cannot start a server thread: {e}");
+                break;
+            }
+            available += 1;
+        }
+        for _ in 0..startable.min(st.idle) {
+            shared.work.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc::{channel, Receiver, Sender};
+    use std::time::Instant;
+
+    /// A loop fed by a channel: each message is a batch of commands; `None`
+    /// ends it. It records which thread ran each turn.
+    struct Fed {
+        rx: Receiver<Option<Vec<Job>>>,
+        turns: Arc<AtomicUsize>,
+    }
+
+    impl Loop for Fed {
+        type Output = &'static str;
+        fn turn(&mut self) -> Turn<&'static str> {
+            self.turns.fetch_add(1, Ordering::SeqCst);
+            match self.rx.recv() {
+                Ok(Some(jobs)) => Turn::Jobs(jobs),
+                _ => Turn::Done("over"),
+            }
+        }
+        fn waker(&self) -> Arc<dyn Fn() + Send + Sync> {
+            Arc::new(|| {})
+        }
+    }
+
+    type Feed = Sender<Option<Vec<Job>>>;
+
+    fn start(max_workers: usize) -> (Feed, std::thread::JoinHandle<&'static str>) {
+        let (tx, h, _) = start_counted(max_workers);
+        (tx, h)
+    }
+
+    /// Also returns the number of turns the loop has begun.
+    fn start_counted(
+        max_workers: usize,
+    ) -> (
+        Feed,
+        std::thread::JoinHandle<&'static str>,
+        Arc<AtomicUsize>,
+    ) {
+        let (tx, rx) = channel();
+        let turns = Arc::new(AtomicUsize::new(0));
+        let lp = Fed {
+            rx,
+            turns: Arc::clone(&turns),
+        };
+        let h = std::thread::spawn(move || run(lp, max_workers).unwrap());
+        (tx, h, turns)
+    }
+
+    fn job(f: impl FnOnce() + Send + 'static) -> Job {
+        Box::new(f)
+    }
+
+    #[test]
+    fn the_thread_that_reads_a_command_runs_it() {
+        /// Returns one command per turn and notes the turn's thread.
+        struct Noting {
+            rx: Receiver<Option<Job>>,
+            turn_thread: Arc<Mutex<Option<std::thread::ThreadId>>>,
+        }
+        impl Loop for Noting {
+            type Output = ();
+            fn turn(&mut self) -> Turn<()> {
+                match self.rx.recv() {
+                    Ok(Some(job)) => {
+                        *self.turn_thread.lock().unwrap() = Some(std::thread::current().id());
+                        Turn::Jobs(vec![job])
+                    }
+                    _ => Turn::Done(()),
+                }
+            }
+            fn waker(&self) -> Arc<dyn Fn() + Send + Sync> {
+                Arc::new(|| {})
+            }
+        }
+        let (tx, rx) = channel();
+        let turn_thread = Arc::new(Mutex::new(None));
+        let lp = Noting {
+            rx,
+            turn_thread: Arc::clone(&turn_thread),
+        };
+        // No rescue within the test: quick commands never hand the loop over.
+        let h = std::thread::spawn(move || run_with(lp, 4, Duration::from_secs(30)).unwrap());
+        let (done_tx, done_rx) = channel();
+        let mut threads = std::collections::HashSet::new();
+        for _ in 0..10 {
+            let (t, d) = (Arc::clone(&turn_thread), done_tx.clone());
+            tx.send(Some(job(move || {
+                let read_by = t.lock().unwrap().expect("noted");
+                let me = std::thread::current().id();
+                d.send((read_by == me, me)).unwrap();
+            })))
+            .unwrap();
+            let (same, ran_on) = done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            assert!(
+                same,
+                "a command ran on another thread than the one that read it"
+            );
+            threads.insert(ran_on);
+        }
+        // The loop came back to the same thread every time.
+        assert_eq!(threads.len(), 1);
+        tx.send(None).unwrap();
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn a_blocked_command_does_not_stall_the_loop() {
+        let (tx, h) = start(8);
+        let (gate_tx, gate_rx) = channel::<()>();
+        let (done_tx, done_rx) = channel();
+        tx.send(Some(vec![job(move || {
+            let _ = gate_rx.recv();
+        })]))
+        .unwrap();
+        let d = done_tx.clone();
+        tx.send(Some(vec![job(move || d.send(2).unwrap())]))
+            .unwrap();
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(5)), Ok(2));
+        gate_tx.send(()).unwrap();
+        tx.send(None).unwrap();
+        assert_eq!(h.join().unwrap(), "over");
+    }
+
+    #[test]
+    fn a_batch_runs_in_parallel() {
+        let (tx, h) = start(8);
+        // Four commands that each wait for all four to have started.
+        let started = Arc::new(AtomicUsize::new(0));
+        let (done_tx, done_rx) = channel();
+        let jobs = (0..4)
+            .map(|i| {
+                let (s, d) = (Arc::clone(&started), done_tx.clone());
+                job(move || {
+                    s.fetch_add(1, Ordering::SeqCst);
+                    let t = Instant::now();
+                    while s.load(Ordering::SeqCst) < 4 && t.elapsed() < Duration::from_secs(5) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    d.send((i, s.load(Ordering::SeqCst))).unwrap();
+                })
+            })
+            .collect();
+        tx.send(Some(jobs)).unwrap();
+        for _ in 0..4 {
+            let (_, seen) = done_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            assert_eq!(seen, 4);
+        }
+        tx.send(None).unwrap();
+        assert_eq!(h.join().unwrap(), "over");
+    }
+
+    #[test]
+    fn commands_beyond_the_cap_wait_their_turn_and_the_loop_goes_on() {
+        let (tx, h, turns) = start_counted(2);
+        let (gate_tx, gate_rx) = channel::<()>();
+        let gate_rx = Arc::new(Mutex::new(gate_rx));
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let (done_tx, done_rx) = channel();
+        for i in 0..4 {
+            let (g, d, r, m) = (
+                Arc::clone(&gate_rx),
+                done_tx.clone(),
+                Arc::clone(&running),
+                Arc::clone(&most),
+            );
+            tx.send(Some(vec![job(move || {
+                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now, Ordering::SeqCst);
+                let _ = g.lock().unwrap().recv();
+                r.fetch_sub(1, Ordering::SeqCst);
+                d.send(i).unwrap();
+            })]))
+            .unwrap();
+        }
+        // The loop still takes turns while two commands hang and two wait.
+        let (ping_tx, ping_rx) = channel();
+        let p = ping_tx.clone();
+        let t = Instant::now();
+        while running.load(Ordering::SeqCst) < 2 && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        tx.send(Some(vec![job(move || p.send(()).unwrap())]))
+            .unwrap();
+        // Five batches taken: the loop is on its sixth turn, waiting.
+        let t = Instant::now();
+        while turns.load(Ordering::SeqCst) < 6 && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(turns.load(Ordering::SeqCst), 6, "the loop stalled");
+        assert_eq!(running.load(Ordering::SeqCst), 2);
+        for _ in 0..4 {
+            gate_tx.send(()).unwrap();
+        }
+        let mut got: Vec<i32> = (0..4)
+            .map(|_| done_rx.recv_timeout(Duration::from_secs(5)).unwrap())
+            .collect();
+        got.sort();
+        assert_eq!(got, vec![0, 1, 2, 3]);
+        ping_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(
+            most.load(Ordering::SeqCst) <= 2,
+            "{} at once",
+            most.load(Ordering::SeqCst)
+        );
+        tx.send(None).unwrap();
+        assert_eq!(h.join().unwrap(), "over");
+    }
+
+    #[test]
+    fn idle_threads_are_reused() {
+        let (tx, h) = start(8);
+        let (done_tx, done_rx) = channel();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..20 {
+            let d = done_tx.clone();
+            tx.send(Some(vec![job(move || {
+                d.send(std::thread::current().id()).unwrap()
+            })]))
+            .unwrap();
+            seen.insert(done_rx.recv_timeout(Duration::from_secs(5)).unwrap());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(seen.len() <= 2, "{} threads", seen.len());
+        tx.send(None).unwrap();
+        assert_eq!(h.join().unwrap(), "over");
+    }
+}
