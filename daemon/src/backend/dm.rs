@@ -2,7 +2,10 @@
 //! `/dev/mapper/control` with `dev = st_rdev`, as qemu-pr-helper does.
 //!
 //! Every command asks afresh (a map can be reloaded or removed at any
-//! time, so nothing is cached). No failure here stops reservd: ENXIO means
+//! time, so nothing is cached), except for what cannot change while
+//! reservd holds the control node open: device-mapper's block major, read
+//! from `/proc/devices` at start-up. A block device with another major (a
+//! SCSI disk) is not a map, with no ioctl. No failure here stops reservd: ENXIO means
 //! "not a device-mapper device"; any other error is logged and the fd is
 //! treated as not multipath, so the command goes to SG_IO. Without a
 //! usable `/dev/mapper/control` (no device-mapper in the kernel, or no
@@ -68,6 +71,20 @@ pub enum MapKind {
 /// An open `/dev/mapper/control`.
 pub struct DmControl {
     fd: OwnedFd,
+    /// device-mapper's block major; `None` if it could not be read (then
+    /// every block device is asked about).
+    major: Option<u32>,
+}
+
+/// device-mapper's major from the text of `/proc/devices`: the
+/// "device-mapper" line of its "Block devices:" section.
+pub fn dm_block_major(proc_devices: &str) -> Option<u32> {
+    let block = proc_devices.split("Block devices:").nth(1)?;
+    block.lines().find_map(|l| {
+        let mut w = l.split_whitespace();
+        let major = w.next()?.parse().ok()?;
+        (w.next()? == "device-mapper" && w.next().is_none()).then_some(major)
+    })
 }
 
 /// Why device-mapper cannot be used.
@@ -110,7 +127,14 @@ impl DmControl {
         if !meta.file_type().is_char_device() {
             return Err(fail(io::Error::other("not a character device")));
         }
-        let dm = DmControl { fd: file.into() };
+        // The control node is open: the driver (and its major) stays.
+        let major = std::fs::read_to_string("/proc/devices")
+            .ok()
+            .and_then(|t| dm_block_major(&t));
+        let dm = DmControl {
+            fd: file.into(),
+            major,
+        };
         let mut b = Buffer::new(0);
         dm.ioctl(DM_VERSION, &mut b).map_err(fail)?;
         if b.get(0) != DM_VERSION_MAJOR {
@@ -147,6 +171,9 @@ impl DmControl {
             }
         };
         if st.st_mode & libc::S_IFMT != libc::S_IFBLK {
+            return MapKind::Other;
+        }
+        if self.major.is_some_and(|m| libc::major(st.st_rdev) != m) {
             return MapKind::Other;
         }
         let mut b = Buffer::new(st.st_rdev);
@@ -234,7 +261,42 @@ mod tests {
     fn fake_control() -> DmControl {
         DmControl {
             fd: std::fs::File::open("/dev/null").unwrap().into(),
+            major: None,
         }
+    }
+
+    #[test]
+    fn device_mapper_major_comes_from_the_block_section() {
+        let text = "Character devices:\n  1 mem\n254 device-mapper\n 10 misc\n\n\
+                    Block devices:\n  7 loop\n  8 sd\n  9 md\n253 device-mapper\n259 blkext\n";
+        // The character-device line with the same name is not taken.
+        assert_eq!(dm_block_major(text), Some(253));
+        assert_eq!(
+            dm_block_major("Block devices:\n  8 sd\n254 device-mapper\n"),
+            Some(254)
+        );
+        // No device-mapper, no block section, a longer name, garbage.
+        assert_eq!(dm_block_major("Block devices:\n  8 sd\n"), None);
+        assert_eq!(
+            dm_block_major("Character devices:\n254 device-mapper\n"),
+            None
+        );
+        assert_eq!(
+            dm_block_major("Block devices:\n254 device-mapper-x\n"),
+            None
+        );
+        assert_eq!(dm_block_major("Block devices:\nxx device-mapper\n"), None);
+        assert_eq!(dm_block_major(""), None);
+    }
+
+    #[test]
+    fn this_machines_proc_devices_parses_when_dm_is_loaded() {
+        let text = std::fs::read_to_string("/proc/devices").unwrap();
+        let listed = text
+            .split("Block devices:")
+            .nth(1)
+            .is_some_and(|b| b.contains(" device-mapper\n"));
+        assert_eq!(dm_block_major(&text).is_some(), listed);
     }
 
     #[test]
