@@ -264,8 +264,9 @@ pub fn device_info_at(sys_dev: &Path, kind: &str, maj: u32, min: u32) -> DeviceI
 /// hands to the real backend.
 pub struct Audited {
     pub inner: Arc<dyn PrBackend>,
-    /// Whether multipath maps go to libmpathpersist (else to SG_IO).
-    pub multipath_active: bool,
+    /// Whether multipath maps go to libmpathpersist (else to SG_IO); asked
+    /// after each command (libmpathpersist may still be loading at start).
+    pub multipath_active: Box<dyn Fn() -> bool + Send + Sync>,
     /// The journal's native socket, when records go there.
     pub journal: Option<PathBuf>,
     /// Whether records are wanted at all (the audit target is enabled).
@@ -275,10 +276,13 @@ pub struct Audited {
 impl Audited {
     /// Wrap `inner` (after the logger is installed: `-q` turns records
     /// off); records go to the journal when stderr is the journal.
-    pub fn new(multipath_active: bool, inner: Arc<dyn PrBackend>) -> Audited {
+    pub fn new(
+        multipath_active: impl Fn() -> bool + Send + Sync + 'static,
+        inner: Arc<dyn PrBackend>,
+    ) -> Audited {
         Audited {
             inner,
-            multipath_active,
+            multipath_active: Box::new(multipath_active),
             journal: crate::logging::stderr_is_journal().then(|| PathBuf::from(JOURNAL_SOCKET)),
             enabled: log::log_enabled!(target: AUDIT_TARGET, log::Level::Info),
         }
@@ -314,7 +318,7 @@ impl PrBackend for Audited {
         }
         let r = self.inner.execute(cmd);
         let device = device_info(cmd.fd);
-        let backend = if self.multipath_active && device.multipath {
+        let backend = if device.multipath && (self.multipath_active)() {
             "multipath"
         } else {
             "sgio"
@@ -542,7 +546,7 @@ mod tests {
         journal.set_nonblocking(true).unwrap();
         let a = Audited {
             inner: Arc::new(Good),
-            multipath_active: true,
+            multipath_active: Box::new(|| true),
             journal: Some(sock.clone()),
             enabled: true,
         };

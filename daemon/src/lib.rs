@@ -125,6 +125,39 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     r.context("event loop")
 }
 
+/// Multipath support, as decided while privileged.
+enum Mpath {
+    /// Off, and why.
+    Off(String),
+    /// Loaded already (reservd runs as another user).
+    Now(backend::dm::DmControl, backend::router::Loaded),
+    /// To load in the background once serving.
+    Later(backend::dm::DmControl),
+}
+
+/// libmultipath's initialisation raises the open-file limit to its
+/// `max_fds` (by default `max`: fs.nr_open). Loaded in the background, it
+/// could not (capabilities dropped, setrlimit refused by the seccomp
+/// filter) and would say so on stderr: raise the limit to fs.nr_open now,
+/// as it would have.
+fn raise_fd_limit_for_libmultipath() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Some(nr_open) = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+    else {
+        return;
+    };
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < nr_open {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, nr_open, hard.max(nr_open)) {
+            log::debug!("cannot raise the open-file limit to {nr_open}: {e}");
+        }
+    }
+}
+
 /// The user and group to switch to.
 #[derive(Clone, Copy)]
 struct Ids {
@@ -165,16 +198,32 @@ fn start(
     }
     let pidfile = pidfile_path.map(startup::write_pidfile).transpose()?;
 
-    // Device-mapper and libmpathpersist are opened while still privileged.
+    // Device-mapper is opened while still privileged. libmpathpersist is
+    // loaded in the background once serving (loading it and the libraries
+    // under it is most of a multipath host's start-up), except with -u:
+    // then it is loaded now, as root (see `Loaded::load`'s warning).
     let runs_as_root =
         ids.uid.is_none_or(|u| u.is_root()) && nix::unistd::Uid::effective().is_root();
-    let mpath = backend::router::MultipathSupport::detect(runs_as_root, cli.sgio_timeout);
-    let keep: &[u32] = if mpath.active() {
-        &[privs::CAP_SYS_RAWIO, privs::CAP_SYS_ADMIN]
-    } else {
-        &[privs::CAP_SYS_RAWIO]
+    let mpath = match backend::dm::DmControl::open() {
+        Err(e) => Mpath::Off(backend::router::no_device_mapper(&e)),
+        Ok(_) if !backend::mpath::installed(mpath_sys::DEFAULT_LIBRARY) => Mpath::Off(
+            backend::router::no_library(&format!("{} not found", mpath_sys::DEFAULT_LIBRARY)),
+        ),
+        Ok(dm) if runs_as_root => Mpath::Later(dm),
+        Ok(dm) => Mpath::Now(
+            dm,
+            backend::router::Loaded::load(runs_as_root, cli.sgio_timeout),
+        ),
+    };
+    let keep: &[u32] = match &mpath {
+        Mpath::Later(_) => &[privs::CAP_SYS_RAWIO, privs::CAP_SYS_ADMIN],
+        Mpath::Now(_, l) if l.multipath.is_some() => &[privs::CAP_SYS_RAWIO, privs::CAP_SYS_ADMIN],
+        _ => &[privs::CAP_SYS_RAWIO],
     };
     // While setrlimit is still allowed: the seccomp filter only lets it read.
+    if matches!(mpath, Mpath::Later(_)) {
+        raise_fd_limit_for_libmultipath();
+    }
     server::raise_fd_limit(
         cli.max_connections as usize,
         server::Config::default().max_workers,
@@ -189,15 +238,34 @@ fn start(
     } else {
         0
     };
-    let router = backend::router::Router {
-        sgio: backend::sgio::SgIo {
-            timeout_ms: cli.sgio_timeout,
-        },
-        mpath: mpath.multipath,
+    let sgio = backend::sgio::SgIo {
+        timeout_ms: cli.sgio_timeout,
     };
+    let (router, summary, loaded_now) = match mpath {
+        Mpath::Off(why) => (backend::router::Router::ready(sgio, None, None), why, None),
+        Mpath::Now(dm, loaded) => {
+            let summary = loaded.summary.clone();
+            let multipath = loaded.multipath;
+            let router = backend::router::Router::ready(sgio, Some(Box::new(dm)), multipath);
+            (router, summary, Some(loaded.warnings))
+        }
+        Mpath::Later(dm) => {
+            let timeout = cli.sgio_timeout;
+            let loader: backend::router::Loader = Box::new(move || {
+                let loaded = backend::router::Loaded::load(true, timeout);
+                loaded.log();
+                loaded.multipath
+            });
+            let router = backend::router::Router::deferred(sgio, Box::new(dm), loader);
+            let summary = "loading libmpathpersist".to_string();
+            (router, summary, None)
+        }
+    };
+    let router = Arc::new(router);
+    let active = Arc::clone(&router);
     let backend = Arc::new(logging::Traced(Arc::new(audit::Audited::new(
-        router.mpath.is_some(),
-        Arc::new(router),
+        move || active.multipath_active(),
+        Arc::clone(&router) as Arc<dyn backend::PrBackend>,
     ))));
     let config = server::Config {
         features,
@@ -226,10 +294,22 @@ fn start(
         cli.sgio_timeout,
         cli.max_connections,
         access.seccomp,
-        mpath.summary,
+        summary,
     );
-    for w in &mpath.warnings {
+    for w in loaded_now.iter().flatten() {
         log::warn!("{w}");
+    }
+    if router.loading_pending() {
+        // Under the seccomp filter and with privileges dropped, like every
+        // thread. A command for a map that comes first loads it itself, or
+        // waits for this thread.
+        let r = Arc::clone(&router);
+        std::thread::Builder::new()
+            .name("reservd-mpath".into())
+            .spawn(move || {
+                r.load_multipath();
+            })
+            .context("starting the thread that loads libmpathpersist")?;
     }
     if let Some(a) = &server_allow {
         log::info!(

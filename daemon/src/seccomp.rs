@@ -18,7 +18,8 @@
 //!   AF_NETLINK (libudev);
 //! - `tgkill`/`tkill` only towards reservd's own threads (glibc's
 //!   `abort` and `raise`), never another process;
-//! - `prctl` only PR_SET_NAME/PR_GET_NAME (naming threads);
+//! - `prctl` only PR_SET_NAME/PR_GET_NAME (naming threads) and
+//!   PR_CAPBSET_READ (libcap's constructor, when libmpathpersist loads);
 //! - `prlimit64` only reading limits.
 //!
 //! What a refused call does depends on `--seccomp`:
@@ -286,7 +287,14 @@ fn rules(pid: u32) -> anyhow::Result<BTreeMap<i64, Vec<SeccompRule>>> {
     map.insert(libc::SYS_tgkill, arg_in(0, [u64::from(pid)])?);
     map.insert(
         libc::SYS_prctl,
-        arg_in(0, [libc::PR_SET_NAME as u64, libc::PR_GET_NAME as u64])?,
+        arg_in(
+            0,
+            [
+                libc::PR_SET_NAME as u64,
+                libc::PR_GET_NAME as u64,
+                libc::PR_CAPBSET_READ as u64,
+            ],
+        )?,
     );
     // prlimit64(pid, resource, new_limit = NULL, old_limit): reading only.
     map.insert(

@@ -177,6 +177,31 @@ impl Daemon {
         Ok(d)
     }
 
+    /// reservd loads libmpathpersist in the background once serving; the
+    /// thread doing it ("reservd-mpath") is started before the first
+    /// command is answered. After one answer, wait for that thread to be
+    /// gone, so that tests counting fds see the daemon settled.
+    pub fn wait_multipath_loaded(&self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let tasks = format!("/proc/{}/task", self.pid());
+        loop {
+            let loading = std::fs::read_dir(&tasks)
+                .map_err(|e| format!("{tasks}: {e}"))?
+                .filter_map(|t| t.ok())
+                .any(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.trim() == "reservd-mpath")
+                });
+            if !loading {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err("libmpathpersist still loading after 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
@@ -657,6 +682,7 @@ fn robust_fd_count_stable() -> TestResult {
     let d = Daemon::start("reservd-robust", &[])?;
     let mut c = d.client()?;
     let _ = past_ua(|| pr_in(&mut c, &dev, prin_sa::READ_KEYS, 8192))?;
+    d.wait_multipath_loaded()?;
     let before = fd_count(d.pid())?;
     for i in 0..200u64 {
         let r = pr_in(&mut c, &dev, prin_sa::READ_KEYS, 8192)?;
@@ -686,6 +712,7 @@ fn robust_client_vanishes_mid_command() -> TestResult {
     let d = Daemon::start("reservd-robust", &[])?;
     let mut probe = d.client()?;
     let _ = past_ua(|| pr_in(&mut probe, &dev, prin_sa::READ_KEYS, 8192))?;
+    d.wait_multipath_loaded()?;
     let before = fd_count(d.pid())?;
     for i in 0..20 {
         let mut s =
@@ -1289,11 +1316,11 @@ fn qemu_reports_connected(socket: &Path, name: &str) -> TestResult {
 /// QEMU's client opening a new connection, checked here at that level.)
 fn qemu_connects_through_restarts() -> TestResult {
     let mut d = Daemon::start("reservd-qemu", &["-v"])?;
-    // The start-up line comes once the socket exists and multipath support
-    // has been looked for.
+    // The start-up line comes once the socket exists; the multipath line
+    // once libmpathpersist has loaded in the background.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut log = String::new();
-    while !log.contains("listening") && Instant::now() < deadline {
+    while !log.contains("multipath support: active") && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
         log = std::fs::read_to_string(&d.log).unwrap_or_default();
     }

@@ -141,6 +141,26 @@ impl Libmpathpersist {
     }
 }
 
+/// Whether the dynamic loader would find `name` (a plain file name such as
+/// `libmpathpersist.so.0`), judged without loading it: listed in
+/// `/etc/ld.so.cache`, or present in a directory of `LD_LIBRARY_PATH` or
+/// the loader's default ones. Lets start-up decide, while privileged,
+/// whether the library is worth keeping CAP_SYS_ADMIN for before it is
+/// loaded in the background.
+pub fn installed(name: &str) -> bool {
+    let cached = std::fs::read("/etc/ld.so.cache").is_ok_and(|cache| {
+        let needle = format!("/{name}\0");
+        cache.windows(needle.len()).any(|w| w == needle.as_bytes())
+    });
+    let env = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+    cached
+        || env
+            .split(':')
+            .filter(|d| !d.is_empty())
+            .chain(["/lib", "/usr/lib", "/lib64", "/usr/lib64"])
+            .any(|d| std::path::Path::new(d).join(name).is_file())
+}
+
 /// libmultipath's own version. It is called only after
 /// `libmpathpersist_init()`, with device-mapper known to be present (it
 /// queries the kernel's DM versions on first use).
@@ -259,6 +279,18 @@ mod tests {
             .expect("must fail");
         assert!(matches!(e, LoadError::Missing(_)));
         assert!(e.to_string().contains("libreservd-does-not-exist"), "{e}");
+    }
+
+    #[test]
+    fn installed_agrees_with_the_loader() {
+        // libc is always there, a made-up name never is.
+        assert!(installed("libc.so.6"));
+        assert!(!installed("libreservd-does-not-exist.so.0"));
+        // libmpathpersist: where it loads, it is found (and the reverse).
+        // SAFETY: only the libraries' ELF constructors run; nothing is
+        // called, and the handle is closed at once.
+        let loads = unsafe { Library::new(mpath_sys::DEFAULT_LIBRARY) }.is_ok();
+        assert_eq!(installed(mpath_sys::DEFAULT_LIBRARY), loads);
     }
 
     #[test]

@@ -23,7 +23,7 @@
 //!   closed (no answer), as proposed upstream.
 
 use std::os::fd::BorrowedFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use super::dm::{DmControl, MapKind};
@@ -60,7 +60,6 @@ pub struct Diagnostics {
 
 /// The multipath side of the router.
 pub struct Multipath {
-    pub probe: Box<dyn MapProbe>,
     pub lib: Arc<dyn PersistLib>,
     pub multipathd: Multipathd,
     pub diagnostics: Diagnostics,
@@ -177,52 +176,107 @@ impl Multipath {
     }
 }
 
+/// Loads the multipath side: libmpathpersist and its diagnostics.
+pub type Loader = Box<dyn FnOnce() -> Option<Multipath> + Send>;
+
 /// The backend reservd serves with: multipath maps to libmpathpersist
 /// (when available), everything else to SG_IO.
 pub struct Router {
     pub sgio: SgIo,
-    pub mpath: Option<Multipath>,
+    /// Tells maps from other devices; `None` without device-mapper.
+    probe: Option<Box<dyn MapProbe>>,
+    /// The multipath side, once loaded (`None` inside: unavailable).
+    mpath: OnceLock<Option<Multipath>>,
+    /// What loads it, until it has run.
+    loader: Mutex<Option<Loader>>,
+}
+
+impl Router {
+    /// A router whose multipath side is known now.
+    pub fn ready(sgio: SgIo, probe: Option<Box<dyn MapProbe>>, mpath: Option<Multipath>) -> Router {
+        Router {
+            sgio,
+            probe,
+            mpath: OnceLock::from(mpath),
+            loader: Mutex::new(None),
+        }
+    }
+
+    /// A router whose multipath side `loader` loads, on the first command
+    /// for a map or on [`Router::load_multipath`], whichever comes first.
+    pub fn deferred(sgio: SgIo, probe: Box<dyn MapProbe>, loader: Loader) -> Router {
+        Router {
+            sgio,
+            probe: Some(probe),
+            mpath: OnceLock::new(),
+            loader: Mutex::new(Some(loader)),
+        }
+    }
+
+    /// The multipath side, loading it first if it is not yet; while another
+    /// thread loads it, waits for it.
+    pub fn load_multipath(&self) -> Option<&Multipath> {
+        self.mpath
+            .get_or_init(|| {
+                let loader = self.loader.lock().unwrap_or_else(|e| e.into_inner()).take();
+                loader.and_then(|load| load())
+            })
+            .as_ref()
+    }
+
+    /// Whether the multipath side is still to be loaded.
+    pub fn loading_pending(&self) -> bool {
+        self.mpath.get().is_none()
+    }
+
+    /// Whether maps go to libmpathpersist now (false while it loads).
+    pub fn multipath_active(&self) -> bool {
+        matches!(self.mpath.get(), Some(Some(_)))
+    }
 }
 
 impl PrBackend for Router {
     fn execute(&self, cmd: &Command<'_>) -> Result<Answer, BackendError> {
-        if let Some(m) = &self.mpath {
-            if let MapKind::Multipath { minor } = m.probe.probe(cmd.fd) {
-                return m.execute(cmd, minor);
+        if let Some(probe) = &self.probe {
+            if let MapKind::Multipath { minor } = probe.probe(cmd.fd) {
+                if let Some(m) = self.load_multipath() {
+                    return m.execute(cmd, minor);
+                }
             }
         }
         self.sgio.execute(cmd)
     }
 }
 
-/// The outcome of start-up detection.
-pub struct MultipathSupport {
+/// The outcome of loading libmpathpersist.
+pub struct Loaded {
     pub multipath: Option<Multipath>,
-    /// For the start-up line: "active (multipath-tools 0.9.4, /lib/...)" or
-    /// "inactive (...)".
+    /// For the log: "active (multipath-tools 0.9.4, /lib/...)" or
+    /// "inactive, ...".
     pub summary: String,
-    /// Warnings to log once at start-up.
+    /// Warnings to log once.
     pub warnings: Vec<String>,
 }
 
-impl MultipathSupport {
-    pub fn active(&self) -> bool {
-        self.multipath.is_some()
-    }
+/// Why multipath support is off when device-mapper is missing.
+pub fn no_device_mapper(e: &super::dm::DmUnavailable) -> String {
+    format!("inactive, no device-mapper ({e}); every device uses SG_IO")
+}
 
-    /// Open device-mapper and libmpathpersist (before privileges are
-    /// dropped). `runs_as_root`: whether reservd keeps uid 0.
-    pub fn detect(runs_as_root: bool, sgio_timeout_ms: u32) -> MultipathSupport {
-        let dm = match DmControl::open() {
-            Ok(dm) => dm,
-            Err(e) => {
-                return MultipathSupport {
-                    multipath: None,
-                    summary: format!("inactive, no device-mapper ({e}); every device uses SG_IO"),
-                    warnings: Vec::new(),
-                }
-            }
-        };
+/// Why multipath support is off when libmpathpersist is missing.
+pub fn no_library(e: &dyn std::fmt::Display) -> String {
+    format!(
+        "inactive, libmpathpersist unavailable ({e}); install multipath-tools (Debian/Ubuntu) or \
+         device-mapper-multipath (Fedora/RHEL); multipath maps use SG_IO on one path"
+    )
+}
+
+impl Loaded {
+    /// Load and initialise libmpathpersist, and check multipath-tools'
+    /// setup. Only with device-mapper present (a [`DmControl`] opened):
+    /// libmultipath exits the process when it cannot reach it.
+    /// `runs_as_root`: whether reservd keeps uid 0.
+    pub fn load(runs_as_root: bool, sgio_timeout_ms: u32) -> Loaded {
         let verbose = match log::max_level() {
             log::LevelFilter::Trace => 4,
             log::LevelFilter::Debug => 3,
@@ -232,13 +286,9 @@ impl MultipathSupport {
         let lib = match Libmpathpersist::load(mpath_sys::DEFAULT_LIBRARY, verbose) {
             Ok(lib) => lib,
             Err(e) => {
-                return MultipathSupport {
+                return Loaded {
                     multipath: None,
-                    summary: format!(
-                        "inactive, libmpathpersist unavailable ({e}); install multipath-tools \
-                         (Debian/Ubuntu) or device-mapper-multipath (Fedora/RHEL); multipath maps \
-                         use SG_IO on one path"
-                    ),
+                    summary: no_library(&e),
                     warnings: Vec::new(),
                 }
             }
@@ -267,9 +317,8 @@ impl MultipathSupport {
                     .to_string(),
             );
         }
-        MultipathSupport {
+        Loaded {
             multipath: Some(Multipath {
-                probe: Box::new(dm),
                 lib: Arc::new(lib),
                 multipathd,
                 diagnostics: Diagnostics {
@@ -280,6 +329,16 @@ impl MultipathSupport {
             }),
             summary,
             warnings,
+        }
+    }
+}
+
+impl Loaded {
+    /// Log the outcome: the summary, then the warnings.
+    pub fn log(&self) {
+        log::info!("multipath support: {}", self.summary);
+        for w in &self.warnings {
+            log::warn!("{w}");
         }
     }
 }
@@ -358,16 +417,16 @@ mod tests {
     }
 
     fn router(kind: MapKind, lib: Arc<FakeLib>, multipathd: Multipathd) -> Router {
-        Router {
-            sgio: SgIo::default(),
-            mpath: Some(Multipath {
-                probe: Box::new(FixedProbe(kind)),
+        Router::ready(
+            SgIo::default(),
+            Some(Box::new(FixedProbe(kind))),
+            Some(Multipath {
                 lib,
                 multipathd,
                 diagnostics: Diagnostics::default(),
                 tur_timeout_ms: 1000,
             }),
-        }
+        )
     }
 
     fn nowhere() -> Multipathd {
@@ -439,12 +498,61 @@ mod tests {
         assert_eq!(a, Answer::check(SenseCode::IO_ERROR));
         assert!(lib.calls.lock().unwrap().is_empty());
         // Without multipath support at all, the same.
-        let plain = Router {
-            sgio: SgIo::default(),
-            mpath: None,
-        };
+        let plain = Router::ready(SgIo::default(), None, None);
         let a = run(&plain, &read_keys_cdb(), &[]).unwrap();
         assert_eq!(a, Answer::check(SenseCode::IO_ERROR));
+    }
+
+    #[test]
+    fn a_deferred_library_loads_once_on_the_first_map_command() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let loads = Arc::new(AtomicUsize::new(0));
+        let lib = FakeLib::new(0, vec![0u8; 8]);
+        let deferred = |kind, loads: &Arc<AtomicUsize>, lib: Option<Arc<FakeLib>>| {
+            let n = Arc::clone(loads);
+            Router::deferred(
+                SgIo::default(),
+                Box::new(FixedProbe(kind)),
+                Box::new(move || {
+                    n.fetch_add(1, Ordering::SeqCst);
+                    lib.map(|lib| Multipath {
+                        lib,
+                        multipathd: nowhere(),
+                        diagnostics: Diagnostics::default(),
+                        tur_timeout_ms: 1000,
+                    })
+                }),
+            )
+        };
+        // A SCSI disk's command does not load it.
+        let r = deferred(MapKind::Other, &loads, Some(lib.clone()));
+        run(&r, &read_keys_cdb(), &[]).unwrap();
+        assert_eq!(loads.load(Ordering::SeqCst), 0);
+        assert!(r.loading_pending() && !r.multipath_active());
+        // A map's commands, from several threads: one load, every command
+        // through the library.
+        let r = deferred(MapKind::Multipath { minor: 3 }, &loads, Some(lib.clone()));
+        std::thread::scope(|sc| {
+            for _ in 0..4 {
+                sc.spawn(|| {
+                    let a = run(&r, &read_keys_cdb(), &[]).unwrap();
+                    assert_eq!(a.status, Status::GOOD);
+                });
+            }
+        });
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+        assert_eq!(lib.calls.lock().unwrap().len(), 4);
+        assert!(r.multipath_active() && !r.loading_pending());
+        // A library that does not load: maps go to SG_IO, and it is not
+        // tried again.
+        let loads = Arc::new(AtomicUsize::new(0));
+        let r = deferred(MapKind::Multipath { minor: 3 }, &loads, None);
+        for _ in 0..2 {
+            let a = run(&r, &read_keys_cdb(), &[]).unwrap();
+            assert_eq!(a, Answer::check(SenseCode::IO_ERROR));
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+        assert!(!r.multipath_active());
     }
 
     #[test]

@@ -101,7 +101,9 @@ echo "map $MP over ${PATHS[*]}, single-path $SP"
 step "reservd starts with multipath support"
 "$RESERVD" -k "$SOCK" --enable-cleanup -v 2>"$LOG" &
 PID=$!
-for ((i = 0; i < 100; i++)); do [[ -S $SOCK ]] && grep -q listening "$LOG" && break; sleep 0.1; done
+# libmpathpersist loads in the background once reservd serves: wait for
+# the line that says how that went.
+for ((i = 0; i < 100; i++)); do [[ -S $SOCK ]] && grep -q 'multipath support: \(active\|inactive\)' "$LOG" && break; sleep 0.1; done
 [[ -S $SOCK ]] || die "reservd did not create its socket"
 sed 's/^/  reservd| /' "$LOG"
 grep -q 'multipath support: active (multipath-tools 0.9.4' "$LOG" || die "multipath support not active"
