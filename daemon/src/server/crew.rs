@@ -58,6 +58,9 @@ struct State<L: Loop> {
     queue: VecDeque<Job>,
     /// Commands running.
     running: usize,
+    /// Of those, commands run by a loop's thread whose loop was taken over
+    /// (slow or hung): they no longer count as load.
+    rescued: usize,
     /// Threads waiting on `work`.
     idle: usize,
     /// A thread is asleep on the timer.
@@ -116,9 +119,10 @@ fn run_with<L: Loop>(
     let shared = Arc::new(Shared {
         wake: lp.waker(),
         state: Mutex::new(State {
-            down: Some(lp),
+            down: None,
             queue: VecDeque::new(),
             running: 0,
+            rescued: 0,
             idle: 0,
             standby: false,
             threads: 0,
@@ -133,7 +137,7 @@ fn run_with<L: Loop>(
         rescue_after,
     });
     let mut st = shared.lock();
-    spawn(&shared, &mut st, true)?;
+    spawn(&shared, &mut st, Some(lp))?;
     loop {
         if let Some(out) = st.done.take() {
             return Ok(out);
@@ -146,22 +150,26 @@ fn run_with<L: Loop>(
 fn spawn<L: Loop>(
     shared: &Arc<Shared<L>>,
     st: &mut State<L>,
-    loop_first: bool,
+    first: Option<L>,
 ) -> std::io::Result<()> {
     let s = Arc::clone(shared);
     std::thread::Builder::new()
         .name("reservd-loop".into())
-        .spawn(move || serve(&s, loop_first))?;
+        .spawn(move || serve(&s, first))?;
     st.threads += 1;
     st.starting += 1;
     Ok(())
 }
 
-/// A thread of the crew. `loop_first`: the first thread, which starts the
-/// loop; the others start as runners of queued commands or as the standby.
-fn serve<L: Loop>(shared: &Arc<Shared<L>>, mut loop_first: bool) {
+/// A thread of the crew. The first one starts with the loop; the others
+/// start as runners of queued commands or as the standby.
+fn serve<L: Loop>(shared: &Arc<Shared<L>>, first: Option<L>) {
     let mut st = shared.lock();
     st.starting -= 1;
+    let mut loop_first = first.is_some();
+    if let Some(lp) = first {
+        st = lead(shared, st, lp);
+    }
     // A thread whose command just ended, or whose timer fired, takes a
     // loop that is down before anything else. A new or woken thread runs a
     // queued command, or becomes the standby, and leaves the loop to the
@@ -206,13 +214,15 @@ fn serve<L: Loop>(shared: &Arc<Shared<L>>, mut loop_first: bool) {
     st.threads -= 1;
 }
 
-/// Take the loop that is down and run it; the caller holds the lock.
+/// Take over the loop that another thread put down to run a command (the
+/// rescue), and run it; the caller holds the lock.
 fn take_loop<'a, L: Loop>(
     shared: &'a Arc<Shared<L>>,
     mut st: MutexGuard<'a, State<L>>,
 ) -> MutexGuard<'a, State<L>> {
     let lp = st.down.take().expect("the loop is down");
     shared.disarm();
+    st.rescued += 1;
     lead(shared, st, lp)
 }
 
@@ -234,9 +244,10 @@ fn run_job<'a, L: Loop>(
     st
 }
 
-/// Run the loop until it has a lone command to run on this thread (the loop
-/// is then down, with a standby ready to rescue it); hand commands that
-/// come with others to other threads and go on.
+/// Run the loop. A lone command runs on this thread, the loop down
+/// meanwhile with a standby ready to rescue it: this thread goes on with
+/// the loop when the command ends, or returns if the loop was rescued.
+/// Commands that come with others go to other threads. Returns the lock.
 fn lead<'a, L: Loop>(
     shared: &'a Arc<Shared<L>>,
     mut st: MutexGuard<'a, State<L>>,
@@ -265,29 +276,42 @@ fn lead<'a, L: Loop>(
             // At the cap: the commands wait, the loop goes on here.
             continue;
         }
-        if st.queue.len() == 1 && st.running == 0 {
-            // A lone command on a quiet server: run it on this thread, with
-            // a standby ready to rescue the loop.
+        if st.queue.len() == 1 && st.running == st.rescued {
+            // A lone command on a quiet server (hung commands aside): run
+            // it on this thread, with a standby ready to rescue the loop.
             let mine = st.queue.pop_front().expect("one job");
             if !st.standby {
                 if st.idle > 0 {
                     shared.work.notify_one();
                 } else if st.starting == 0 {
-                    if let Err(e) = spawn(shared, &mut st, false) {
+                    if let Err(e) = spawn(shared, &mut st, None) {
                         log::error!("cannot start a server thread: {e}");
                     }
                 }
             }
             st.down = Some(lp);
             shared.arm(shared.rescue_after);
-            return run_job(shared, st, mine);
+            st = run_job(shared, st, mine);
+            match st.down.take() {
+                Some(back) => {
+                    // The loop waited for this thread: go on with it.
+                    shared.disarm();
+                    lp = back;
+                    continue;
+                }
+                None => {
+                    // Rescued: the loop goes on elsewhere.
+                    st.rescued -= 1;
+                    return st;
+                }
+            }
         }
         // Busy: the loop stays on this thread, other threads run the
         // commands (one each, as many as may start now).
         let startable = st.queue.len().min(shared.max_workers - st.running);
         let mut available = st.idle + st.starting;
         while available < startable {
-            if let Err(e) = spawn(shared, &mut st, false) {
+            if let Err(e) = spawn(shared, &mut st, None) {
                 log::error!("cannot start a server thread: {e}");
                 break;
             }
@@ -356,28 +380,29 @@ mod tests {
         Box::new(f)
     }
 
+    /// Returns one command per turn and notes the turn's thread.
+    struct Noting {
+        rx: Receiver<Option<Job>>,
+        turn_thread: Arc<Mutex<Option<std::thread::ThreadId>>>,
+    }
+    impl Loop for Noting {
+        type Output = ();
+        fn turn(&mut self) -> Turn<()> {
+            match self.rx.recv() {
+                Ok(Some(job)) => {
+                    *self.turn_thread.lock().unwrap() = Some(std::thread::current().id());
+                    Turn::Jobs(vec![job])
+                }
+                _ => Turn::Done(()),
+            }
+        }
+        fn waker(&self) -> Arc<dyn Fn() + Send + Sync> {
+            Arc::new(|| {})
+        }
+    }
+
     #[test]
     fn the_thread_that_reads_a_command_runs_it() {
-        /// Returns one command per turn and notes the turn's thread.
-        struct Noting {
-            rx: Receiver<Option<Job>>,
-            turn_thread: Arc<Mutex<Option<std::thread::ThreadId>>>,
-        }
-        impl Loop for Noting {
-            type Output = ();
-            fn turn(&mut self) -> Turn<()> {
-                match self.rx.recv() {
-                    Ok(Some(job)) => {
-                        *self.turn_thread.lock().unwrap() = Some(std::thread::current().id());
-                        Turn::Jobs(vec![job])
-                    }
-                    _ => Turn::Done(()),
-                }
-            }
-            fn waker(&self) -> Arc<dyn Fn() + Send + Sync> {
-                Arc::new(|| {})
-            }
-        }
         let (tx, rx) = channel();
         let turn_thread = Arc::new(Mutex::new(None));
         let lp = Noting {
@@ -405,6 +430,38 @@ mod tests {
         }
         // The loop came back to the same thread every time.
         assert_eq!(threads.len(), 1);
+        tx.send(None).unwrap();
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn a_hung_command_does_not_stop_the_next_ones_running_where_read() {
+        let (tx, rx) = channel();
+        let turn_thread = Arc::new(Mutex::new(None));
+        let lp = Noting {
+            rx,
+            turn_thread: Arc::clone(&turn_thread),
+        };
+        let h = std::thread::spawn(move || {
+            run_with(lp, 4, Duration::from_millis(5)).unwrap();
+        });
+        let (gate_tx, gate_rx) = channel::<()>();
+        tx.send(Some(job(move || {
+            let _ = gate_rx.recv();
+        })))
+        .unwrap();
+        let (done_tx, done_rx) = channel();
+        for _ in 0..10 {
+            let (t, d) = (Arc::clone(&turn_thread), done_tx.clone());
+            tx.send(Some(job(move || {
+                let read_by = t.lock().unwrap().expect("noted");
+                d.send(read_by == std::thread::current().id()).unwrap();
+            })))
+            .unwrap();
+            let same = done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            assert!(same, "handed to another thread while a command hangs");
+        }
+        gate_tx.send(()).unwrap();
         tx.send(None).unwrap();
         h.join().unwrap();
     }
