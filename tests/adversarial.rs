@@ -524,7 +524,7 @@ fn a_thousand_connections_held_open() {
     for round in 1..=2 {
         let mut conns: Vec<UnixStream> = (0..N).map(|_| d.client()).collect();
         // Each of them is served while all are held, one after the other
-        // (so that the worker pool stays small and the memory figures are
+        // (so that the crew of threads stays small and the memory figures are
         // the connections').
         for s in conns.iter_mut() {
             send_frame(s, &read_keys(8192), &[disk.as_fd()]);
@@ -550,7 +550,7 @@ fn a_thousand_connections_held_open() {
         peak[0],
         peak[1]
     );
-    // All at once: 1000 commands in a burst. The pool grows (each idle
+    // All at once: 1000 commands in a burst. The crew grows (each idle
     // thread exits after 30 s), so only the fds are checked afterwards.
     let mut conns: Vec<UnixStream> = (0..N).map(|_| d.client()).collect();
     for s in conns.iter_mut() {
@@ -727,7 +727,7 @@ fn unfinished_frames_time_out_idle_connections_do_not() {
 }
 
 #[test]
-fn hung_commands_beyond_the_pool_queue_without_stalling_the_loop() {
+fn hung_commands_beyond_the_cap_queue_without_stalling_the_loop() {
     let gate = common::Gate::new();
     let _open = common::OpenOnDrop(gate.clone());
     let config = Config {

@@ -229,7 +229,7 @@ fn start(
         server::Config::default().max_workers,
     );
     privs::drop_privileges(ids.uid, ids.gid, keep).context("failed to drop privileges")?;
-    // Before the first worker thread; TSYNC covers any thread a library
+    // Before the crew's first thread; TSYNC covers any thread a library
     // started, and every later thread inherits the filter.
     seccomp::install(access.seccomp)?;
 

@@ -13,9 +13,10 @@
 //! call writes the library-wide `libmp_verbosity`, all calls share one
 //! libudev context (libudev is not thread-safe) and libdevmapper's global
 //! state, 0.8.2 to 0.8.5 are not thread-safe at all, and commands on one
-//! LU are ordered at the target anyway. Each call runs on the server's
-//! worker thread of that command, so a slow multipath command only delays
-//! other multipath commands, never the event loop or SG_IO clients.
+//! LU are ordered at the target anyway. Each call runs on the server
+//! thread running that command, so a slow multipath command delays other
+//! multipath commands, and the event loop only until the crew's standby
+//! takes it over (1 ms), never SG_IO clients beyond that.
 //!
 //! Only call into the library for file descriptors that
 //! [`super::dm::DmControl::probe`] has shown to be multipath maps:
