@@ -305,8 +305,6 @@ fn row_d(place: &str, figure: &str, r: Duration, q: Duration) {
     );
 }
 
-/// Round trips of READ KEYS on one connection, for `iters` requests or
-/// `limit`, whichever comes first (after `warm` unmeasured ones).
 /// The p50 and p99 rows of a READ KEYS round trip through both daemons.
 fn round_trip_rows(place: &str, rl: &Lat, ql: &Lat) {
     for (pct, r, q) in [("p50", rl.p50, ql.p50), ("p99", rl.p99, ql.p99)] {
@@ -319,49 +317,73 @@ fn round_trip_rows(place: &str, rl: &Lat, ql: &Lat) {
     }
 }
 
+/// Round trips of READ KEYS on one connection, for `iters` requests or
+/// `limit`, whichever comes first (after some unmeasured ones).
 fn measure(client: &mut Client, disk: &File, iters: usize, limit: Duration) -> Lat {
-    for _ in 0..iters.div_ceil(20).min(200) {
-        client
-            .execute(&READ_KEYS, disk.as_fd(), &[])
-            .expect("request");
-    }
-    let mut v = Vec::with_capacity(iters);
-    let end = Instant::now() + limit;
-    while v.len() < iters && (v.len() < 100 || Instant::now() < end) {
-        let t = Instant::now();
-        client
-            .execute(&READ_KEYS, disk.as_fd(), &[])
-            .expect("request");
-        v.push(t.elapsed());
-    }
-    lat(v)
+    let mut l = measure_in_turns(iters, limit, &mut [&mut via(client, disk)]);
+    l.remove(0)
 }
 
-/// Raw SG_IO of the same command on the same fd.
-fn measure_raw(disk: &File, iters: usize, limit: Duration) -> Lat {
-    let mut buf = vec![0u8; 8192];
-    let mut v = Vec::with_capacity(iters);
-    let end = Instant::now() + limit;
-    for _ in 0..iters.div_ceil(20).min(200) {
-        sg_io(
-            disk.as_fd(),
-            &READ_KEYS,
-            Transfer::FromDevice(&mut buf),
-            30_000,
-        );
-    }
-    while v.len() < iters && (v.len() < 100 || Instant::now() < end) {
+/// The time of each of `n` calls of `f`, fewer (but at least 50) if
+/// `until` passes first.
+fn time_calls(n: usize, until: Instant, f: &mut dyn FnMut()) -> Vec<Duration> {
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n && (v.len() < 50 || Instant::now() < until) {
         let t = Instant::now();
+        f();
+        v.push(t.elapsed());
+    }
+    v
+}
+
+/// `sources` (each makes one READ KEYS: raw SG_IO, or a round trip
+/// through a daemon) measured `iters` times each within `limit`, after some
+/// unmeasured ones, in two turns each, the second pass in reverse order
+/// (A B C, C B A): a drift of the machine during the run then weighs on
+/// all alike, where measuring one after the other would favour whichever
+/// ran in the quieter moment.
+fn measure_in_turns(iters: usize, limit: Duration, sources: &mut [&mut dyn FnMut()]) -> Vec<Lat> {
+    let start = Instant::now();
+    for s in sources.iter_mut() {
+        time_calls(iters.div_ceil(20).min(200), start + limit, *s);
+    }
+    let turns = 2 * sources.len();
+    let mut v: Vec<Vec<Duration>> = sources.iter().map(|_| Vec::new()).collect();
+    let order: Vec<usize> = (0..sources.len()).chain((0..sources.len()).rev()).collect();
+    for (k, &i) in order.iter().enumerate() {
+        let until = start + limit.mul_f64((k + 1) as f64 / turns as f64);
+        v[i].extend(time_calls(iters.div_ceil(2), until, sources[i]));
+    }
+    v.into_iter().map(lat).collect()
+}
+
+/// One READ KEYS through `client`.
+fn via<'a>(client: &'a mut Client, disk: &'a File) -> impl FnMut() + 'a {
+    move || {
+        client
+            .execute(&READ_KEYS, disk.as_fd(), &[])
+            .expect("request");
+    }
+}
+
+/// One raw SG_IO READ KEYS on `disk`.
+fn raw_sg_io(disk: &File) -> impl FnMut() + '_ {
+    let mut buf = vec![0u8; 8192];
+    move || {
         let r = sg_io(
             disk.as_fd(),
             &READ_KEYS,
             Transfer::FromDevice(&mut buf),
             30_000,
         );
-        v.push(t.elapsed());
         assert_eq!(r.answer.status.0, 0, "raw READ KEYS failed");
     }
-    lat(v)
+}
+
+/// Raw SG_IO of the same command on the same fd.
+fn measure_raw(disk: &File, iters: usize, limit: Duration) -> Lat {
+    let mut l = measure_in_turns(iters, limit, &mut [&mut raw_sg_io(disk)]);
+    l.remove(0)
 }
 
 /// Requests per second with `n` clients, each on its own connection with
@@ -560,9 +582,14 @@ fn host(opts: &Opts) {
         let a = d.client().execute(&READ_KEYS, disk.as_fd(), &[]).unwrap();
         assert_eq!(a.status, 2, "expected CHECK CONDITION on a regular file");
     }
-    let rl = measure(&mut r.client(), &disk, iters, Duration::from_secs(10));
-    let ql = measure(&mut q.client(), &disk, iters, Duration::from_secs(10));
-    round_trip_rows(place, &rl, &ql);
+    let (mut rc, mut qc) = (r.client(), q.client());
+    let l = measure_in_turns(
+        iters,
+        Duration::from_secs(20),
+        &mut [&mut via(&mut rc, &disk), &mut via(&mut qc, &disk)],
+    );
+    let (rl, ql) = (&l[0], &l[1]);
+    round_trip_rows(place, rl, ql);
     for n in [1, 16, 256] {
         let dur = scaled_d(opts, Duration::from_secs(2));
         let rt = throughput(&r, &open, n, dur);
@@ -695,9 +722,17 @@ fn guest(opts: &Opts) {
         let a = d.client().execute(&READ_KEYS, disk.as_fd(), &[]).unwrap();
         assert_eq!(a.status, 0, "READ KEYS on {sp} failed: {a:?}");
     }
-    let raw = measure_raw(&disk, iters, limit);
-    let rl = measure(&mut r.client(), &disk, iters, limit);
-    let ql = measure(&mut q.client(), &disk, iters, limit);
+    let (mut rc, mut qc) = (r.client(), q.client());
+    let l = measure_in_turns(
+        iters,
+        limit * 3,
+        &mut [
+            &mut raw_sg_io(&disk),
+            &mut via(&mut rc, &disk),
+            &mut via(&mut qc, &disk),
+        ],
+    );
+    let (raw, rl, ql) = (&l[0], &l[1], &l[2]);
     row(
         place,
         &format!("raw SG_IO READ KEYS p50 / p99 (device floor, n={})", raw.n),
@@ -705,7 +740,7 @@ fn guest(opts: &Opts) {
         &format!("{} / {}", us(raw.p50), us(raw.p99)),
         "—",
     );
-    round_trip_rows(place, &rl, &ql);
+    round_trip_rows(place, rl, ql);
     let ro = rl.p50.saturating_sub(raw.p50);
     let qo = ql.p50.saturating_sub(raw.p50);
     row_d(
