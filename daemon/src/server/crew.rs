@@ -294,8 +294,10 @@ fn lead<'a, L: Loop>(
             st = run_job(shared, st, mine);
             match st.down.take() {
                 Some(back) => {
-                    // The loop waited for this thread: go on with it.
-                    shared.disarm();
+                    // The loop waited for this thread: go on with it. The
+                    // timer stays armed: the next command re-arms it (one
+                    // system call per command, not two), and if it fires
+                    // first, the standby finds the loop held and sleeps on.
                     lp = back;
                     continue;
                 }
