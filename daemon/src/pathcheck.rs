@@ -453,6 +453,42 @@ pub fn json(s: &MapStatus, v: &Verdict) -> String {
     )
 }
 
+/// What `reservdctl status --repair` does for a key a path lacks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RepairPlan {
+    /// The map's node, e.g. `/dev/mapper/mpatha`.
+    pub map_dev: String,
+    pub key: u64,
+    pub aptpl: bool,
+    /// The paths that lacked the key.
+    pub paths: Vec<String>,
+}
+
+/// `status --repair --json`: one document with the status before, the
+/// repair done (`{"needed":false}` when no path lacked a key) and the
+/// status after (`null` when nothing was done). `before` and `after` are
+/// [`json`] documents.
+pub fn repair_json(before: &str, plan: Option<&RepairPlan>, after: Option<&str>) -> String {
+    let repair = match plan {
+        None => "{\"needed\":false}".to_string(),
+        Some(p) => format!(
+            "{{\"needed\":true,\"map\":{},\"key\":{},\"aptpl\":{},\"paths\":[{}]}}",
+            json_str(&p.map_dev),
+            json_str(&format!("0x{:x}", p.key)),
+            p.aptpl,
+            p.paths
+                .iter()
+                .map(|x| json_str(x))
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    };
+    format!(
+        "{{\"before\":{before},\"repair\":{repair},\"after\":{}}}",
+        after.unwrap_or("null")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -647,6 +683,24 @@ mod tests {
                 ("sda".to_string(), "active ready running".to_string()),
                 ("sdb".to_string(), "failed faulty offline".to_string())
             ]
+        );
+    }
+    #[test]
+    fn repair_json_wraps_both_statuses_and_the_plan() {
+        let plan = RepairPlan {
+            map_dev: "/dev/mapper/mpatha".into(),
+            key: 0xabc,
+            aptpl: true,
+            paths: vec!["sdb".into(), "sd\"x".into()],
+        };
+        assert_eq!(
+            repair_json("{\"a\":1}", Some(&plan), Some("{\"b\":2}")),
+            "{\"before\":{\"a\":1},\"repair\":{\"needed\":true,\"map\":\"/dev/mapper/mpatha\",\
+             \"key\":\"0xabc\",\"aptpl\":true,\"paths\":[\"sdb\",\"sd\\\"x\"]},\"after\":{\"b\":2}}"
+        );
+        assert_eq!(
+            repair_json("{}", None, None),
+            "{\"before\":{},\"repair\":{\"needed\":false},\"after\":null}"
         );
     }
 }

@@ -235,6 +235,49 @@ fn ops_status_path_lost_its_key_and_repair() -> TestResult {
         "both nexuses registered again: {:x?}",
         device_keys(&p1)?
     );
+    // The same as one JSON document: refused without --yes, then done.
+    unregister_path(&p2)?;
+    let o = reservdctl(
+        &["status", "--repair", "--json", dev.to_str().unwrap()],
+        Stdio::null(),
+    )?;
+    check!(o.status.code() == Some(1), "exit status {}", o.status);
+    check!(
+        String::from_utf8_lossy(&o.stderr).contains("--yes") && stdout(&o).is_empty(),
+        "JSON refusal names --yes and prints nothing"
+    );
+    check!(device_keys(&p1)? == vec![KEY], "nothing repaired");
+    let o = reservdctl(
+        &[
+            "status",
+            "--repair",
+            "--yes",
+            "--json",
+            dev.to_str().unwrap(),
+        ],
+        Stdio::null(),
+    )?;
+    let j = stdout(&o);
+    check!(o.status.code() == Some(0), "exit status {}", o.status);
+    let (before, after) = j.split_once("\"repair\":").unwrap_or(("", ""));
+    check!(
+        j.trim_end().lines().count() == 1
+            && before.starts_with("{\"before\":{")
+            && before.contains("\"consistent\":false")
+            && after.starts_with(&format!(
+                "{{\"needed\":true,\"map\":\"/dev/mapper/{}\",\"key\":\"{KEY:#x}\",\
+                 \"aptpl\":false,\"paths\":[\"{}\"]}},\"after\":{{",
+                env("RESERVD_MP_ALIAS"),
+                name(&p2)
+            ))
+            && after.contains("\"consistent\":true"),
+        "JSON repair: {j}"
+    );
+    check!(
+        device_keys(&p1)? == vec![KEY, KEY],
+        "both nexuses registered again: {:x?}",
+        device_keys(&p1)?
+    );
     // Path 2's nexus holds the key: RESERVE through it directly works.
     let mut c = d.client()?;
     expect_good(

@@ -66,7 +66,8 @@ pub enum Cmd {
         device: PathBuf,
         /// Register missing keys again on the paths that lack them
         /// (REGISTER AND IGNORE EXISTING KEY through libmpathpersist on the
-        /// map), then check again.
+        /// map), then check again. With --json: one document with "before",
+        /// "repair" and "after", and --yes is needed to repair.
         #[arg(long)]
         repair: bool,
         /// Do not ask before repairing.

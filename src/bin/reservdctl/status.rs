@@ -233,14 +233,79 @@ pub fn run(device: &Path, repair: bool, yes: bool, json: bool) -> anyhow::Result
     }
     let s = gather(device)?;
     let v = pathcheck::verdict(&s);
+    if repair && json {
+        return repair_as_json(device, &s, &v, yes);
+    }
     if !repair || v.missing.is_empty() {
-        render(&s, &v, json && !repair);
+        render(&s, &v, json);
         if repair {
             println!("Nothing to repair.");
         }
         return Ok(exit_for(&v));
     }
     render(&s, &v, false);
+    let plan = plan(&s, &v)?;
+    println!(
+        "Repair: REGISTER AND IGNORE EXISTING KEY with service action key 0x{:x}{} on {} \
+         through libmpathpersist: registers it on path(s) {} (paths that have it register it \
+         again), and updates multipathd.",
+        plan.key,
+        if plan.aptpl { ", APTPL" } else { "" },
+        plan.map_dev,
+        plan.paths.join(", ")
+    );
+    if !yes {
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            bail!("not repairing: stdin is not a terminal; add --yes to repair without asking");
+        }
+        print!("Proceed? [y/N] ");
+        std::io::stdout().flush()?;
+        let mut answer = String::new();
+        stdin.lock().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            println!("Not repaired.");
+            return Ok(EXIT_INCONSISTENT);
+        }
+    }
+    register(Path::new(&plan.map_dev), plan.key, plan.aptpl)?;
+    let s = gather(device)?;
+    let v = pathcheck::verdict(&s);
+    println!("After the repair:");
+    render(&s, &v, false);
+    Ok(exit_for(&v))
+}
+
+/// `--repair --json`: no question can be asked, so `--yes` is needed when
+/// there is something to repair; one JSON document (before, repair, after).
+fn repair_as_json(
+    device: &Path,
+    s: &MapStatus,
+    v: &pathcheck::Verdict,
+    yes: bool,
+) -> anyhow::Result<u8> {
+    let before = pathcheck::json(s, v);
+    if v.missing.is_empty() {
+        println!("{}", pathcheck::repair_json(&before, None, None));
+        return Ok(exit_for(v));
+    }
+    let plan = plan(s, v)?;
+    if !yes {
+        bail!("not repairing: --repair --json asks no question; add --yes to repair");
+    }
+    register(Path::new(&plan.map_dev), plan.key, plan.aptpl)?;
+    let s = gather(device)?;
+    let v = pathcheck::verdict(&s);
+    let after = pathcheck::json(&s, &v);
+    println!(
+        "{}",
+        pathcheck::repair_json(&before, Some(&plan), Some(&after))
+    );
+    Ok(exit_for(&v))
+}
+
+/// The repair for the key some paths lack: one key, on a multipath map.
+fn plan(s: &MapStatus, v: &pathcheck::Verdict) -> anyhow::Result<pathcheck::RepairPlan> {
     let map = s
         .map
         .clone()
@@ -259,35 +324,12 @@ pub fn run(device: &Path, repair: bool, yes: bool, json: bool) -> anyhow::Result
         );
     }
     let key = keys[0];
-    let aptpl = aptpl_of(&map);
-    println!(
-        "Repair: REGISTER AND IGNORE EXISTING KEY with service action key 0x{key:x}{} on {} \
-         through libmpathpersist: registers it on path(s) {} (paths that have it register it \
-         again), and updates multipathd.",
-        if aptpl { ", APTPL" } else { "" },
-        map_dev.display(),
-        v.lacking(key).join(", ")
-    );
-    if !yes {
-        let stdin = std::io::stdin();
-        if !stdin.is_terminal() {
-            bail!("not repairing: stdin is not a terminal; add --yes to repair without asking");
-        }
-        print!("Proceed? [y/N] ");
-        std::io::stdout().flush()?;
-        let mut answer = String::new();
-        stdin.lock().read_line(&mut answer)?;
-        if !matches!(answer.trim(), "y" | "Y" | "yes") {
-            println!("Not repaired.");
-            return Ok(EXIT_INCONSISTENT);
-        }
-    }
-    register(&map_dev, key, aptpl)?;
-    let s = gather(device)?;
-    let v = pathcheck::verdict(&s);
-    println!("After the repair:");
-    render(&s, &v, false);
-    Ok(exit_for(&v))
+    Ok(pathcheck::RepairPlan {
+        map_dev: map_dev.display().to_string(),
+        key,
+        aptpl: aptpl_of(&map),
+        paths: v.lacking(key).iter().map(|p| p.to_string()).collect(),
+    })
 }
 
 /// Whether multipathd registers the map's key with APTPL.
