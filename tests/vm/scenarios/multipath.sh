@@ -2,7 +2,10 @@
 # reservd on a real dm-multipath stack (LIO disks, two paths, multipathd):
 # every PR command sent through reservd on the map must leave both paths in
 # the state SPC-4 and libmpathpersist promise, survive a path going down,
-# and the same commands on the single-path disk go through SG_IO.
+# and the same commands on the single-path disk go through SG_IO. reservd
+# runs with --seccomp=log: at the end, the kernel log must hold no call the
+# allow-list would have refused (path down, PREEMPT, CLEAR and CLEANUP
+# included), so enforce mode would have behaved the same.
 #
 # Runs inside the test VM: tests/vm/run-vm.sh tests/vm/scenarios/multipath.sh
 # (needs target/debug/reservd and target/debug/examples/prclient built).
@@ -99,7 +102,7 @@ wait_state() {
 echo "map $MP over ${PATHS[*]}, single-path $SP"
 
 step "reservd starts with multipath support"
-"$RESERVD" -k "$SOCK" --enable-cleanup -v 2>"$LOG" &
+"$RESERVD" -k "$SOCK" --enable-cleanup --seccomp=log -v 2>"$LOG" &
 PID=$!
 # libmpathpersist loads in the background once reservd serves: wait for
 # the line that says how that went.
@@ -237,5 +240,13 @@ good "$SP" cleanup
 step "reservd log"
 sed 's/^/  reservd| /' "$LOG"
 grep -q 'panicked' "$LOG" && die "reservd panicked"
+
+step "No system call outside the seccomp allow-list (kernel log, audit type 1326)"
+kill "$PID"; wait "$PID" 2>/dev/null || true
+sleep 0.3
+refused=$(dmesg | grep 'type=1326' | grep " pid=$PID " || true)
+PID=
+[[ -z $refused ]] || die "calls the allow-list would refuse: $refused"
+echo "  none for reservd's pid"
 echo
 echo "multipath: all checks passed"
