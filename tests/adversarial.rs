@@ -667,6 +667,43 @@ fn a_hung_device_holds_only_its_own_clients() {
     server.assert_serves();
 }
 
+/// Panics on commands marked in CDB byte 15, as a bug would on device
+/// data nobody foresaw; runs the others on an emulated target.
+struct PanicsOnMark(Emulated);
+
+const PANIC_MARK: u8 = 0xee;
+
+impl PrBackend for PanicsOnMark {
+    fn execute(&self, cmd: &PrCommand<'_>) -> Result<Answer, BackendError> {
+        assert!(cmd.cdb[15] != PANIC_MARK, "test backend: marked command");
+        self.0.execute(cmd)
+    }
+}
+
+#[test]
+fn a_panicking_command_closes_only_its_connection() {
+    let server = common::TestServer::start(
+        Arc::new(PanicsOnMark(Emulated::new())),
+        common::test_config(),
+    );
+    let disk = common::Disk::new();
+    let mut other = server.client();
+    for round in 0..3 {
+        let mut s = server.ready();
+        let mut c = common::cdb_in(0, 8192);
+        c[15] = PANIC_MARK;
+        send_frame(&s, &c, &[disk.fd()]);
+        // No answer: the connection is closed, not left waiting.
+        common::assert_closed(&mut s);
+        // A connection opened before, and new ones, are served.
+        let a = other
+            .execute(&common::cdb_in(0, 8192), disk.fd(), &[])
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(a.status, 0);
+        server.assert_serves();
+    }
+}
+
 #[test]
 fn unfinished_frames_time_out_idle_connections_do_not() {
     let backend = Arc::new(Emulated::new());

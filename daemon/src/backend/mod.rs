@@ -54,6 +54,9 @@ pub enum BackendError {
     Service(String),
     /// The file descriptor cannot be used at all.
     BadFd(std::io::Error),
+    /// The command panicked (a bug in reservd, e.g. on data no test
+    /// foresaw); the panic was contained to its connection.
+    Panicked(String),
 }
 
 impl fmt::Display for BackendError {
@@ -61,6 +64,7 @@ impl fmt::Display for BackendError {
         match self {
             BackendError::Service(s) => write!(f, "{s}"),
             BackendError::BadFd(e) => write!(f, "unusable file descriptor: {e}"),
+            BackendError::Panicked(m) => write!(f, "the command panicked (a bug in reservd): {m}"),
         }
     }
 }

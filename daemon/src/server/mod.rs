@@ -556,7 +556,12 @@ impl Server {
             request.cdb[1] & 0x1f
         );
         self.ready.push(Box::new(move || {
-            let result = {
+            // A panic (a bug, e.g. on device data nobody foresaw) ends this
+            // connection only: its thread, the loop and every other client
+            // go on. The backends keep no state a half-done command could
+            // leave inconsistent beyond their own mutexes, which they take
+            // poison-tolerantly.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let cmd = Command {
                     nexus: id,
                     peer: peer_cred,
@@ -565,7 +570,8 @@ impl Server {
                     params: &request.params,
                 };
                 backend::execute(backend.as_ref(), &cmd)
-            };
+            }))
+            .unwrap_or_else(|p| Err(BackendError::Panicked(panic_message(p.as_ref()))));
             // The client's fd is closed after every request.
             drop(fd);
             let outcome = match result {
@@ -612,7 +618,11 @@ impl Server {
                     self.close(c.key, None);
                 }
                 Outcome::Failed(e) => {
-                    log::warn!("connection {} ({}): {e}; closing", conn.id, conn.peer);
+                    if matches!(e, BackendError::Panicked(_)) {
+                        log::error!("connection {} ({}): {e}; closing", conn.id, conn.peer);
+                    } else {
+                        log::warn!("connection {} ({}): {e}; closing", conn.id, conn.peer);
+                    }
                     self.close(c.key, None);
                 }
             }
@@ -678,6 +688,14 @@ impl Server {
             self.backend.disconnect(conn.id);
         }
     }
+}
+
+/// The text of a panic's payload.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_string())
 }
 
 /// The server and its event buffer, run by the crew one turn at a time.
