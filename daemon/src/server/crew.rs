@@ -65,7 +65,6 @@ struct State<L: Loop> {
     idle: usize,
     /// A thread is asleep on the timer.
     standby: bool,
-    threads: usize,
     /// Threads started that have not yet looked for work.
     starting: usize,
     /// What the loop returned, for `run`.
@@ -79,7 +78,9 @@ struct Shared<L: Loop> {
     work: Condvar,
     /// `run` waits here for the end of the loop.
     over: Condvar,
-    /// Armed while the loop is down; the standby thread waits on it.
+    /// Armed when the loop is put down (and left armed when the loop's
+    /// thread takes it back: the next command re-arms it); the standby
+    /// thread waits on it.
     timer: TimerFd,
     wake: Arc<dyn Fn() + Send + Sync>,
     max_workers: usize,
@@ -125,7 +126,6 @@ fn run_with<L: Loop>(
             rescued: 0,
             idle: 0,
             standby: false,
-            threads: 0,
             starting: 0,
             done: None,
             finished: false,
@@ -156,7 +156,6 @@ fn spawn<L: Loop>(
     std::thread::Builder::new()
         .name("reservd-loop".into())
         .spawn(move || serve(&s, first))?;
-    st.threads += 1;
     st.starting += 1;
     Ok(())
 }
@@ -211,7 +210,6 @@ fn serve<L: Loop>(shared: &Arc<Shared<L>>, first: Option<L>) {
             break;
         }
     }
-    st.threads -= 1;
 }
 
 /// Take over the loop that another thread put down to run a command (the
