@@ -253,7 +253,15 @@ fn start(
             let timeout = cli.sgio_timeout;
             let loader: backend::router::Loader = Box::new(move || {
                 let loaded = backend::router::Loaded::load(true, timeout);
-                loaded.log();
+                if loaded.multipath.is_some() {
+                    loaded.log();
+                } else {
+                    // It was found at start-up: something is broken.
+                    log::warn!(
+                        "multipath support: {}; CAP_SYS_ADMIN was kept for it and stays unused",
+                        loaded.summary
+                    );
+                }
                 loaded.multipath
             });
             let router = backend::router::Router::deferred(sgio, Box::new(dm), loader);
