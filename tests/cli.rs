@@ -938,7 +938,16 @@ fn readiness_is_notified_once_listening() {
         let n = notify
             .recv(&mut buf)
             .unwrap_or_else(|e| panic!("{env:?}: no notification: {e}; stderr {}", p.stderr()));
-        assert_eq!(&buf[..n], b"READY=1", "{env:?}");
+        let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+        let mut lines = msg.lines();
+        assert_eq!(lines.next(), Some("READY=1"), "{env:?}: {msg:?}");
+        // The status systemctl shows: serving, and where multipath stands.
+        assert!(
+            lines
+                .next()
+                .is_some_and(|l| l.starts_with("STATUS=serving; multipath support: ")),
+            "{env:?}: {msg:?}"
+        );
         // Ready means listening: the first connect must succeed, no retry.
         let mut s = UnixStream::connect(&sock).expect("connect right after READY=1");
         s.set_read_timeout(Some(DEADLINE)).unwrap();

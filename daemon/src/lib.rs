@@ -105,7 +105,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         },
         &mut detached,
     );
-    let (server, pidfile) = match started {
+    let (server, pidfile, status) = match started {
         Ok(s) => s,
         Err(e) => {
             listener.remove();
@@ -115,7 +115,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             return Err(e);
         }
     };
-    startup::notify_ready();
+    startup::notify_ready(&status);
     if let Some(d) = detached {
         d.ready();
     }
@@ -192,7 +192,7 @@ fn start(
     ids: Ids,
     access: Access,
     detached: &mut Option<startup::Detached>,
-) -> anyhow::Result<(server::Server, Option<startup::PidFile>)> {
+) -> anyhow::Result<(server::Server, Option<startup::PidFile>, String)> {
     if cli.daemon {
         *detached = Some(startup::daemonize()?);
     }
@@ -253,6 +253,10 @@ fn start(
             let timeout = cli.sgio_timeout;
             let loader: backend::router::Loader = Box::new(move || {
                 let loaded = backend::router::Loaded::load(true, timeout);
+                startup::notify(&format!(
+                    "STATUS=serving; multipath support: {}",
+                    loaded.summary
+                ));
                 if loaded.multipath.is_some() {
                     loaded.log();
                 } else {
@@ -326,5 +330,9 @@ fn start(
             a.gids
         );
     }
-    Ok((server, pidfile))
+    Ok((
+        server,
+        pidfile,
+        format!("serving; multipath support: {summary}"),
+    ))
 }

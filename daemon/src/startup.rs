@@ -374,8 +374,15 @@ fn detach_child() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Tell systemd the service is ready, when started as Type=notify.
-pub fn notify_ready() {
+/// Tell systemd the service is ready, when started as Type=notify, with
+/// a status line for `systemctl status`.
+pub fn notify_ready(status: &str) {
+    notify(&format!("READY=1\nSTATUS={status}"));
+}
+
+/// Send `message` (newline-separated `KEY=value` assignments) to systemd's
+/// notification socket, if there is one.
+pub fn notify(message: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
@@ -387,9 +394,9 @@ pub fn notify_ready() {
     let r = if let Some(abs) = bytes.strip_prefix(b"@") {
         use std::os::linux::net::SocketAddrExt;
         std::os::unix::net::SocketAddr::from_abstract_name(abs)
-            .and_then(|a| sock.send_to_addr(b"READY=1", &a))
+            .and_then(|a| sock.send_to_addr(message.as_bytes(), &a))
     } else {
-        sock.send_to(b"READY=1", Path::new(&path))
+        sock.send_to(message.as_bytes(), Path::new(&path))
     };
     if let Err(e) = r {
         log::warn!("cannot notify systemd: {e}");

@@ -32,6 +32,10 @@ pub fn scenarios() -> Vec<Scenario> {
             ops_status_path_lost_its_key_and_repair,
         ),
         ("ops_check_all_good", ops_check_all_good),
+        (
+            "ops_systemd_status_follows_multipath_loading",
+            ops_systemd_status_follows_multipath_loading,
+        ),
         ("ops_audit_trail", ops_audit_trail),
         // Last: multipathd may re-register the key when the path returns.
         (
@@ -47,6 +51,53 @@ fn mp_dev() -> PathBuf {
 
 fn name(p: &Path) -> String {
     p.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+/// Under systemd (Type=notify), reservd says READY=1 with a status line
+/// once serving, and a second status line once libmpathpersist, loaded in
+/// the background, is active.
+fn ops_systemd_status_follows_multipath_loading() -> TestResult {
+    use std::os::unix::net::UnixDatagram;
+    let dir = PathBuf::from(format!("/run/reservd-notify-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let notify_path = dir.join("notify");
+    let notify = UnixDatagram::bind(&notify_path).map_err(|e| e.to_string())?;
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_reservd"))
+        .args(["-k", dir.join("s.sock").to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 512];
+    let mut recv = || -> Result<String, String> {
+        let n = notify
+            .recv(&mut buf)
+            .map_err(|e| format!("no notification: {e}"))?;
+        Ok(String::from_utf8_lossy(&buf[..n]).to_string())
+    };
+    let result = (|| -> TestResult {
+        let first = recv()?;
+        check!(
+            first == "READY=1\nSTATUS=serving; multipath support: loading libmpathpersist",
+            "first notification: {first:?}"
+        );
+        let second = recv()?;
+        check!(
+            second.starts_with("STATUS=serving; multipath support: active (multipath-tools 0.9.4"),
+            "second notification: {second:?}"
+        );
+        Ok(())
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 fn reservdctl(args: &[&str], stdin: Stdio) -> Result<Output, String> {
