@@ -6,7 +6,7 @@
 //! hosts without multipath-tools. The variable `mpath_mx_alloc_len`, which
 //! bindgen's dynamic mode does not cover, is reached with
 //! [`mpath_mx_alloc_len`]; libmultipath's `libmp_get_version` with
-//! [`libmp_get_version`].
+//! [`libmp_get_version`]; multipath-tools' `logsink` with [`logsink`].
 //!
 //! Struct layouts are checked at compile time against the header
 //! (bindgen's layout assertions).
@@ -37,6 +37,15 @@ pub const DEFAULT_LIBRARY: &str = env!("MPATH_SYS_DEFAULT_LIB");
 /// libmultipath, a dependency of libmpathpersist (already loaded with it).
 pub const LIBMULTIPATH: &str = "libmultipath.so.0";
 
+/// libmpathutil, where multipath-tools 0.9 and later keep `logsink` (a
+/// dependency of libmultipath; before 0.9, `logsink` is libmultipath's).
+pub const LIBMPATHUTIL: &str = "libmpathutil.so.0";
+
+/// `logsink` value sending multipath-tools' messages to syslog
+/// (`LOGSINK_SYSLOG` in its debug.h; 0 is stderr with a timestamp, -1
+/// stderr without).
+pub const LOGSINK_SYSLOG: c_int = 1;
+
 /// `which` argument of `libmp_get_version` for multipath-tools' own
 /// version (libmultipath's `MULTIPATH_VERSION`, 0.8.6 and later).
 pub const MULTIPATH_VERSION: c_int = 3;
@@ -56,6 +65,20 @@ pub unsafe fn mpath_mx_alloc_len(
     // `mpath_mx_alloc_len` is an `unsigned int`; the symbol's value is its
     // address.
     let sym = unsafe { lib.get::<*mut c_uint>(b"mpath_mx_alloc_len\0")? };
+    Ok(*sym)
+}
+
+/// The address of multipath-tools' `int logsink`, where its messages go.
+///
+/// # Safety
+/// `lib` must be libmpathutil or libmultipath (a lookup through either
+/// finds it). The pointer is valid while the library stays loaded; writes
+/// must not race the library's own reads.
+pub unsafe fn logsink(lib: &libloading::Library) -> Result<*mut c_int, libloading::Error> {
+    // SAFETY: the caller guarantees `lib` is one of multipath-tools'
+    // libraries, whose `logsink` is an `int`; the symbol's value is its
+    // address.
+    let sym = unsafe { lib.get::<*mut c_int>(b"logsink\0")? };
     Ok(*sym)
 }
 
@@ -106,5 +129,15 @@ mod tests {
         assert!(!p.is_null());
         // SAFETY: as above; all functions must resolve.
         unsafe { LibMpathPersist::from_library(lib) }.expect("symbols");
+        // `logsink` resolves through libmpathutil (0.9+) or libmultipath.
+        let found = [LIBMPATHUTIL, LIBMULTIPATH].iter().any(|name| {
+            // SAFETY: loading runs constructors only; nothing is called.
+            unsafe { libloading::Library::new(*name) }
+                .ok()
+                // SAFETY: `l` is one of multipath-tools' libraries.
+                .and_then(|l| unsafe { logsink(&l) }.ok())
+                .is_some_and(|p| !p.is_null())
+        });
+        assert!(found, "logsink not found");
     }
 }

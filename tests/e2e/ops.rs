@@ -37,6 +37,10 @@ pub fn scenarios() -> Vec<Scenario> {
             ops_systemd_status_follows_multipath_loading,
         ),
         ("ops_audit_trail", ops_audit_trail),
+        (
+            "ops_library_messages_go_to_syslog_under_the_journal",
+            ops_library_messages_go_to_syslog_under_the_journal,
+        ),
         // Last: multipathd may re-register the key when the path returns.
         (
             "ops_status_offline_path_is_not_counted",
@@ -96,6 +100,101 @@ fn ops_systemd_status_follows_multipath_loading() -> TestResult {
     })();
     let _ = child.kill();
     let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// With stderr going to the journal (JOURNAL_STREAM names it), the
+/// messages multipath-tools' libraries print go to syslog, each with its
+/// priority, instead of onto reservd's stderr.
+fn ops_library_messages_go_to_syslog_under_the_journal() -> TestResult {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::net::UnixDatagram;
+    let dir = PathBuf::from(format!("/run/reservd-journal-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    // /dev/log stands for the journal's syslog socket (none in the bed).
+    let devlog = Path::new("/dev/log");
+    let _ = std::fs::remove_file(devlog);
+    let syslog = UnixDatagram::bind(devlog).map_err(|e| format!("/dev/log: {e}"))?;
+    syslog
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .map_err(|e| e.to_string())?;
+    // Drained all along, as the journal does: a datagram socket's queue is
+    // short, and a sender blocks once it is full.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 2048];
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok(n) = syslog.recv(&mut buf) {
+                    got.push(String::from_utf8_lossy(&buf[..n]).to_string());
+                }
+            }
+            got
+        })
+    };
+    let err_path = dir.join("stderr");
+    let err = std::fs::File::create(&err_path).map_err(|e| e.to_string())?;
+    let meta = err.metadata().map_err(|e| e.to_string())?;
+    let socket = dir.join("s.sock");
+    // -vv: libmultipath at verbosity 3, which has something to say about
+    // any command on a map.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_reservd"))
+        .args(["-k", socket.to_str().unwrap(), "-v", "-v"])
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(err)
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let result = (|| -> TestResult {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            check!(
+                Instant::now() < deadline,
+                "reservd did not create its socket"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut c = reservd_daemon::client::Client::connect(&socket)
+            .map_err(|e| format!("connect: {e}"))?;
+        c.stream()
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())?;
+        let r = past_ua(|| pr_in(&mut c, &mp_dev(), prin_sa::READ_KEYS, 8192))?;
+        expect_good(&r, "READ KEYS on the map")?;
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let got = reader.join().map_err(|_| "syslog reader panicked")?;
+        // "<PRI>Mon DD HH:MM:SS reservd: text", PRI = LOG_USER + priority:
+        // libmultipath's levels 2 and 3 are notice (13) and info (14).
+        check!(
+            !got.is_empty()
+                && got
+                    .iter()
+                    .all(|m| m.starts_with('<') && m.contains(" reservd: ")),
+            "syslog messages: {got:?}"
+        );
+        check!(
+            got.iter().any(|m| m.starts_with("<14>"))
+                && got.iter().any(|m| m.contains("sending pr in command to")),
+            "libmultipath's own lines for the READ KEYS: {got:?}"
+        );
+        let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+        check!(
+            stderr.lines().all(|l| l.starts_with('<')),
+            "every stderr line carries a journal priority (nothing printed by libmultipath): \
+             {stderr}"
+        );
+        Ok(())
+    })();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(devlog);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }

@@ -113,6 +113,12 @@ impl Libmpathpersist {
         // SAFETY: `alloc_len` points at the library's `unsigned int`; no
         // other thread uses the library yet.
         unsafe { alloc_len.write(MX_ALLOC_LEN) };
+        // Under systemd, multipath-tools' own messages go to syslog with
+        // their priorities rather than to stderr, where the journal would
+        // file them all at one priority with a timestamp of their own.
+        if crate::logging::stderr_is_journal() && !library_logs_to_syslog() {
+            log::warn!("multipath-tools' messages stay on stderr: its logsink was not found");
+        }
         let path = loaded_path(api.libmpathpersist_init as *const c_void);
         Ok(Libmpathpersist {
             version: multipath_tools_version(),
@@ -160,6 +166,27 @@ pub fn installed(name: &str) -> bool {
             .filter(|d| !d.is_empty())
             .chain(["/lib", "/usr/lib", "/lib64", "/usr/lib64"])
             .any(|d| std::path::Path::new(d).join(name).is_file())
+}
+
+/// Point multipath-tools' `logsink` at syslog. Called once the library is
+/// initialised and before any command uses it.
+fn library_logs_to_syslog() -> bool {
+    for name in [mpath_sys::LIBMPATHUTIL, mpath_sys::LIBMULTIPATH] {
+        // SAFETY: a dependency of libmpathpersist, already loaded: opening
+        // it again only takes a reference (kept: never closed).
+        let Ok(lib) = (unsafe { Library::new(name) }) else {
+            continue;
+        };
+        let lib = ManuallyDrop::new(lib);
+        // SAFETY: `lib` is libmpathutil or libmultipath.
+        if let Ok(sink) = unsafe { mpath_sys::logsink(&lib) } {
+            // SAFETY: `sink` points at the library's `int logsink`; no other
+            // thread uses the library yet.
+            unsafe { sink.write(mpath_sys::LOGSINK_SYSLOG) };
+            return true;
+        }
+    }
+    false
 }
 
 /// libmultipath's own version. It is called only after
