@@ -189,7 +189,7 @@ fn daemon_serves_under_seccomp_enforce_on_every_thread() {
     for args in [&["--seccomp=enforce"][..], &[][..]] {
         let sock = dir.join("s.sock");
         let mut p = serve(&sock, args);
-        // Two commands at once so that more than one worker thread runs.
+        // Two commands at once so that more than one server thread runs.
         read_keys_on_a_file(&sock, &dir);
         read_keys_on_a_file(&sock, &dir);
         let threads = seccomp_of_threads(p.pid());

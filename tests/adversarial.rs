@@ -114,7 +114,7 @@ impl Daemon {
             base_rss: 0,
             cases: 0,
         };
-        // Warm up: worker threads, allocator arenas, the largest buffers.
+        // Warm up: server threads, allocator arenas, the largest buffers.
         for _ in 0..4 {
             d.assert_serves();
             let (mut s, _) = hello(&d.sock, 0);

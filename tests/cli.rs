@@ -504,7 +504,7 @@ fn user_and_group_switch_to_nobody_with_only_cap_sys_rawio() {
     ] {
         let sock = dir.join("s.sock");
         let mut p = serve(&sock, args);
-        // Serving (a worker thread ran) before looking at the threads.
+        // Serving (a server thread ran) before looking at the threads.
         let (mut c, _) = hello(&sock, 0);
         assert_eq!(read_keys_on_a_file(&mut c, &dir).status(), 0x02, "{args:?}");
         assert_minimal_privileges(p.pid(), 65534, 65534);

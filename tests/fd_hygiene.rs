@@ -35,7 +35,7 @@ fn no_fd_outlives_its_request_or_connection() {
     let disk = Disk::new();
     let ro = disk.read_only();
     let mut c = server.client();
-    // Warm up: the pool's first threads, lazily opened files.
+    // Warm up: the server's first threads, lazily opened files.
     for _ in 0..3 {
         c.execute(&cdb_in(0, 8192), disk.fd(), &[]).unwrap();
     }
