@@ -10,7 +10,6 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use nix::sys::signal::Signal;
 use reservd_daemon::seccomp::{self, Mode};
 use support::*;
 
@@ -20,12 +19,6 @@ fn serve(sock: &Path, extra: &[&str]) -> Proc {
     let mut p = Proc::reservd(&args);
     p.wait_socket(sock);
     p
-}
-
-fn stop(p: &mut Proc) -> (std::process::ExitStatus, String) {
-    p.signal(Signal::SIGTERM);
-    let (status, _, stderr) = p.finish();
-    (status, stderr)
 }
 
 /// One READ KEYS with a regular file as the disk: the command reaches the
@@ -196,7 +189,7 @@ fn daemon_serves_under_seccomp_enforce_on_every_thread() {
         assert!(threads.len() >= 2, "{args:?}: threads {threads:?}");
         assert!(threads.iter().all(|s| s == "2"), "{args:?}: {threads:?}");
         assert_eq!(proc_status(p.pid(), "Seccomp_filters"), "1", "{args:?}");
-        let (status, stderr) = stop(&mut p);
+        let (status, stderr) = p.stop();
         assert!(status.success(), "{args:?}: {stderr}");
         // The socket is removed at exit under the filter too.
         assert!(!sock.exists(), "{args:?}");
@@ -210,7 +203,7 @@ fn seccomp_off_installs_no_filter_and_bad_modes_are_refused() {
     let mut p = serve(&sock, &["--seccomp=off"]);
     read_keys_on_a_file(&sock, &dir);
     assert!(seccomp_of_threads(p.pid()).iter().all(|s| s == "0"));
-    assert!(stop(&mut p).0.success());
+    assert!(p.stop().0.success());
 
     let (status, _, stderr) = run_reservd(&["--seccomp=strict", "-k", "/tmp/x.sock"]);
     assert_eq!(status.code(), Some(1), "{stderr}");
@@ -233,7 +226,7 @@ fn daemon_as_nobody_serves_under_seccomp_enforce() {
     let threads = seccomp_of_threads(p.pid());
     assert!(threads.iter().all(|s| s == "2"), "{threads:?}");
     assert_eq!(proc_status(p.pid(), "NoNewPrivs"), "1");
-    let (status, stderr) = stop(&mut p);
+    let (status, stderr) = p.stop();
     assert!(status.success(), "{stderr}");
 }
 
@@ -257,7 +250,7 @@ fn socket_is_created_0600_by_default_whatever_the_umask() {
     p.wait_socket(&sock);
     let m = std::fs::metadata(&sock).unwrap();
     assert_eq!(m.permissions().mode() & 0o7777, 0o600);
-    assert!(stop(&mut p).0.success());
+    assert!(p.stop().0.success());
 }
 
 #[test]
@@ -268,7 +261,7 @@ fn socket_mode_is_applied_and_validated() {
     let m = std::fs::metadata(&sock).unwrap();
     assert_eq!(m.permissions().mode() & 0o7777, 0o660);
     read_keys_on_a_file(&sock, &dir);
-    assert!(stop(&mut p).0.success());
+    assert!(p.stop().0.success());
     for bad in ["999", "1777", "rw", ""] {
         let (status, _, stderr) =
             run_reservd(&["--socket-mode", bad, "-k", sock.to_str().unwrap()]);
@@ -288,7 +281,7 @@ fn socket_group_is_applied() {
         let m = std::fs::metadata(&sock).unwrap();
         assert_eq!(m.gid(), 65534, "{group}");
         assert_eq!(m.permissions().mode() & 0o7777, 0o660, "{group}");
-        assert!(stop(&mut p).0.success());
+        assert!(p.stop().0.success());
     }
     let (status, _, stderr) = run_reservd(&[
         "--socket-group",
@@ -412,7 +405,7 @@ fn disallowed_peer_is_closed_before_the_handshake_and_logged() {
     assert!(logged.contains("WARN"), "{logged}");
     // Root always passes; the daemon is still serving.
     read_keys_on_a_file(&sock, &dir);
-    let (status, _) = stop(&mut p);
+    let (status, _) = p.stop();
     assert!(status.success());
 }
 
@@ -441,7 +434,7 @@ fn allowed_uid_or_gid_is_served() {
         // And one that is in neither list is refused by the same daemon.
         let (_, got) = handshake_bytes_as(&sock, 23456, 23456);
         assert_eq!(got, 0, "{args:?} uid 23456");
-        assert!(stop(&mut p).0.success());
+        assert!(p.stop().0.success());
     }
 }
 
@@ -458,7 +451,7 @@ fn a_flood_of_refused_peers_is_logged_at_most_ten_times_a_minute() {
     }
     // Served after the flood: the loop went on.
     read_keys_on_a_file(&sock, &dir);
-    let (status, stderr) = stop(&mut p);
+    let (status, stderr) = p.stop();
     assert!(status.success());
     let refusals = stderr.lines().filter(|l| l.contains("not allowed")).count();
     assert_eq!(refusals, 10, "{stderr}");

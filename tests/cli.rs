@@ -59,12 +59,6 @@ fn read_keys_on_a_file(stream: &mut UnixStream, dir: &TempDir) -> Outcome {
     read_outcome(stream)
 }
 
-fn stop(p: &mut Proc) -> (std::process::ExitStatus, String) {
-    p.signal(Signal::SIGTERM);
-    let (status, _, stderr) = p.finish();
-    (status, stderr)
-}
-
 // ---------------------------------------------------------------- -h, -V
 
 #[test]
@@ -124,7 +118,7 @@ fn socket_option_serves_the_handshake() {
         let out = read_keys_on_a_file(&mut s, &dir);
         assert_eq!(out.status(), 0x02, "{form}");
         assert_eq!(out.sense_code(), (0x0b, 0x00, 0x06), "{form}");
-        let (status, _) = stop(&mut p);
+        let (status, _) = p.stop();
         assert!(status.success(), "{form}");
     }
     // --socket=PATH, as getopt_long accepts it.
@@ -237,7 +231,7 @@ fn pidfile_is_written_locked_and_kept_without_daemon() {
     assert_eq!(read_keys_on_a_file(&mut c, &dir).status(), 0x02);
     drop(c);
 
-    let (status, _) = stop(&mut p);
+    let (status, _) = p.stop();
     assert!(status.success());
     assert!(!sock.exists(), "socket not removed at exit");
     // The pid file stays, as qemu-pr-helper leaves it.
@@ -285,7 +279,7 @@ fn pidfile_locked_by_the_launcher_before_exec_is_accepted() {
     ]);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("cannot lock pid file"), "{stderr}");
-    let (status, _) = stop(&mut p);
+    let (status, _) = p.stop();
     assert!(status.success());
 }
 
@@ -379,7 +373,7 @@ fn trace_pattern_enables_request_logging() {
     let (mut c, _) = hello(&sock, 0);
     assert_eq!(read_keys_on_a_file(&mut c, &dir).status(), 0x02);
     assert!(p.wait_stderr("sense=0b/00/06"), "{}", p.stderr());
-    let (_, stderr) = stop(&mut p);
+    let (_, stderr) = p.stop();
     let req = stderr
         .lines()
         .find(|l| l.contains("pr_helper_request"))
@@ -395,7 +389,7 @@ fn trace_pattern_enables_request_logging() {
     let mut p = serve(&sock, &[]);
     let (mut c, _) = hello(&sock, 0);
     assert_eq!(read_keys_on_a_file(&mut c, &dir).status(), 0x02);
-    let (_, stderr) = stop(&mut p);
+    let (_, stderr) = p.stop();
     assert!(!stderr.contains("pr_helper_"), "{stderr}");
 }
 
@@ -419,7 +413,7 @@ fn unknown_trace_pattern_is_only_a_warning() {
     let sock = dir.join("s.sock");
     let mut p = serve(&sock, &["-T", "qio_channel_*"]);
     assert_eq!(hello(&sock, 0).1, [0, 0, 0, 0]);
-    let (status, stderr) = stop(&mut p);
+    let (status, stderr) = p.stop();
     assert!(status.success());
     let lines = reservd_lines(&stderr);
     let warn: Vec<&str> = stderr
@@ -442,7 +436,7 @@ fn trace_file_and_events_file() {
     let mut p = serve(&sock, &["--trace", &spec]);
     let (mut c, _) = hello(&sock, 0);
     assert_eq!(read_keys_on_a_file(&mut c, &dir).status(), 0x02);
-    let (status, stderr) = stop(&mut p);
+    let (status, stderr) = p.stop();
     assert!(status.success());
     assert_eq!(stderr, "", "the log should go to the trace file");
     let text = std::fs::read_to_string(&log).unwrap();
@@ -510,7 +504,7 @@ fn user_and_group_switch_to_nobody_with_only_cap_sys_rawio() {
         assert_minimal_privileges(p.pid(), 65534, 65534);
         assert_all_threads_like_main(p.pid());
         drop(c);
-        let (status, _) = stop(&mut p);
+        let (status, _) = p.stop();
         assert!(status.success(), "{args:?}");
         let _ = std::fs::remove_file(&sock);
     }
@@ -527,7 +521,7 @@ fn without_user_root_keeps_only_cap_sys_rawio() {
     assert_eq!(read_keys_on_a_file(&mut c, &dir).status(), 0x02);
     assert_minimal_privileges(p.pid(), 0, 0);
     assert_all_threads_like_main(p.pid());
-    let (status, _) = stop(&mut p);
+    let (status, _) = p.stop();
     assert!(status.success());
 }
 
@@ -558,13 +552,13 @@ fn verbose_and_quiet_set_the_log_level() {
     // Default: warnings and errors only; a clean run prints nothing.
     let mut p = serve(&sock, &[]);
     hello(&sock, 0);
-    let (_, stderr) = stop(&mut p);
+    let (_, stderr) = p.stop();
     assert_eq!(stderr, "");
 
     // -v: start-up and shutdown are logged.
     let mut p = serve(&sock, &["-v"]);
     assert!(p.wait_stderr(&format!("listening on {}", sock.display())));
-    let (_, stderr) = stop(&mut p);
+    let (_, stderr) = p.stop();
     assert!(stderr.contains("shutting down"), "{stderr}");
     assert!(!stderr.contains("DEBUG"), "{stderr}");
 
@@ -574,7 +568,7 @@ fn verbose_and_quiet_set_the_log_level() {
         let (c, _) = hello(&sock, 0);
         drop(c);
         assert!(p.wait_stderr("closed"), "{args:?}: {}", p.stderr());
-        let (_, stderr) = stop(&mut p);
+        let (_, stderr) = p.stop();
         assert!(stderr.contains("DEBUG"), "{stderr}");
     }
 
@@ -582,7 +576,7 @@ fn verbose_and_quiet_set_the_log_level() {
     for q in ["-q", "--quiet"] {
         let mut p = serve(&sock, &[q, "-T", "no_such_event"]);
         hello(&sock, 0);
-        let (_, stderr) = stop(&mut p);
+        let (_, stderr) = p.stop();
         assert_eq!(stderr, "", "{q}");
     }
     // ... but not a fatal error.
@@ -598,7 +592,7 @@ fn positional_arguments_are_ignored() {
     let mut p = Proc::reservd(&["FILE", "-k", sock.to_str().unwrap(), "other", "args"]);
     p.wait_socket(&sock);
     assert_eq!(hello(&sock, 0).1, [0, 0, 0, 0]);
-    let (status, _) = stop(&mut p);
+    let (status, _) = p.stop();
     assert!(status.success());
 }
 
@@ -741,7 +735,7 @@ fn enable_cleanup_advertises_and_accepts_the_feature() {
     // A client asking for nothing (released QEMU) is served as well.
     let (mut q, _) = hello(&sock, 0);
     assert_eq!(read_keys_on_a_file(&mut q, &dir).status(), 0x02);
-    let (status, _) = stop(&mut p);
+    let (status, _) = p.stop();
     assert!(status.success());
 
     // Without the option: features 0, asking for bit 0 closes, and the
@@ -833,7 +827,7 @@ fn socket_activation_serves_through_systemds_socket() {
         "{}",
         p.stderr()
     );
-    let (status, stderr) = stop(&mut p);
+    let (status, stderr) = p.stop();
     assert!(status.success(), "{stderr}");
     // The socket belongs to systemd: left in place.
     assert!(is_socket(&sock), "activated socket removed at exit");
@@ -904,7 +898,7 @@ fn listen_fds_for_another_process_is_ignored() {
     let mut p = Proc::spawn(cmd);
     p.wait_socket(&sock);
     assert_eq!(hello(&sock, 0).1, [0, 0, 0, 0]);
-    let (status, _) = stop(&mut p);
+    let (status, _) = p.stop();
     assert!(status.success());
 }
 
@@ -953,7 +947,7 @@ fn readiness_is_notified_once_listening() {
         s.set_read_timeout(Some(DEADLINE)).unwrap();
         assert_eq!(read_features(&mut s), [0, 0, 0, 0]);
         s.write_all(&[0; 4]).unwrap();
-        let (status, _) = stop(&mut p);
+        let (status, _) = p.stop();
         assert!(status.success());
     }
 }

@@ -44,8 +44,7 @@ fn qemu_pr_manager_connects_to_reservd() {
     assert!(r.wait_stderr("closed"), "{}", r.stderr());
     // reservd serves the next QEMU as well.
     assert_qemu_connects(&dir, &sock);
-    r.signal(Signal::SIGTERM);
-    let (status, _, stderr) = r.finish();
+    let (status, stderr) = r.stop();
     assert!(status.success(), "{stderr}");
 }
 
@@ -88,8 +87,7 @@ fn qemu_connects_through_socket_activation() {
     r.wait_socket(&sock);
     // QEMU's connection is the one that starts reservd.
     assert_qemu_connects(&dir, &sock);
-    r.signal(Signal::SIGTERM);
-    let (status, _, stderr) = r.finish();
+    let (status, stderr) = r.stop();
     assert!(status.success(), "{stderr}");
 }
 
@@ -110,8 +108,7 @@ fn qemu_without_a_listening_helper_fails_to_start() {
     // The same after reservd has stopped: its socket is gone.
     let mut r = Proc::reservd(&["-k", sock.to_str().unwrap()]);
     r.wait_socket(&sock);
-    r.signal(Signal::SIGTERM);
-    assert!(r.finish().0.success());
+    assert!(r.stop().0.success());
     let (status, _, _) = qemu(&sock, &dir.join("qmp.sock")).finish();
     assert!(!status.success(), "QEMU started after reservd stopped");
 }

@@ -174,6 +174,13 @@ impl Proc {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("kill");
     }
 
+    /// SIGTERM, then [`Proc::finish`]: (status, stderr).
+    pub fn stop(&mut self) -> (ExitStatus, String) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let (status, _, stderr) = self.finish();
+        (status, stderr)
+    }
+
     /// Wait until `path` is a socket, panicking (with the process's stderr)
     /// if the process exits first or [`DEADLINE`] passes.
     pub fn wait_socket(&mut self, path: &Path) {
