@@ -422,6 +422,18 @@ fn throughput(d: &Daemon, open: &dyn Fn() -> File, n: usize, dur: Duration) -> f
     count.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64()
 }
 
+/// reservd and qemu-pr-helper, each checked to answer READ KEYS on `disk`
+/// (`what`, for the message) with `status`.
+fn start_both(opts: &Opts, disk: &File, status: u8, what: &str) -> (Daemon, Daemon) {
+    let r = Daemon::start(opts, Kind::Reservd, false);
+    let q = Daemon::start(opts, Kind::Qemu, false);
+    for d in [&r, &q] {
+        let a = d.client().execute(&READ_KEYS, disk.as_fd(), &[]).unwrap();
+        assert_eq!(a.status, status, "READ KEYS on {what}: {a:?}");
+    }
+    (r, q)
+}
+
 /// Median start-up time over `n` starts, and idle RSS of the last one.
 fn startup(opts: &Opts, kind: Kind, hide_dm: bool, n: usize) -> (Duration, u64) {
     let mut v = Vec::new();
@@ -575,13 +587,8 @@ fn host(opts: &Opts) {
     let disk = open();
     let iters = scaled(opts, 20_000);
 
-    let r = Daemon::start(opts, Kind::Reservd, false);
-    let q = Daemon::start(opts, Kind::Qemu, false);
     // Sanity: the answer is CHECK CONDITION from both.
-    for d in [&r, &q] {
-        let a = d.client().execute(&READ_KEYS, disk.as_fd(), &[]).unwrap();
-        assert_eq!(a.status, 2, "expected CHECK CONDITION on a regular file");
-    }
+    let (r, q) = start_both(opts, &disk, 2, "a regular file");
     let (mut rc, mut qc) = (r.client(), q.client());
     let l = measure_in_turns(
         iters,
@@ -716,12 +723,7 @@ fn guest(opts: &Opts) {
     let iters = scaled(opts, 2000);
     let limit = scaled_d(opts, Duration::from_secs(8));
 
-    let r = Daemon::start(opts, Kind::Reservd, false);
-    let q = Daemon::start(opts, Kind::Qemu, false);
-    for d in [&r, &q] {
-        let a = d.client().execute(&READ_KEYS, disk.as_fd(), &[]).unwrap();
-        assert_eq!(a.status, 0, "READ KEYS on {sp} failed: {a:?}");
-    }
+    let (r, q) = start_both(opts, &disk, 0, &sp);
     let (mut rc, mut qc) = (r.client(), q.client());
     let l = measure_in_turns(
         iters,
