@@ -618,11 +618,17 @@ impl Server {
                     self.close(c.key, None);
                 }
                 Outcome::Failed(e) => {
-                    if matches!(e, BackendError::Panicked(_)) {
-                        log::error!("connection {} ({}): {e}; closing", conn.id, conn.peer);
-                    } else {
-                        log::warn!("connection {} ({}): {e}; closing", conn.id, conn.peer);
-                    }
+                    // A panic is a bug in reservd: louder than a transport failure.
+                    let level = match e {
+                        BackendError::Panicked(_) => log::Level::Error,
+                        _ => log::Level::Warn,
+                    };
+                    log::log!(
+                        level,
+                        "connection {} ({}): {e}; closing",
+                        conn.id,
+                        conn.peer
+                    );
                     self.close(c.key, None);
                 }
             }
