@@ -215,10 +215,15 @@ fn start(
             backend::router::Loaded::load(runs_as_root, cli.sgio_timeout),
         ),
     };
-    let keep: &[u32] = match &mpath {
-        Mpath::Later(_) => &[privs::CAP_SYS_RAWIO, privs::CAP_SYS_ADMIN],
-        Mpath::Now(_, l) if l.multipath.is_some() => &[privs::CAP_SYS_RAWIO, privs::CAP_SYS_ADMIN],
-        _ => &[privs::CAP_SYS_RAWIO],
+    let multipath = match &mpath {
+        Mpath::Off(_) => false,
+        Mpath::Now(_, l) => l.multipath.is_some(),
+        Mpath::Later(_) => true,
+    };
+    let keep: &[u32] = if multipath {
+        &[privs::CAP_SYS_RAWIO, privs::CAP_SYS_ADMIN]
+    } else {
+        &[privs::CAP_SYS_RAWIO]
     };
     // While setrlimit is still allowed: the seccomp filter only lets it read.
     if matches!(mpath, Mpath::Later(_)) {
