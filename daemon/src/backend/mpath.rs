@@ -168,16 +168,23 @@ pub fn installed(name: &str) -> bool {
             .any(|d| std::path::Path::new(d).join(name).is_file())
 }
 
+/// A library libmpathpersist loaded as a dependency (libmultipath,
+/// libmpathutil), for its symbols; `None` if this version has none by that
+/// name. The handle is never closed.
+fn dependency(name: &str) -> Option<ManuallyDrop<Library>> {
+    // SAFETY: called only once libmpathpersist is loaded: `name` is one of
+    // its dependencies, already loaded, so opening it again only takes a
+    // reference and runs no constructor.
+    unsafe { Library::new(name) }.ok().map(ManuallyDrop::new)
+}
+
 /// Point multipath-tools' `logsink` at syslog. Called once the library is
 /// initialised and before any command uses it.
 fn library_logs_to_syslog() -> bool {
     for name in [mpath_sys::LIBMPATHUTIL, mpath_sys::LIBMULTIPATH] {
-        // SAFETY: a dependency of libmpathpersist, already loaded: opening
-        // it again only takes a reference (kept: never closed).
-        let Ok(lib) = (unsafe { Library::new(name) }) else {
+        let Some(lib) = dependency(name) else {
             continue;
         };
-        let lib = ManuallyDrop::new(lib);
         // SAFETY: `lib` is libmpathutil or libmultipath.
         if let Ok(sink) = unsafe { mpath_sys::logsink(&lib) } {
             // SAFETY: `sink` points at the library's `int logsink`; no other
@@ -193,9 +200,7 @@ fn library_logs_to_syslog() -> bool {
 /// `libmpathpersist_init()`, with device-mapper known to be present (it
 /// queries the kernel's DM versions on first use).
 fn multipath_tools_version() -> Option<(u32, u32, u32)> {
-    // SAFETY: libmultipath is already loaded as a dependency of
-    // libmpathpersist; opening it again only takes a reference.
-    let lib = ManuallyDrop::new(unsafe { Library::new(mpath_sys::LIBMULTIPATH) }.ok()?);
+    let lib = dependency(mpath_sys::LIBMULTIPATH)?;
     // SAFETY: libmultipath 0.8.6+ exports `libmp_get_version` with this
     // signature (older ones do not export it, and lookup fails).
     let f = unsafe { mpath_sys::libmp_get_version(&lib) }.ok()?;
