@@ -268,9 +268,7 @@ pub fn run(device: &Path, repair: bool, yes: bool, json: bool) -> anyhow::Result
             return Ok(EXIT_INCONSISTENT);
         }
     }
-    register(Path::new(&plan.map_dev), plan.key, plan.aptpl)?;
-    let s = gather(device)?;
-    let v = pathcheck::verdict(&s);
+    let (s, v) = repair_and_look_again(device, &plan)?;
     println!("After the repair:");
     render(&s, &v, false);
     Ok(exit_for(&v))
@@ -293,15 +291,24 @@ fn repair_as_json(
     if !yes {
         bail!("not repairing: --repair --json asks no question; add --yes to repair");
     }
-    register(Path::new(&plan.map_dev), plan.key, plan.aptpl)?;
-    let s = gather(device)?;
-    let v = pathcheck::verdict(&s);
+    let (s, v) = repair_and_look_again(device, &plan)?;
     let after = pathcheck::json(&s, &v);
     println!(
         "{}",
         pathcheck::repair_json(&before, Some(&plan), Some(&after))
     );
     Ok(exit_for(&v))
+}
+
+/// Carry out `plan`, then look at `device` again.
+fn repair_and_look_again(
+    device: &Path,
+    plan: &pathcheck::RepairPlan,
+) -> anyhow::Result<(MapStatus, pathcheck::Verdict)> {
+    register(Path::new(&plan.map_dev), plan.key, plan.aptpl)?;
+    let s = gather(device)?;
+    let v = pathcheck::verdict(&s);
+    Ok((s, v))
 }
 
 /// The repair for the key some paths lack: one key, on a multipath map.
