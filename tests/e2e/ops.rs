@@ -57,27 +57,72 @@ fn name(p: &Path) -> String {
     p.file_name().unwrap().to_string_lossy().into_owned()
 }
 
+/// reservd started as systemd would start it: in a scratch directory under
+/// /run (its socket `s.sock`), with one variable of systemd's environment
+/// and stderr as given. Killed, and the directory removed, when dropped.
+struct UnderSystemd {
+    dir: PathBuf,
+    child: std::process::Child,
+}
+
+impl UnderSystemd {
+    /// The scratch directory, made empty, for what the variable names.
+    fn scratch(tag: &str) -> Result<PathBuf, String> {
+        let dir = PathBuf::from(format!("/run/reservd-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(dir)
+    }
+
+    fn start(
+        dir: PathBuf,
+        args: &[&str],
+        var: (&str, &std::ffi::OsStr),
+        stderr: Stdio,
+    ) -> Result<UnderSystemd, String> {
+        let child = Command::new(env!("CARGO_BIN_EXE_reservd"))
+            .arg("-k")
+            .arg(dir.join("s.sock"))
+            .args(args)
+            .env(var.0, var.1)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("starting reservd: {e}"))?;
+        Ok(UnderSystemd { dir, child })
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("s.sock")
+    }
+}
+
+impl Drop for UnderSystemd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Under systemd (Type=notify), reservd says READY=1 with a status line
 /// once serving, and a second status line once libmpathpersist, loaded in
 /// the background, is active.
 fn ops_systemd_status_follows_multipath_loading() -> TestResult {
     use std::os::unix::net::UnixDatagram;
-    let dir = PathBuf::from(format!("/run/reservd-notify-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let dir = UnderSystemd::scratch("notify")?;
     let notify_path = dir.join("notify");
     let notify = UnixDatagram::bind(&notify_path).map_err(|e| e.to_string())?;
     notify
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_reservd"))
-        .args(["-k", dir.join("s.sock").to_str().unwrap()])
-        .env("NOTIFY_SOCKET", &notify_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| e.to_string())?;
+    let _d = UnderSystemd::start(
+        dir,
+        &[],
+        ("NOTIFY_SOCKET", notify_path.as_os_str()),
+        Stdio::null(),
+    )?;
     let mut buf = [0u8; 512];
     let mut recv = || -> Result<String, String> {
         let n = notify
@@ -85,23 +130,17 @@ fn ops_systemd_status_follows_multipath_loading() -> TestResult {
             .map_err(|e| format!("no notification: {e}"))?;
         Ok(String::from_utf8_lossy(&buf[..n]).to_string())
     };
-    let result = (|| -> TestResult {
-        let first = recv()?;
-        check!(
-            first == "READY=1\nSTATUS=serving; multipath support: loading libmpathpersist",
-            "first notification: {first:?}"
-        );
-        let second = recv()?;
-        check!(
-            second.starts_with("STATUS=serving; multipath support: active (multipath-tools 0.9.4"),
-            "second notification: {second:?}"
-        );
-        Ok(())
-    })();
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    let first = recv()?;
+    check!(
+        first == "READY=1\nSTATUS=serving; multipath support: loading libmpathpersist",
+        "first notification: {first:?}"
+    );
+    let second = recv()?;
+    check!(
+        second.starts_with("STATUS=serving; multipath support: active (multipath-tools 0.9.4"),
+        "second notification: {second:?}"
+    );
+    Ok(())
 }
 
 /// With stderr going to the journal (JOURNAL_STREAM names it), the
@@ -110,9 +149,7 @@ fn ops_systemd_status_follows_multipath_loading() -> TestResult {
 fn ops_library_messages_go_to_syslog_under_the_journal() -> TestResult {
     use std::os::unix::fs::MetadataExt;
     use std::os::unix::net::UnixDatagram;
-    let dir = PathBuf::from(format!("/run/reservd-journal-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let dir = UnderSystemd::scratch("journal")?;
     // /dev/log stands for the journal's syslog socket (none in the bed).
     let devlog = Path::new("/dev/log");
     let _ = std::fs::remove_file(devlog);
@@ -139,17 +176,16 @@ fn ops_library_messages_go_to_syslog_under_the_journal() -> TestResult {
     let err_path = dir.join("stderr");
     let err = std::fs::File::create(&err_path).map_err(|e| e.to_string())?;
     let meta = err.metadata().map_err(|e| e.to_string())?;
-    let socket = dir.join("s.sock");
     // -vv: libmultipath at verbosity 3, which has something to say about
     // any command on a map.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_reservd"))
-        .args(["-k", socket.to_str().unwrap(), "-v", "-v"])
-        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(err)
-        .spawn()
-        .map_err(|e| e.to_string())?;
+    let stream = format!("{}:{}", meta.dev(), meta.ino());
+    let d = UnderSystemd::start(
+        dir,
+        &["-v", "-v"],
+        ("JOURNAL_STREAM", stream.as_ref()),
+        Stdio::from(err),
+    )?;
+    let socket = d.socket();
     let result = (|| -> TestResult {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !socket.exists() {
@@ -192,10 +228,8 @@ fn ops_library_messages_go_to_syslog_under_the_journal() -> TestResult {
         Ok(())
     })();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(d);
     let _ = std::fs::remove_file(devlog);
-    let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
