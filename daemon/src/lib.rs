@@ -258,10 +258,7 @@ fn start(
             let timeout = cli.sgio_timeout;
             let loader: backend::router::Loader = Box::new(move || {
                 let loaded = backend::router::Loaded::load(true, timeout);
-                startup::notify(&format!(
-                    "STATUS=serving; multipath support: {}",
-                    loaded.summary
-                ));
+                startup::notify(&format!("STATUS={}", serving_status(&loaded.summary)));
                 if loaded.multipath.is_some() {
                     loaded.log();
                 } else {
@@ -335,9 +332,10 @@ fn start(
             a.gids
         );
     }
-    Ok((
-        server,
-        pidfile,
-        format!("serving; multipath support: {summary}"),
-    ))
+    Ok((server, pidfile, serving_status(&summary)))
+}
+
+/// The status line systemd shows (`systemctl status reservd`).
+fn serving_status(multipath_summary: &str) -> String {
+    format!("serving; multipath support: {multipath_summary}")
 }
