@@ -163,7 +163,7 @@ impl DmControl {
     /// Whether `fd` is a dm-multipath map. Never fails: anything that goes
     /// wrong is logged and means "not multipath".
     pub fn probe(&self, fd: BorrowedFd<'_>) -> MapKind {
-        let st = match nix::sys::stat::fstat(fd) {
+        let st = match fstat(fd) {
             Ok(st) => st,
             Err(e) => {
                 log::warn!("fstat on a client's file descriptor failed: {e}; using SG_IO");
@@ -212,6 +212,23 @@ fn target_is_multipath(buf: &[u8], start: usize) -> bool {
     let ty = &spec[24..40];
     let end = ty.iter().position(|&c| c == 0).unwrap_or(ty.len());
     &ty[..end] == b"multipath"
+}
+
+/// `fstat(2)` itself. The C library's `fstat` is `fstatat(fd, "",
+/// AT_EMPTY_PATH)`, which on the kernels of current enterprise
+/// distributions copies and looks up the empty path name first; this runs
+/// for every command.
+fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: `fd` is an open descriptor (borrowed for the call) and `st`
+    // is a writable `struct stat` of the size the kernel fills for this
+    // architecture's fstat.
+    let r = unsafe { libc::syscall(libc::SYS_fstat, fd.as_raw_fd(), st.as_mut_ptr()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel filled `st` (and it was zeroed before).
+    Ok(unsafe { st.assume_init() })
 }
 
 #[cfg(test)]
