@@ -16,7 +16,7 @@
 //! LU are ordered at the target anyway. Each call runs on the server
 //! thread running that command, so a slow multipath command delays other
 //! multipath commands, and the event loop only until the crew's standby
-//! takes it over (1 ms), never SG_IO clients beyond that.
+//! takes it over (1 to 2 ms), never SG_IO clients beyond that.
 //!
 //! Only call into the library for file descriptors that
 //! [`super::dm::DmControl::probe`] has shown to be multipath maps:

@@ -5,10 +5,13 @@
 //! healthy device answers well within a millisecond) finds the loop where
 //! it left it and goes on with it; no other thread is woken. One that runs
 //! longer than [`RESCUE_AFTER`] is rescued: a standby thread, asleep on a
-//! timerfd armed when the loop was put down, takes the loop over and serves
-//! every other client, and the slow command's thread stays with its
-//! device. So a hung device holds one thread, and delays the other clients
-//! by at most `RESCUE_AFTER`, once.
+//! timerfd, takes the loop over and serves every other client, and the
+//! slow command's thread stays with its device. So a hung device holds one
+//! thread, and delays the other clients by at most twice `RESCUE_AFTER`,
+//! once. The timer is not set for every command: a command that starts
+//! while it is due at least `RESCUE_AFTER` later leaves it as it is, so a
+//! busy server sets it about once per `RESCUE_AFTER` (each setting can cost
+//! a timer reprogramming, which is dear on virtual machines).
 //!
 //! That is for a lone command on a quiet server, the common case (a guest's
 //! cluster software issues one PR command at a time). When one turn of the
@@ -20,7 +23,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
@@ -28,7 +31,7 @@ use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFl
 pub type Job = Box<dyn FnOnce() + Send + 'static>;
 
 /// How long the loop stays down while its thread runs a command before the
-/// standby thread takes it over.
+/// standby thread takes it over: at least this, at most twice this.
 pub const RESCUE_AFTER: Duration = Duration::from_millis(1);
 
 /// How long an idle thread waits for work before it exits.
@@ -65,6 +68,8 @@ struct State<L: Loop> {
     idle: usize,
     /// A thread is asleep on the timer.
     standby: bool,
+    /// When the timer fires, if it is set (and not yet read).
+    due: Option<Instant>,
     /// Threads started that have not yet looked for work.
     starting: usize,
     /// What the loop returned, for `run`.
@@ -78,9 +83,9 @@ struct Shared<L: Loop> {
     work: Condvar,
     /// `run` waits here for the end of the loop.
     over: Condvar,
-    /// Armed when the loop is put down (and left armed when the loop's
-    /// thread takes it back: the next command re-arms it); the standby
-    /// thread waits on it.
+    /// Due between `rescue_after` and twice that after the start of any
+    /// command run while the loop is down; left set when the loop's thread
+    /// takes the loop back. The standby thread waits on it.
     timer: TimerFd,
     wake: Arc<dyn Fn() + Send + Sync>,
     max_workers: usize,
@@ -92,16 +97,35 @@ impl<L: Loop> Shared<L> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn arm(&self, after: Duration) {
+    fn arm(&self, st: &mut State<L>, after: Duration) {
         let when = Expiration::OneShot(TimeSpec::from_duration(after));
-        if let Err(e) = self.timer.set(when, TimerSetTimeFlags::empty()) {
-            log::error!("cannot arm the loop's rescue timer: {e}");
+        let now = Instant::now();
+        match self.timer.set(when, TimerSetTimeFlags::empty()) {
+            Ok(()) => st.due = Some(now + after),
+            Err(e) => {
+                st.due = None;
+                log::error!("cannot arm the loop's rescue timer: {e}");
+            }
         }
     }
 
-    fn disarm(&self) {
+    /// Make sure the timer fires between `rescue_after` and twice that from
+    /// now. It is set again only when it would fire sooner than
+    /// `rescue_after` (or has fired): the timer and `Instant` both count
+    /// CLOCK_MONOTONIC, so a timer that has fired is always set again.
+    fn arm_for_command(&self, st: &mut State<L>) {
+        let keep = st
+            .due
+            .is_some_and(|due| due >= Instant::now() + self.rescue_after);
+        if !keep {
+            self.arm(st, 2 * self.rescue_after);
+        }
+    }
+
+    fn disarm(&self, st: &mut State<L>) {
         // Disarming also clears a past expiry not yet read.
         let _ = self.timer.unset();
+        st.due = None;
     }
 }
 
@@ -126,6 +150,7 @@ fn run_with<L: Loop>(
             rescued: 0,
             idle: 0,
             standby: false,
+            due: None,
             starting: 0,
             done: None,
             finished: false,
@@ -219,7 +244,7 @@ fn take_loop<'a, L: Loop>(
     mut st: MutexGuard<'a, State<L>>,
 ) -> MutexGuard<'a, State<L>> {
     let lp = st.down.take().expect("the loop is down");
-    shared.disarm();
+    shared.disarm(&mut st);
     st.rescued += 1;
     lead(shared, st, lp)
 }
@@ -262,7 +287,7 @@ fn lead<'a, L: Loop>(
                 shared.over.notify_all();
                 shared.work.notify_all();
                 // Wake the standby thread so that it leaves.
-                shared.arm(Duration::from_nanos(1));
+                shared.arm(&mut st, Duration::from_nanos(1));
                 drop(st);
                 drop(lp);
                 return shared.lock();
@@ -288,14 +313,13 @@ fn lead<'a, L: Loop>(
                 }
             }
             st.down = Some(lp);
-            shared.arm(shared.rescue_after);
+            shared.arm_for_command(&mut st);
             st = run_job(shared, st, mine);
             match st.down.take() {
                 Some(back) => {
                     // The loop waited for this thread: go on with it. The
-                    // timer stays armed: the next command re-arms it (one
-                    // system call per command, not two), and if it fires
-                    // first, the standby finds the loop held and sleeps on.
+                    // timer stays set: if it fires before the next command,
+                    // the standby finds the loop held and sleeps on.
                     lp = back;
                     continue;
                 }
@@ -464,6 +488,44 @@ mod tests {
         gate_tx.send(()).unwrap();
         tx.send(None).unwrap();
         h.join().unwrap();
+    }
+
+    #[test]
+    fn a_slow_command_is_rescued_after_one_to_two_rescue_delays() {
+        let r = Duration::from_millis(200);
+        let (tx, rx) = channel();
+        let lp = Noting {
+            rx,
+            turn_thread: Arc::new(Mutex::new(None)),
+        };
+        let h = std::thread::spawn(move || run_with(lp, 4, r).unwrap());
+        let (done_tx, done_rx) = channel();
+        // A quick command sets the timer (due in 2r); half a delay before
+        // it is due, a command that blocks starts, and one behind it that
+        // runs once the loop is rescued: not at the old due time.
+        let d = done_tx.clone();
+        tx.send(Some(job(move || d.send(()).unwrap()))).unwrap();
+        done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        std::thread::sleep(r * 3 / 2);
+        let (gate_tx, gate_rx) = channel::<()>();
+        let start = Instant::now();
+        tx.send(Some(job(move || {
+            let _ = gate_rx.recv();
+        })))
+        .unwrap();
+        let d = done_tx.clone();
+        tx.send(Some(job(move || d.send(()).unwrap()))).unwrap();
+        let answered = done_rx.recv_timeout(Duration::from_secs(10));
+        let waited = start.elapsed();
+        gate_tx.send(()).unwrap();
+        tx.send(None).unwrap();
+        h.join().unwrap();
+        assert!(answered.is_ok(), "the loop was never rescued");
+        assert!(waited >= r, "rescued after {waited:?}, before {r:?}");
+        assert!(
+            waited < 2 * r + Duration::from_millis(300),
+            "rescued only after {waited:?}"
+        );
     }
 
     #[test]
