@@ -713,6 +713,50 @@ impl Drop for HangMap {
     }
 }
 
+/// Run `b` for 200 ms, unmeasured.
+fn warm(b: &mut dyn FnMut()) {
+    let until = Instant::now() + Duration::from_millis(200);
+    while Instant::now() < until {
+        b();
+    }
+}
+
+/// Client B's latency (`b`) without and with a hung command of client A
+/// (`start_a` issues it on the hanging map), in alternating phases so that a
+/// drift of the machine weighs on both alike. Each phase starts with
+/// 200 ms of unmeasured requests: after B has been idle (the 300 ms in
+/// which A's command is seen to hang, the release of the previous hang),
+/// its first ~50 ms of requests in this guest take up to several ms each,
+/// with or without a daemon; measured, they would make the p99 of
+/// whichever phase follows the idle time.
+fn hang_phases(
+    hang: &HangMap,
+    start_a: &mut dyn FnMut() -> std::thread::JoinHandle<()>,
+    b: &mut dyn FnMut(),
+    iters: usize,
+    limit: Duration,
+) -> (Lat, Lat) {
+    const PHASES: u32 = 4;
+    let per = iters.div_ceil(PHASES as usize);
+    let phase_limit = limit / PHASES;
+    let (mut base, mut during) = (Vec::new(), Vec::new());
+    for _ in 0..PHASES {
+        warm(b);
+        base.extend(time_calls(per, Instant::now() + phase_limit, b));
+        hang.queue(true);
+        let a = start_a();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!a.is_finished(), "client A's command did not hang");
+        warm(b);
+        during.extend(time_calls(per, Instant::now() + phase_limit, b));
+        let still = !a.is_finished();
+        hang.queue(false);
+        a.join().unwrap();
+        assert!(still, "client A was answered during the phase");
+    }
+    (lat(base), lat(during))
+}
+
 fn guest(opts: &Opts) {
     let place = "VM, single-path LIO disk";
     let sp = env("RESERVD_SP_DEV");
@@ -793,7 +837,9 @@ fn guest(opts: &Opts) {
     // `blocked` cannot be set through sysfs on this kernel). reservd runs
     // without device-mapper access here, so it too sends SG_IO to the map
     // (with libmpathpersist it would ask multipathd, which knows no such
-    // map, and fail at once).
+    // map, and fail at once). The control: the same hung SG_IO issued
+    // directly, next to raw SG_IO for B, is what the machine itself loses
+    // while that SG_IO waits in the kernel.
     drop(r);
     let r = Daemon::start(opts, Kind::Reservd, true);
     let hang = HangMap::create(&sp);
@@ -802,24 +848,41 @@ fn guest(opts: &Opts) {
     let mut during = Vec::new();
     let mut base = Vec::new();
     for d in [&r, &q] {
-        base.push(measure(&mut d.client(), &disk, iters, limit));
-        hang.queue(true);
-        let mut a = d.client();
-        let hf = hang_fd.try_clone().unwrap();
-        let blocked = std::thread::spawn(move || {
-            let t = Instant::now();
-            let r = a.execute(&READ_KEYS, hf.as_fd(), &[]);
-            (t.elapsed(), r.map(|r| r.status))
-        });
-        std::thread::sleep(Duration::from_millis(300));
-        assert!(!blocked.is_finished(), "client A's command did not hang");
-        let l = measure(&mut d.client(), &disk, iters, limit);
-        let still = !blocked.is_finished();
-        hang.queue(false);
-        let (waited, st) = blocked.join().unwrap();
-        assert!(still, "client A was answered in {waited:?} ({st:?})");
-        during.push(l);
+        let mut b = d.client();
+        let (nb, hb) = hang_phases(
+            &hang,
+            &mut || {
+                let mut a = d.client();
+                let hf = hang_fd.try_clone().unwrap();
+                std::thread::spawn(move || {
+                    let _ = a.execute(&READ_KEYS, hf.as_fd(), &[]);
+                })
+            },
+            &mut via(&mut b, &disk),
+            iters,
+            limit,
+        );
+        base.push(nb);
+        during.push(hb);
     }
+    let (raw_base, raw_during) = hang_phases(
+        &hang,
+        &mut || {
+            let hf = hang_fd.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 8192];
+                sg_io(
+                    hf.as_fd(),
+                    &READ_KEYS,
+                    Transfer::FromDevice(&mut buf),
+                    30_000,
+                );
+            })
+        },
+        &mut raw_sg_io(&disk),
+        iters,
+        limit,
+    );
     row_d(
         place,
         &format!("client B p50, no hang (n={})", base[0].n),
@@ -850,17 +913,36 @@ fn guest(opts: &Opts) {
         during[0].p99,
         during[1].p99,
     );
+    let slowdown = |b: &Lat, d: &Lat| {
+        format!(
+            "{:.2} / {:.2}",
+            d.p50.as_secs_f64() / b.p50.as_secs_f64(),
+            d.p99.as_secs_f64() / b.p99.as_secs_f64()
+        )
+    };
     row(
         place,
-        "client B p99, hang / no hang (target: no slowdown)",
+        "client B p50 / p99, hang ÷ no hang (target: no slowdown)",
+        &slowdown(&base[0], &during[0]),
+        &slowdown(&base[1], &during[1]),
+        "—",
+    );
+    let control = format!(
+        "{} / {} → {} / {} ({})",
+        us(raw_base.p50),
+        us(raw_base.p99),
+        us(raw_during.p50),
+        us(raw_during.p99),
+        slowdown(&raw_base, &raw_during)
+    );
+    row(
+        place,
         &format!(
-            "{:.2}",
-            during[0].p99.as_secs_f64() / base[0].p99.as_secs_f64()
+            "control, no daemon: raw SG_IO p50 / p99 for B, no hang → A's SG_IO hung (n={})",
+            raw_during.n
         ),
-        &format!(
-            "{:.2}",
-            during[1].p99.as_secs_f64() / base[1].p99.as_secs_f64()
-        ),
+        &control,
+        &control,
         "—",
     );
     drop(hang_fd);
