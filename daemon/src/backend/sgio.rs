@@ -201,7 +201,7 @@ impl PrBackend for SgIo {
 /// command never sees another's data, as with a fresh zeroed buffer, while
 /// a command that reads 8 bytes of an 8 KiB allocation length zeroes 8
 /// bytes, not 8 KiB (allocating and zeroing the whole buffer was the
-/// largest part of reservd's own CPU time per request on an emulated CPU).
+/// largest part of reservd's own user time per request on an emulated CPU).
 pub fn with_zeroed_buffer<T>(len: usize, f: impl FnOnce(&mut [u8]) -> (T, usize)) -> T {
     use std::cell::RefCell;
     thread_local! {
