@@ -469,6 +469,64 @@ fn a_hung_request_does_not_delay_other_connections() {
     assert_eq!((a.status, a.data.len()), (0, 8));
 }
 
+/// What the client has sent that the server has not read yet: the kernel's
+/// SIOCOUTQ count (message sizes plus the kernel's own bookkeeping).
+#[allow(unsafe_code)]
+fn unread_by_server(s: &UnixStream) -> libc::c_int {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int through the pointer, which
+    // points to `n`; `s` is an open socket for the whole call.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+    assert_eq!(r, 0, "SIOCOUTQ: {}", std::io::Error::last_os_error());
+    n
+}
+
+/// A PR IN request stays in the client's socket while its command runs
+/// and is read just before the answer is written: reading it frees the
+/// client's message, and the kernel then wakes the client's thread, asleep
+/// until the answer, for nothing. A PR OUT is read at once (its parameter
+/// list follows the CDB).
+#[test]
+fn a_pr_in_request_is_read_when_its_answer_is_ready() {
+    let gate = Gate::new();
+    let _open = OpenOnDrop(gate.clone());
+    let server = TestServer::start(gate.clone(), test_config());
+    let disk = Disk::new();
+    let mut s = server.ready();
+
+    let mut c = cdb_in(prin_sa::READ_KEYS, 8192);
+    c[15] = HOLD;
+    send(&s, &c, &[disk.fd()]).unwrap();
+    gate.wait_for_held(1);
+    assert!(
+        unread_by_server(&s) > 0,
+        "PR IN read while its command runs"
+    );
+    gate.open();
+    let a = read_answer(&mut s).unwrap();
+    assert_eq!((a.status, a.data.len()), (0, 8));
+    assert_eq!(unread_by_server(&s), 0, "PR IN not read once answered");
+
+    let gate = Gate::new();
+    let _open = OpenOnDrop(gate.clone());
+    let server = TestServer::start(gate.clone(), test_config());
+    let mut s = server.ready();
+    let mut c = cdb_out(prout_sa::REGISTER, 0, 24);
+    c[15] = HOLD;
+    send(&s, &c, &[disk.fd()]).unwrap();
+    send(&s, &params(0, 0x1234, 0), &[]).unwrap();
+    gate.wait_for_held(1);
+    assert_eq!(unread_by_server(&s), 0, "PR OUT left unread while it runs");
+    gate.open();
+    assert_eq!(read_answer(&mut s).unwrap().status, 0);
+    // The connection goes on, and sees the registration.
+    send(&s, &cdb_in(prin_sa::READ_KEYS, 8192), &[disk.fd()]).unwrap();
+    let a = read_answer(&mut s).unwrap();
+    assert_eq!(a.status, 0);
+    assert_eq!(parse_read_keys(&a.data).unwrap().1, vec![0x1234]);
+}
+
 /// Whether the pipe behind `read_end` has no writer left.
 fn writers_gone(read_end: &OwnedFd) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};

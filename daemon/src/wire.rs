@@ -175,6 +175,11 @@ impl Decoder {
         self.phase == Phase::Busy
     }
 
+    /// Whether the next bytes are the start of a request's CDB.
+    pub fn at_cdb_start(&self) -> bool {
+        self.phase == Phase::Cdb && self.got == 0
+    }
+
     /// Whether the stream is between frames, where EOF is a clean close.
     pub fn at_boundary(&self) -> bool {
         match self.phase {

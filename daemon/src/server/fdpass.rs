@@ -25,13 +25,25 @@ pub struct Received {
 
 /// Read at most `buf.len()` bytes and any fds sent with them.
 pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+    recv(sock, buf, MsgFlags::empty())
+}
+
+/// Like [`recv_with_fds`], but the bytes stay in the socket (MSG_PEEK); the
+/// fds sent with them are received all the same (as new descriptors for the
+/// same open files, owned here). A later read of the bytes without room for
+/// control data makes the kernel drop its own references to those files.
+pub fn peek_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+    recv(sock, buf, MsgFlags::MSG_PEEK)
+}
+
+fn recv(sock: BorrowedFd<'_>, buf: &mut [u8], flags: MsgFlags) -> io::Result<Received> {
     let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(
         sock.as_raw_fd(),
         &mut iov,
         Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
+        MsgFlags::MSG_CMSG_CLOEXEC | flags,
     )
     .map_err(io::Error::from)?;
     let mut fds = Vec::new();

@@ -25,6 +25,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use crate::backend::{self, BackendError, Command, Peer, PrBackend};
+use crate::cdb::PERSISTENT_RESERVE_IN;
 use crate::wire::{encode_response, Decoder, Event, ProtoError, Request, DATA_SIZE};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -491,7 +492,34 @@ impl Server {
                 return;
             }
             let want = conn.decoder.wanted();
-            let r = fdpass::recv_with_fds(conn.stream.as_fd(), &mut self.buf[..want]);
+            // A PR IN CDB that came alone with its fd is peeked: it stays in
+            // the socket until its answer is about to be written (see
+            // `dispatch`). Reading it frees the client's message, and the
+            // kernel then wakes whatever thread of the client waits on that
+            // socket, which is QEMU's, asleep until the answer: woken for
+            // nothing, on another CPU, while the command runs.
+            let mut peeked = false;
+            let r = if conn.decoder.at_cdb_start() {
+                let r = fdpass::peek_with_fds(conn.stream.as_fd(), &mut self.buf[..want]);
+                match r {
+                    Ok(p)
+                        if p.len == want
+                            && p.fds.len() == 1
+                            && !p.bad_control
+                            && self.buf[0] == PERSISTENT_RESERVE_IN =>
+                    {
+                        peeked = true;
+                        Ok(p)
+                    }
+                    // Anything else is read as it comes: the fds of the peek
+                    // are dropped, the read receives them again.
+                    Ok(_) => fdpass::recv_with_fds(conn.stream.as_fd(), &mut self.buf[..want]),
+                    // Nothing there (WouldBlock), or a failure a read would see too.
+                    Err(e) => Err(e),
+                }
+            } else {
+                fdpass::recv_with_fds(conn.stream.as_fd(), &mut self.buf[..want])
+            };
             let rcv = match r {
                 Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -517,6 +545,13 @@ impl Server {
                 conn.fd = Some(fd);
             }
             let at_boundary = conn.decoder.at_boundary();
+            if peeked && matches!(event, Ok(None) | Ok(Some(Event::Negotiated(_)))) {
+                if let Err(e) = consume(&conn.stream, want) {
+                    log::debug!("connection {}: read failed: {e}", conn.id);
+                    self.close(key, None);
+                    return;
+                }
+            }
             match event {
                 Err(e) => {
                     self.close(key, Some(e));
@@ -531,14 +566,17 @@ impl Server {
                 }
                 Ok(Some(Event::Request(req))) => {
                     conn.frame_start = None;
-                    self.dispatch(key, req);
+                    self.dispatch(key, req, if peeked { want } else { 0 });
                     return;
                 }
             }
         }
     }
 
-    fn dispatch(&mut self, key: usize, request: Request) {
+    /// Run `request` on a thread of the crew. `peeked`: bytes of the
+    /// request still in the socket, read (and so freed) just before the
+    /// answer is written.
+    fn dispatch(&mut self, key: usize, request: Request, peeked: usize) {
         let conn = &mut self.conns[key];
         let fd = conn.fd.take().expect("decoder checked the fd");
         conn.state = ConnState::InFlight;
@@ -577,7 +615,7 @@ impl Server {
             let outcome = match result {
                 Ok(answer) => {
                     let bytes = encode_response(&request, &answer);
-                    match write_some(&stream, &bytes) {
+                    match consume(&stream, peeked).and_then(|()| write_some(&stream, &bytes)) {
                         Ok(n) => Outcome::Answered {
                             unsent: bytes[n..].to_vec(),
                         },
@@ -771,6 +809,24 @@ pub fn raise_fd_limit(max_connections: usize, max_workers: usize) {
              need ({want}); connections beyond it wait in the listen backlog"
         );
     }
+}
+
+/// Read and drop the `n` bytes of a request that were peeked. They are in
+/// the socket already; the read has no room for control data, so the kernel
+/// drops its references to the fds that came with them.
+fn consume(stream: &UnixStream, n: usize) -> io::Result<()> {
+    use std::io::Read;
+    let mut buf = [0u8; crate::wire::CDB_SIZE];
+    let mut got = 0;
+    while got < n {
+        match (&*stream).read(&mut buf[got..n]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(k) => got += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Write as much of `bytes` as the non-blocking socket takes now; the
