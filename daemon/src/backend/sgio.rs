@@ -202,7 +202,7 @@ impl PrBackend for SgIo {
 /// a command that reads 8 bytes of an 8 KiB allocation length zeroes 8
 /// bytes, not 8 KiB (allocating and zeroing the whole buffer was the
 /// largest part of reservd's own user time per request on an emulated CPU).
-pub fn with_zeroed_buffer<T>(len: usize, f: impl FnOnce(&mut [u8]) -> (T, usize)) -> T {
+fn with_zeroed_buffer<T>(len: usize, f: impl FnOnce(&mut [u8]) -> (T, usize)) -> T {
     use std::cell::RefCell;
     thread_local! {
         static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
