@@ -25,7 +25,6 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use crate::backend::{self, BackendError, Command, Peer, PrBackend};
-use crate::cdb::PERSISTENT_RESERVE_IN;
 use crate::wire::{encode_response, Decoder, Event, ProtoError, Request, DATA_SIZE};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -492,31 +491,16 @@ impl Server {
                 return;
             }
             let want = conn.decoder.wanted();
-            // A PR IN CDB that came alone with its fd is peeked: it stays in
-            // the socket until its answer is about to be written (see
-            // `dispatch`). Reading it frees the client's message, and the
-            // kernel then wakes whatever thread of the client waits on that
-            // socket, which is QEMU's, asleep until the answer: woken for
-            // nothing, on another CPU, while the command runs.
-            let mut peeked = false;
-            let r = if conn.decoder.at_cdb_start() {
-                let r = fdpass::peek_with_fds(conn.stream.as_fd(), &mut self.buf[..want]);
-                match r {
-                    Ok(p)
-                        if p.len == want
-                            && p.fds.len() == 1
-                            && !p.bad_control
-                            && self.buf[0] == PERSISTENT_RESERVE_IN =>
-                    {
-                        peeked = true;
-                        Ok(p)
-                    }
-                    // Anything else is read as it comes: the fds of the peek
-                    // are dropped, the read receives them again.
-                    Ok(_) => fdpass::recv_with_fds(conn.stream.as_fd(), &mut self.buf[..want]),
-                    // Nothing there (WouldBlock), or a failure a read would see too.
-                    Err(e) => Err(e),
-                }
+            // A CDB is peeked: the bytes stay in the socket. Those of a CDB
+            // that makes a request on its own (PR IN) stay there until its
+            // answer is about to be written (see `dispatch`); any others are
+            // read once fed to the decoder. Reading a message frees it, and
+            // the kernel then wakes whatever thread of the client waits on
+            // that socket, which is QEMU's, asleep until the answer: woken
+            // for nothing, on another CPU, while the command runs.
+            let peeked = conn.decoder.at_cdb_start();
+            let r = if peeked {
+                fdpass::peek_with_fds(conn.stream.as_fd(), &mut self.buf[..want])
             } else {
                 fdpass::recv_with_fds(conn.stream.as_fd(), &mut self.buf[..want])
             };
@@ -546,7 +530,7 @@ impl Server {
             }
             let at_boundary = conn.decoder.at_boundary();
             if peeked && matches!(event, Ok(None) | Ok(Some(Event::Negotiated(_)))) {
-                if let Err(e) = consume(&conn.stream, want) {
+                if let Err(e) = consume(&conn.stream, rcv.len) {
                     log::debug!("connection {}: read failed: {e}", conn.id);
                     self.close(key, None);
                     return;
@@ -566,7 +550,7 @@ impl Server {
                 }
                 Ok(Some(Event::Request(req))) => {
                     conn.frame_start = None;
-                    self.dispatch(key, req, if peeked { want } else { 0 });
+                    self.dispatch(key, req, if peeked { rcv.len } else { 0 });
                     return;
                 }
             }
