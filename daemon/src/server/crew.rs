@@ -97,9 +97,10 @@ impl<L: Loop> Shared<L> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn arm(&self, st: &mut State<L>, after: Duration) {
+    /// Set the timer to fire `after` from now; `now` is read before, so
+    /// `due` is never later than the expiry.
+    fn arm(&self, st: &mut State<L>, now: Instant, after: Duration) {
         let when = Expiration::OneShot(TimeSpec::from_duration(after));
-        let now = Instant::now();
         match self.timer.set(when, TimerSetTimeFlags::empty()) {
             Ok(()) => st.due = Some(now + after),
             Err(e) => {
@@ -114,11 +115,10 @@ impl<L: Loop> Shared<L> {
     /// `rescue_after` (or has fired): the timer and `Instant` both count
     /// CLOCK_MONOTONIC, so a timer that has fired is always set again.
     fn arm_for_command(&self, st: &mut State<L>) {
-        let keep = st
-            .due
-            .is_some_and(|due| due >= Instant::now() + self.rescue_after);
+        let now = Instant::now();
+        let keep = st.due.is_some_and(|due| due >= now + self.rescue_after);
         if !keep {
-            self.arm(st, 2 * self.rescue_after);
+            self.arm(st, now, 2 * self.rescue_after);
         }
     }
 
@@ -287,7 +287,7 @@ fn lead<'a, L: Loop>(
                 shared.over.notify_all();
                 shared.work.notify_all();
                 // Wake the standby thread so that it leaves.
-                shared.arm(&mut st, Duration::from_nanos(1));
+                shared.arm(&mut st, Instant::now(), Duration::from_nanos(1));
                 drop(st);
                 drop(lp);
                 return shared.lock();
