@@ -425,16 +425,27 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_thread_that_reads_a_command_runs_it() {
+    type TurnThread = Arc<Mutex<Option<std::thread::ThreadId>>>;
+
+    /// A `Noting` loop run by a crew of at most 4 with `rescue_after`: its
+    /// feed, where it notes the thread of each turn, and the crew's thread.
+    fn start_noting(
+        rescue_after: Duration,
+    ) -> (Sender<Option<Job>>, TurnThread, std::thread::JoinHandle<()>) {
         let (tx, rx) = channel();
         let turn_thread = Arc::new(Mutex::new(None));
         let lp = Noting {
             rx,
             turn_thread: Arc::clone(&turn_thread),
         };
+        let h = std::thread::spawn(move || run_with(lp, 4, rescue_after).unwrap());
+        (tx, turn_thread, h)
+    }
+
+    #[test]
+    fn the_thread_that_reads_a_command_runs_it() {
         // No rescue within the test: quick commands never hand the loop over.
-        let h = std::thread::spawn(move || run_with(lp, 4, Duration::from_secs(30)).unwrap());
+        let (tx, turn_thread, h) = start_noting(Duration::from_secs(30));
         let (done_tx, done_rx) = channel();
         let mut threads = std::collections::HashSet::new();
         for _ in 0..10 {
@@ -460,15 +471,7 @@ mod tests {
 
     #[test]
     fn a_hung_command_does_not_stop_the_next_ones_running_where_read() {
-        let (tx, rx) = channel();
-        let turn_thread = Arc::new(Mutex::new(None));
-        let lp = Noting {
-            rx,
-            turn_thread: Arc::clone(&turn_thread),
-        };
-        let h = std::thread::spawn(move || {
-            run_with(lp, 4, Duration::from_millis(5)).unwrap();
-        });
+        let (tx, turn_thread, h) = start_noting(Duration::from_millis(5));
         let (gate_tx, gate_rx) = channel::<()>();
         tx.send(Some(job(move || {
             let _ = gate_rx.recv();
@@ -493,12 +496,7 @@ mod tests {
     #[test]
     fn a_slow_command_is_rescued_after_one_to_two_rescue_delays() {
         let r = Duration::from_millis(200);
-        let (tx, rx) = channel();
-        let lp = Noting {
-            rx,
-            turn_thread: Arc::new(Mutex::new(None)),
-        };
-        let h = std::thread::spawn(move || run_with(lp, 4, r).unwrap());
+        let (tx, _, h) = start_noting(r);
         let (done_tx, done_rx) = channel();
         // A quick command sets the timer (due in 2r); half a delay before
         // it is due, a command that blocks starts, and one behind it that
