@@ -679,19 +679,7 @@ impl HangMap {
     /// fails instead.
     fn verify(&self, fd: &File) {
         self.queue(true);
-        let f = fd.try_clone().unwrap();
-        let t = std::thread::spawn(move || {
-            let mut buf = vec![0u8; 8192];
-            sg_io(
-                f.as_fd(),
-                &READ_KEYS,
-                Transfer::FromDevice(&mut buf),
-                30_000,
-            )
-            .answer
-            .status
-            .0
-        });
+        let t = spawn_read_keys(fd);
         std::thread::sleep(Duration::from_millis(500));
         let hung = !t.is_finished();
         self.queue(false);
@@ -702,6 +690,24 @@ impl HangMap {
             self.dev
         );
     }
+}
+
+/// Raw SG_IO READ KEYS on `fd` in a thread of its own; the thread returns
+/// the SCSI status.
+fn spawn_read_keys(fd: &File) -> std::thread::JoinHandle<u8> {
+    let f = fd.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 8192];
+        sg_io(
+            f.as_fd(),
+            &READ_KEYS,
+            Transfer::FromDevice(&mut buf),
+            30_000,
+        )
+        .answer
+        .status
+        .0
+    })
 }
 
 impl Drop for HangMap {
@@ -729,9 +735,9 @@ fn warm(b: &mut dyn FnMut()) {
 /// its first ~50 ms of requests in this guest take up to several ms each,
 /// with or without a daemon; measured, they would make the p99 of
 /// whichever phase follows the idle time.
-fn hang_phases(
+fn hang_phases<T>(
     hang: &HangMap,
-    start_a: &mut dyn FnMut() -> std::thread::JoinHandle<()>,
+    start_a: &mut dyn FnMut() -> std::thread::JoinHandle<T>,
     b: &mut dyn FnMut(),
     iters: usize,
     limit: Duration,
@@ -867,18 +873,7 @@ fn guest(opts: &Opts) {
     }
     let (raw_base, raw_during) = hang_phases(
         &hang,
-        &mut || {
-            let hf = hang_fd.try_clone().unwrap();
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 8192];
-                sg_io(
-                    hf.as_fd(),
-                    &READ_KEYS,
-                    Transfer::FromDevice(&mut buf),
-                    30_000,
-                );
-            })
-        },
+        &mut || spawn_read_keys(&hang_fd),
         &mut raw_sg_io(&disk),
         iters,
         limit,
