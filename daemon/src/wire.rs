@@ -395,6 +395,24 @@ mod tests {
     }
 
     #[test]
+    fn cdb_start_is_only_at_the_first_byte_of_a_cdb() {
+        let mut d = Decoder::new(0);
+        assert!(!d.at_cdb_start(), "in the handshake");
+        d.feed(&[0, 0, 0, 0], 0).unwrap();
+        assert!(d.at_cdb_start());
+        let c = cdb(0x5e, 8192);
+        d.feed(&c[..5], 1).unwrap();
+        assert!(!d.at_cdb_start(), "inside a CDB");
+        d.feed(&c[5..], 0).unwrap();
+        assert!(!d.at_cdb_start(), "while a request is in flight");
+        d.complete();
+        assert!(d.at_cdb_start());
+        let c = cdb(0x5f, 24);
+        d.feed(&c, 1).unwrap();
+        assert!(!d.at_cdb_start(), "before a parameter list");
+    }
+
+    #[test]
     fn pr_in_request() {
         let mut d = ready(0);
         assert_eq!(d.wanted(), 16);

@@ -36,6 +36,24 @@ pub fn peek_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Receive
     recv(sock, buf, MsgFlags::MSG_PEEK)
 }
 
+/// Read and drop `n` bytes (at most a CDB's 16) that a
+/// [`peek_with_fds`] returned: they are in the socket already. The read has
+/// no room for control data, so the kernel drops its own references to the
+/// fds that came with them and installs none here.
+pub fn discard_peeked(sock: BorrowedFd<'_>, n: usize) -> io::Result<()> {
+    let mut buf = [0u8; crate::wire::CDB_SIZE];
+    let mut got = 0;
+    while got < n {
+        match nix::sys::socket::recv(sock.as_raw_fd(), &mut buf[got..n], MsgFlags::empty()) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(k) => got += k,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 fn recv(sock: BorrowedFd<'_>, buf: &mut [u8], flags: MsgFlags) -> io::Result<Received> {
     let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut iov = [IoSliceMut::new(buf)];

@@ -530,7 +530,7 @@ impl Server {
             }
             let at_boundary = conn.decoder.at_boundary();
             if peeked && matches!(event, Ok(None) | Ok(Some(Event::Negotiated(_)))) {
-                if let Err(e) = consume(&conn.stream, rcv.len) {
+                if let Err(e) = fdpass::discard_peeked(conn.stream.as_fd(), rcv.len) {
                     log::debug!("connection {}: read failed: {e}", conn.id);
                     self.close(key, None);
                     return;
@@ -599,7 +599,8 @@ impl Server {
             let outcome = match result {
                 Ok(answer) => {
                     let bytes = encode_response(&request, &answer);
-                    match consume(&stream, peeked).and_then(|()| write_some(&stream, &bytes)) {
+                    let discarded = fdpass::discard_peeked(stream.as_fd(), peeked);
+                    match discarded.and_then(|()| write_some(&stream, &bytes)) {
                         Ok(n) => Outcome::Answered {
                             unsent: bytes[n..].to_vec(),
                         },
@@ -793,24 +794,6 @@ pub fn raise_fd_limit(max_connections: usize, max_workers: usize) {
              need ({want}); connections beyond it wait in the listen backlog"
         );
     }
-}
-
-/// Read and drop the `n` bytes of a request that were peeked. They are in
-/// the socket already; the read has no room for control data, so the kernel
-/// drops its references to the fds that came with them.
-fn consume(stream: &UnixStream, n: usize) -> io::Result<()> {
-    use std::io::Read;
-    let mut buf = [0u8; crate::wire::CDB_SIZE];
-    let mut got = 0;
-    while got < n {
-        match (&*stream).read(&mut buf[got..n]) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(k) => got += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Write as much of `bytes` as the non-blocking socket takes now; the
