@@ -355,10 +355,12 @@ mod tests {
     use std::time::Instant;
 
     /// A loop fed by a channel: each message is a batch of commands; `None`
-    /// ends it. It records which thread ran each turn.
+    /// ends it. It counts its turns and notes the thread of the last turn
+    /// that returned commands.
     struct Fed {
         rx: Receiver<Option<Vec<Job>>>,
         turns: Arc<AtomicUsize>,
+        turn_thread: TurnThread,
     }
 
     impl Loop for Fed {
@@ -366,7 +368,10 @@ mod tests {
         fn turn(&mut self) -> Turn<&'static str> {
             self.turns.fetch_add(1, Ordering::SeqCst);
             match self.rx.recv() {
-                Ok(Some(jobs)) => Turn::Jobs(jobs),
+                Ok(Some(jobs)) => {
+                    *self.turn_thread.lock().unwrap() = Some(std::thread::current().id());
+                    Turn::Jobs(jobs)
+                }
                 _ => Turn::Done("over"),
             }
         }
@@ -376,10 +381,38 @@ mod tests {
     }
 
     type Feed = Sender<Option<Vec<Job>>>;
+    type TurnThread = Arc<Mutex<Option<std::thread::ThreadId>>>;
+
+    /// A `Fed` loop run by a crew: its feed, its turn count, the thread of
+    /// its last turn, and the crew's thread.
+    struct Crew {
+        tx: Feed,
+        turns: Arc<AtomicUsize>,
+        turn_thread: TurnThread,
+        h: std::thread::JoinHandle<&'static str>,
+    }
+
+    fn start_with(max_workers: usize, rescue_after: Duration) -> Crew {
+        let (tx, rx) = channel();
+        let turns = Arc::new(AtomicUsize::new(0));
+        let turn_thread = Arc::new(Mutex::new(None));
+        let lp = Fed {
+            rx,
+            turns: Arc::clone(&turns),
+            turn_thread: Arc::clone(&turn_thread),
+        };
+        let h = std::thread::spawn(move || run_with(lp, max_workers, rescue_after).unwrap());
+        Crew {
+            tx,
+            turns,
+            turn_thread,
+            h,
+        }
+    }
 
     fn start(max_workers: usize) -> (Feed, std::thread::JoinHandle<&'static str>) {
-        let (tx, h, _) = start_counted(max_workers);
-        (tx, h)
+        let c = start_with(max_workers, RESCUE_AFTER);
+        (c.tx, c.h)
     }
 
     /// Also returns the number of turns the loop has begun.
@@ -390,56 +423,21 @@ mod tests {
         std::thread::JoinHandle<&'static str>,
         Arc<AtomicUsize>,
     ) {
-        let (tx, rx) = channel();
-        let turns = Arc::new(AtomicUsize::new(0));
-        let lp = Fed {
-            rx,
-            turns: Arc::clone(&turns),
-        };
-        let h = std::thread::spawn(move || run(lp, max_workers).unwrap());
-        (tx, h, turns)
+        let c = start_with(max_workers, RESCUE_AFTER);
+        (c.tx, c.h, c.turns)
     }
 
     fn job(f: impl FnOnce() + Send + 'static) -> Job {
         Box::new(f)
     }
 
-    /// Returns one command per turn and notes the turn's thread.
-    struct Noting {
-        rx: Receiver<Option<Job>>,
-        turn_thread: Arc<Mutex<Option<std::thread::ThreadId>>>,
-    }
-    impl Loop for Noting {
-        type Output = ();
-        fn turn(&mut self) -> Turn<()> {
-            match self.rx.recv() {
-                Ok(Some(job)) => {
-                    *self.turn_thread.lock().unwrap() = Some(std::thread::current().id());
-                    Turn::Jobs(vec![job])
-                }
-                _ => Turn::Done(()),
-            }
-        }
-        fn waker(&self) -> Arc<dyn Fn() + Send + Sync> {
-            Arc::new(|| {})
-        }
-    }
-
-    type TurnThread = Arc<Mutex<Option<std::thread::ThreadId>>>;
-
-    /// A `Noting` loop run by a crew of at most 4 with `rescue_after`: its
-    /// feed, where it notes the thread of each turn, and the crew's thread.
+    /// A crew of at most 4 with `rescue_after`: its feed, where it notes
+    /// the thread of each turn, and the crew's thread.
     fn start_noting(
         rescue_after: Duration,
-    ) -> (Sender<Option<Job>>, TurnThread, std::thread::JoinHandle<()>) {
-        let (tx, rx) = channel();
-        let turn_thread = Arc::new(Mutex::new(None));
-        let lp = Noting {
-            rx,
-            turn_thread: Arc::clone(&turn_thread),
-        };
-        let h = std::thread::spawn(move || run_with(lp, 4, rescue_after).unwrap());
-        (tx, turn_thread, h)
+    ) -> (Feed, TurnThread, std::thread::JoinHandle<&'static str>) {
+        let c = start_with(4, rescue_after);
+        (c.tx, c.turn_thread, c.h)
     }
 
     #[test]
@@ -450,11 +448,11 @@ mod tests {
         let mut threads = std::collections::HashSet::new();
         for _ in 0..10 {
             let (t, d) = (Arc::clone(&turn_thread), done_tx.clone());
-            tx.send(Some(job(move || {
+            tx.send(Some(vec![job(move || {
                 let read_by = t.lock().unwrap().expect("noted");
                 let me = std::thread::current().id();
                 d.send((read_by == me, me)).unwrap();
-            })))
+            })]))
             .unwrap();
             let (same, ran_on) = done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
             assert!(
@@ -473,17 +471,17 @@ mod tests {
     fn a_hung_command_does_not_stop_the_next_ones_running_where_read() {
         let (tx, turn_thread, h) = start_noting(Duration::from_millis(5));
         let (gate_tx, gate_rx) = channel::<()>();
-        tx.send(Some(job(move || {
+        tx.send(Some(vec![job(move || {
             let _ = gate_rx.recv();
-        })))
+        })]))
         .unwrap();
         let (done_tx, done_rx) = channel();
         for _ in 0..10 {
             let (t, d) = (Arc::clone(&turn_thread), done_tx.clone());
-            tx.send(Some(job(move || {
+            tx.send(Some(vec![job(move || {
                 let read_by = t.lock().unwrap().expect("noted");
                 d.send(read_by == std::thread::current().id()).unwrap();
-            })))
+            })]))
             .unwrap();
             let same = done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
             assert!(same, "handed to another thread while a command hangs");
@@ -502,17 +500,19 @@ mod tests {
         // it is due, a command that blocks starts, and one behind it that
         // runs once the loop is rescued: not at the old due time.
         let d = done_tx.clone();
-        tx.send(Some(job(move || d.send(()).unwrap()))).unwrap();
+        tx.send(Some(vec![job(move || d.send(()).unwrap())]))
+            .unwrap();
         done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
         std::thread::sleep(r * 3 / 2);
         let (gate_tx, gate_rx) = channel::<()>();
         let start = Instant::now();
-        tx.send(Some(job(move || {
+        tx.send(Some(vec![job(move || {
             let _ = gate_rx.recv();
-        })))
+        })]))
         .unwrap();
         let d = done_tx.clone();
-        tx.send(Some(job(move || d.send(()).unwrap()))).unwrap();
+        tx.send(Some(vec![job(move || d.send(()).unwrap())]))
+            .unwrap();
         let answered = done_rx.recv_timeout(Duration::from_secs(10));
         let waited = start.elapsed();
         gate_tx.send(()).unwrap();
