@@ -15,9 +15,12 @@
 //!
 //! That is for a lone command on a quiet server, the common case (a guest's
 //! cluster software issues one PR command at a time). When one turn of the
-//! loop reads several requests, or commands are already running, the loop
-//! stays on its thread and idle threads (started as needed) run the
-//! commands, one each. Commands running at once are capped (`max_workers`):
+//! loop reads several requests, or other commands started less than
+//! `RESCUE_AFTER` ago are still running, the loop stays on its thread and
+//! idle threads (started as needed) run the commands, one each. A command
+//! running longer is slow or hung, wherever it runs: it holds its thread
+//! but is no longer load, so a hung device does not send every other
+//! client's command through a hand-off for as long as it hangs. Commands running at once are capped (`max_workers`):
 //! past the cap they wait in a queue for the first thread that finishes,
 //! and the loop goes on.
 
@@ -59,11 +62,11 @@ struct State<L: Loop> {
     down: Option<L>,
     /// Commands waiting for a thread.
     queue: VecDeque<Job>,
-    /// Commands running.
-    running: usize,
-    /// Of those, commands run by a loop's thread whose loop was taken over
-    /// (slow or hung): they no longer count as load.
-    rescued: usize,
+    /// When each running command started, in no order. Those that have
+    /// run for `rescue_after` are slow or hung, wherever they run (on a
+    /// thread whose loop was rescued, or on one of their own): they hold a
+    /// thread but no longer count as load.
+    started: Vec<Instant>,
     /// Threads waiting on `work`.
     idle: usize,
     /// A thread is asleep on the timer.
@@ -114,12 +117,18 @@ impl<L: Loop> Shared<L> {
     /// now. It is set again only when it would fire sooner than
     /// `rescue_after` (or has fired): the timer and `Instant` both count
     /// CLOCK_MONOTONIC, so a timer that has fired is always set again.
-    fn arm_for_command(&self, st: &mut State<L>) {
-        let now = Instant::now();
+    fn arm_for_command(&self, st: &mut State<L>, now: Instant) {
         let keep = st.due.is_some_and(|due| due >= now + self.rescue_after);
         if !keep {
             self.arm(st, now, 2 * self.rescue_after);
         }
+    }
+
+    /// No command has been running for less than `rescue_after`.
+    fn quiet(&self, st: &State<L>, now: Instant) -> bool {
+        st.started
+            .iter()
+            .all(|&t| now.saturating_duration_since(t) >= self.rescue_after)
     }
 
     fn disarm(&self, st: &mut State<L>) {
@@ -146,8 +155,7 @@ fn run_with<L: Loop>(
         state: Mutex::new(State {
             down: None,
             queue: VecDeque::new(),
-            running: 0,
-            rescued: 0,
+            started: Vec::new(),
             idle: 0,
             standby: false,
             due: None,
@@ -208,9 +216,9 @@ fn serve<L: Loop>(shared: &Arc<Shared<L>>, first: Option<L>) {
         }
         // The loop is down with nobody to rescue it: that comes first.
         let rescue_needed = st.down.is_some() && !st.standby;
-        if !rescue_needed && st.running < shared.max_workers && !st.queue.is_empty() {
+        if !rescue_needed && st.started.len() < shared.max_workers && !st.queue.is_empty() {
             let job = st.queue.pop_front().expect("checked");
-            st = run_job(shared, st, job);
+            st = run_job(shared, st, job, Instant::now());
             loop_first = true;
             continue;
         }
@@ -245,21 +253,24 @@ fn take_loop<'a, L: Loop>(
 ) -> MutexGuard<'a, State<L>> {
     let lp = st.down.take().expect("the loop is down");
     shared.disarm(&mut st);
-    st.rescued += 1;
     lead(shared, st, lp)
 }
 
-/// Run one command; the caller holds the lock, and gets it back.
+/// Run one command, started `now`; the caller holds the lock, and gets it
+/// back.
 fn run_job<'a, L: Loop>(
     shared: &'a Arc<Shared<L>>,
     mut st: MutexGuard<'a, State<L>>,
     job: Job,
+    now: Instant,
 ) -> MutexGuard<'a, State<L>> {
-    st.running += 1;
+    st.started.push(now);
     drop(st);
     job();
     let mut st = shared.lock();
-    st.running -= 1;
+    if let Some(i) = st.started.iter().position(|&t| t == now) {
+        st.started.swap_remove(i);
+    }
     if st.down.is_none() && !st.finished {
         // Another thread has the loop: tell it the command ended.
         (shared.wake)();
@@ -295,13 +306,15 @@ fn lead<'a, L: Loop>(
             Turn::Jobs(jobs) => jobs,
         };
         st.queue.extend(jobs);
-        if st.running >= shared.max_workers {
+        if st.started.len() >= shared.max_workers {
             // At the cap: the commands wait, the loop goes on here.
             continue;
         }
-        if st.queue.len() == 1 && st.running == st.rescued {
-            // A lone command on a quiet server (hung commands aside): run
-            // it on this thread, with a standby ready to rescue the loop.
+        let now = Instant::now();
+        if st.queue.len() == 1 && shared.quiet(&st, now) {
+            // A lone command on a quiet server (slow and hung commands
+            // aside): run it on this thread, with a standby ready to rescue
+            // the loop.
             let mine = st.queue.pop_front().expect("one job");
             if !st.standby {
                 if st.idle > 0 {
@@ -313,8 +326,8 @@ fn lead<'a, L: Loop>(
                 }
             }
             st.down = Some(lp);
-            shared.arm_for_command(&mut st);
-            st = run_job(shared, st, mine);
+            shared.arm_for_command(&mut st, now);
+            st = run_job(shared, st, mine, now);
             match st.down.take() {
                 Some(back) => {
                     // The loop waited for this thread: go on with it. The
@@ -323,16 +336,13 @@ fn lead<'a, L: Loop>(
                     lp = back;
                     continue;
                 }
-                None => {
-                    // Rescued: the loop goes on elsewhere.
-                    st.rescued -= 1;
-                    return st;
-                }
+                // Rescued: the loop goes on elsewhere.
+                None => return st,
             }
         }
         // Busy: the loop stays on this thread, other threads run the
         // commands (one each, as many as may start now).
-        let startable = st.queue.len().min(shared.max_workers - st.running);
+        let startable = st.queue.len().min(shared.max_workers - st.started.len());
         let mut available = st.idle + st.starting;
         while available < startable {
             if let Err(e) = spawn(shared, &mut st, None) {
@@ -476,6 +486,40 @@ mod tests {
         })]))
         .unwrap();
         let (done_tx, done_rx) = channel();
+        for _ in 0..10 {
+            let (t, d) = (Arc::clone(&turn_thread), done_tx.clone());
+            tx.send(Some(vec![job(move || {
+                let read_by = t.lock().unwrap().expect("noted");
+                d.send(read_by == std::thread::current().id()).unwrap();
+            })]))
+            .unwrap();
+            let same = done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            assert!(same, "handed to another thread while a command hangs");
+        }
+        gate_tx.send(()).unwrap();
+        tx.send(None).unwrap();
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn a_command_hung_on_another_thread_does_not_stop_the_next_ones_running_where_read() {
+        let r = Duration::from_millis(5);
+        let (tx, turn_thread, h) = start_noting(r);
+        // Read in one turn with another, the hanging command runs on a
+        // thread of its own, not on the loop's: it is never rescued.
+        let (gate_tx, gate_rx) = channel::<()>();
+        let (done_tx, done_rx) = channel();
+        let d = done_tx.clone();
+        tx.send(Some(vec![
+            job(move || {
+                let _ = gate_rx.recv();
+            }),
+            job(move || d.send(true).unwrap()),
+        ]))
+        .unwrap();
+        done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        // Once it has run for a rescue delay, it no longer counts as load.
+        std::thread::sleep(2 * r);
         for _ in 0..10 {
             let (t, d) = (Arc::clone(&turn_thread), done_tx.clone());
             tx.send(Some(vec![job(move || {
