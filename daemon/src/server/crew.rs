@@ -223,11 +223,7 @@ fn serve<L: Loop>(shared: &Arc<Shared<L>>, first: Option<L>) {
             continue;
         }
         if !st.standby {
-            st.standby = true;
-            drop(st);
-            let _ = shared.timer.wait();
-            st = shared.lock();
-            st.standby = false;
+            st = stand_by(shared, st);
             loop_first = true;
             continue;
         }
@@ -254,6 +250,29 @@ fn take_loop<'a, L: Loop>(
     let lp = st.down.take().expect("the loop is down");
     shared.disarm(&mut st);
     lead(shared, st, lp)
+}
+
+/// Sleep on the timer as the standby until it fires; the caller holds the
+/// lock, and gets it back.
+fn stand_by<'a, L: Loop>(
+    shared: &'a Arc<Shared<L>>,
+    mut st: MutexGuard<'a, State<L>>,
+) -> MutexGuard<'a, State<L>> {
+    st.standby = true;
+    loop {
+        drop(st);
+        let _ = shared.timer.wait();
+        st = shared.lock();
+        // An expiry read just before the loop's thread set the timer again,
+        // for a command that has only started, is stale: that command has
+        // not run long enough to be rescued. Sleep on until the new one.
+        let stale = st.due.is_some_and(|due| due > Instant::now());
+        if st.finished || !stale {
+            break;
+        }
+    }
+    st.standby = false;
+    st
 }
 
 /// Run one command, started `now`; the caller holds the lock, and gets it
