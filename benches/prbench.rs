@@ -739,17 +739,23 @@ fn warm(b: &mut dyn FnMut()) {
 /// the request it meets tens of µs in this guest, and at ~5 requests per
 /// ms that is about 1 request in 100: the p99 sits on the edge of that
 /// population, and wants thousands of samples to be stable.
+///
+/// `pid` is the process whose thread A's command hangs in (the daemon, or
+/// this one for the control): its threads asleep in state D are watched
+/// while B is measured, to tell what the hung ioctl's retries cost.
 fn hang_phases<T>(
     hang: &HangMap,
+    pid: u32,
     start_a: &mut dyn FnMut() -> std::thread::JoinHandle<T>,
     b: &mut dyn FnMut(),
     iters: usize,
     limit: Duration,
-) -> (Lat, Lat) {
+) -> Hang {
     const PHASES: u32 = 8;
     let per = iters.div_ceil(PHASES as usize);
     let phase_limit = limit / PHASES;
     let (mut base, mut during) = (Vec::new(), Vec::new());
+    let (mut wakes, mut cpu, mut watched) = (0, Duration::ZERO, Duration::ZERO);
     for _ in 0..PHASES {
         warm(b);
         base.extend(time_calls(per, Instant::now() + phase_limit, b));
@@ -758,13 +764,79 @@ fn hang_phases<T>(
         std::thread::sleep(Duration::from_millis(300));
         assert!(!a.is_finished(), "client A's command did not hang");
         warm(b);
+        let asleep = sleeping_threads(pid);
+        let t = Instant::now();
         during.extend(time_calls(per, Instant::now() + phase_limit, b));
+        watched += t.elapsed();
+        for (tid, (run, slices)) in asleep {
+            if let Some((run2, slices2)) = schedstat(pid, tid) {
+                cpu += Duration::from_nanos(run2 - run);
+                wakes += slices2 - slices;
+            }
+        }
         let still = !a.is_finished();
         hang.queue(false);
         a.join().unwrap();
         assert!(still, "client A was answered during the phase");
     }
-    (lat(base), lat(during))
+    let slow = 2 * lat(base.clone()).p50;
+    let over = |v: &[Duration]| v.iter().filter(|&&d| d > slow).count() as f64 / v.len() as f64;
+    Hang {
+        slow_share: (over(&base), over(&during)),
+        base: lat(base),
+        during: lat(during),
+        wakes_per_s: wakes as f64 / watched.as_secs_f64(),
+        cpu_per_wake: cpu / wakes.max(1) as u32,
+    }
+}
+
+/// B's latency without and with A's command hanging, and what A's thread
+/// did in the kernel meanwhile.
+struct Hang {
+    base: Lat,
+    during: Lat,
+    /// B's requests slower than twice its p50 without the hang: their
+    /// share without, and with.
+    slow_share: (f64, f64),
+    /// How often threads asleep in state D (A's) ran, and the CPU each run
+    /// took.
+    wakes_per_s: f64,
+    cpu_per_wake: Duration,
+}
+
+/// CPU time (ns) and times run of thread `tid` of `pid`.
+fn schedstat(pid: u32, tid: u32) -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?;
+    let f: Vec<u64> = s
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    (f.len() == 3).then(|| (f[0], f[2]))
+}
+
+/// The threads of `pid` in uninterruptible sleep (where a hung SG_IO
+/// waits), with their `schedstat`.
+fn sleeping_threads(pid: u32) -> Vec<(u32, (u64, u64))> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(tid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // The state follows the command name, which is in parentheses.
+        let state = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next());
+        if state == Some("D") {
+            if let Some(ss) = schedstat(pid, tid) {
+                v.push((tid, ss));
+            }
+        }
+    }
+    v
 }
 
 fn guest(opts: &Opts) {
@@ -857,12 +929,12 @@ fn guest(opts: &Opts) {
     hang.verify(&hang_fd);
     // Twice the samples of the other rows (see `hang_phases`).
     let (hang_iters, hang_limit) = (2 * iters, 2 * limit);
-    let mut during = Vec::new();
-    let mut base = Vec::new();
+    let mut h = Vec::new();
     for d in [&r, &q] {
         let mut b = d.client();
-        let (nb, hb) = hang_phases(
+        h.push(hang_phases(
             &hang,
+            d.child.id(),
             &mut || {
                 let mut a = d.client();
                 let hf = hang_fd.try_clone().unwrap();
@@ -873,74 +945,98 @@ fn guest(opts: &Opts) {
             &mut via(&mut b, &disk),
             hang_iters,
             hang_limit,
-        );
-        base.push(nb);
-        during.push(hb);
+        ));
     }
-    let (raw_base, raw_during) = hang_phases(
+    let raw = hang_phases(
         &hang,
+        std::process::id(),
         &mut || spawn_read_keys(&hang_fd),
         &mut raw_sg_io(&disk),
         hang_iters,
         hang_limit,
     );
+    let n = h[0].base.n;
     row_d(
         place,
-        &format!("client B p50, no hang (n={})", base[0].n),
-        base[0].p50,
-        base[1].p50,
+        &format!("client B p50, no hang (n={n})"),
+        h[0].base.p50,
+        h[1].base.p50,
     );
     row_d(
         place,
-        &format!("client B p99, no hang (n={})", base[0].n),
-        base[0].p99,
-        base[1].p99,
+        &format!("client B p99, no hang (n={n})"),
+        h[0].base.p99,
+        h[1].base.p99,
     );
     row_d(
         place,
-        &format!(
-            "client B p50 while client A's device hangs (n={})",
-            during[0].n
-        ),
-        during[0].p50,
-        during[1].p50,
+        &format!("client B p50 while client A's device hangs (n={n})"),
+        h[0].during.p50,
+        h[1].during.p50,
     );
     row_d(
         place,
-        &format!(
-            "client B p99 while client A's device hangs (n={})",
-            during[0].n
-        ),
-        during[0].p99,
-        during[1].p99,
+        &format!("client B p99 while client A's device hangs (n={n})"),
+        h[0].during.p99,
+        h[1].during.p99,
     );
-    let slowdown = |b: &Lat, d: &Lat| {
+    let slowdown = |h: &Hang| {
         format!(
             "{:.2} / {:.2}",
-            d.p50.as_secs_f64() / b.p50.as_secs_f64(),
-            d.p99.as_secs_f64() / b.p99.as_secs_f64()
+            h.during.p50.as_secs_f64() / h.base.p50.as_secs_f64(),
+            h.during.p99.as_secs_f64() / h.base.p99.as_secs_f64()
         )
     };
     row(
         place,
         "client B p50 / p99, hang ÷ no hang (target: no slowdown)",
-        &slowdown(&base[0], &during[0]),
-        &slowdown(&base[1], &during[1]),
+        &slowdown(&h[0]),
+        &slowdown(&h[1]),
+        "—",
+    );
+    let slow = |h: &Hang| {
+        format!(
+            "{:.1}% → {:.1}%",
+            h.slow_share.0 * 100.0,
+            h.slow_share.1 * 100.0
+        )
+    };
+    row(
+        place,
+        "client B requests over twice its no-hang p50: no hang → hang",
+        &slow(&h[0]),
+        &slow(&h[1]),
+        "—",
+    );
+    let kernel = |h: &Hang| {
+        format!(
+            "{:.0} runs/s, {} CPU each",
+            h.wakes_per_s,
+            us(h.cpu_per_wake)
+        )
+    };
+    row(
+        place,
+        "client A's hung SG_IO: its thread's runs in the kernel (dm retries the ioctl)",
+        &kernel(&h[0]),
+        &kernel(&h[1]),
         "—",
     );
     let control = format!(
-        "{} / {} → {} / {} ({})",
-        us(raw_base.p50),
-        us(raw_base.p99),
-        us(raw_during.p50),
-        us(raw_during.p99),
-        slowdown(&raw_base, &raw_during)
+        "{} / {} → {} / {} ({}); over twice p50 {}; A's thread {}",
+        us(raw.base.p50),
+        us(raw.base.p99),
+        us(raw.during.p50),
+        us(raw.during.p99),
+        slowdown(&raw),
+        slow(&raw),
+        kernel(&raw)
     );
     row(
         place,
         &format!(
             "control, no daemon: raw SG_IO p50 / p99 for B, no hang → A's SG_IO hung (n={})",
-            raw_during.n
+            raw.during.n
         ),
         &control,
         &control,
