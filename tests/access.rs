@@ -4,12 +4,14 @@
 //! `--allow-gid` checked against the client's credentials, and the mode
 //! and group of the socket reservd creates.
 
+mod frames;
 mod support;
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
+use frames::*;
 use reservd_daemon::seccomp::{self, Mode};
 use support::*;
 

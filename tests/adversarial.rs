@@ -12,6 +12,7 @@
 //! malformed may), and one that hangs like a dead device.
 
 mod common;
+mod frames;
 mod support;
 
 use std::io::Write;
@@ -25,6 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use frames::*;
 use reservd_daemon::backend::emulated::Emulated;
 use reservd_daemon::backend::{BackendError, Command as PrCommand, Nexus, PrBackend};
 use reservd_daemon::sense::Answer;
@@ -621,11 +623,11 @@ fn malformed_requests_never_reach_the_backend() {
     let cases = malformed(disk.fd());
     for (requested, bytes, fds) in &cases {
         let mut s = server.raw();
-        common::read_hello(&mut s);
+        read_hello(&mut s);
         s.write_all(&requested.to_be_bytes()).unwrap();
         send_frame(&s, bytes, fds);
         let _ = s.shutdown(Shutdown::Write);
-        common::assert_closed(&mut s);
+        assert_closed(&mut s);
     }
     assert_eq!(backend.executed.load(Ordering::SeqCst), 0);
     server.assert_serves();
@@ -643,7 +645,7 @@ fn a_hung_device_holds_only_its_own_clients() {
     let mut hung: Vec<UnixStream> = (0..4)
         .map(|_| {
             let s = server.ready();
-            let mut c = common::cdb_in(0, 8192);
+            let mut c = cdb_in(0, 8192);
             c[15] = common::HOLD;
             send_frame(&s, &c, &[disk.fd()]);
             s
@@ -661,7 +663,7 @@ fn a_hung_device_holds_only_its_own_clients() {
     // their answers, the vanished ones are dropped quietly.
     gate.open();
     for s in hung.iter_mut() {
-        let a = common::read_answer(s).expect("an answer after the device returns");
+        let a = read_answer(s).expect("an answer after the device returns");
         assert_eq!(a.status, 0);
     }
     server.assert_serves();
@@ -690,14 +692,14 @@ fn a_panicking_command_closes_only_its_connection() {
     let mut other = server.client();
     for round in 0..3 {
         let mut s = server.ready();
-        let mut c = common::cdb_in(0, 8192);
+        let mut c = cdb_in(0, 8192);
         c[15] = PANIC_MARK;
         send_frame(&s, &c, &[disk.fd()]);
         // No answer: the connection is closed, not left waiting.
-        common::assert_closed(&mut s);
+        assert_closed(&mut s);
         // A connection opened before, and new ones, are served.
         let a = other
-            .execute(&common::cdb_in(0, 8192), disk.fd(), &[])
+            .execute(&cdb_in(0, 8192), disk.fd(), &[])
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
         assert_eq!(a.status, 0);
         server.assert_serves();
@@ -717,21 +719,19 @@ fn unfinished_frames_time_out_idle_connections_do_not() {
     // No handshake; half a handshake; half a CDB; half a parameter list.
     let mut stalled = vec![server.raw()];
     let mut s = server.raw();
-    common::read_hello(&mut s);
+    read_hello(&mut s);
     s.write_all(&[0, 0]).unwrap();
     stalled.push(s);
     let s = server.ready();
-    send_frame(&s, &common::cdb_in(0, 8192)[..5], &[disk.fd()]);
+    send_frame(&s, &cdb_in(0, 8192)[..5], &[disk.fd()]);
     stalled.push(s);
     let s = server.ready();
-    send_frame(&s, &common::cdb_out(0, 0, 24), &[disk.fd()]);
+    send_frame(&s, &cdb_out(0, 0, 24), &[disk.fd()]);
     send_frame(&s, &[0u8; 5], &[]);
     stalled.push(s);
     // An idle connection after a handshake, and one after a complete command.
     let mut idle = server.client();
-    let r = idle
-        .execute(&common::cdb_in(0, 8192), disk.fd(), &[])
-        .unwrap();
+    let r = idle.execute(&cdb_in(0, 8192), disk.fd(), &[]).unwrap();
     assert_eq!(r.status, 0);
     let idle2 = server.ready();
 
@@ -753,13 +753,11 @@ fn unfinished_frames_time_out_idle_connections_do_not() {
     );
     // Twice the timeout later, the idle ones still work.
     std::thread::sleep(Duration::from_millis(300));
-    let r = idle
-        .execute(&common::cdb_in(0, 8192), disk.fd(), &[])
-        .unwrap();
+    let r = idle.execute(&cdb_in(0, 8192), disk.fd(), &[]).unwrap();
     assert_eq!(r.status, 0);
     let mut idle2 = idle2;
-    send_frame(&idle2, &common::cdb_in(0, 8192), &[disk.fd()]);
-    assert_eq!(common::read_answer(&mut idle2).unwrap().status, 0);
+    send_frame(&idle2, &cdb_in(0, 8192), &[disk.fd()]);
+    assert_eq!(read_answer(&mut idle2).unwrap().status, 0);
     server.assert_serves();
 }
 
@@ -773,7 +771,7 @@ fn hung_commands_beyond_the_cap_queue_without_stalling_the_loop() {
     };
     let server = common::TestServer::start(gate.clone(), config);
     let disk = common::Disk::new();
-    let mut held_cdb = common::cdb_in(0, 8192);
+    let mut held_cdb = cdb_in(0, 8192);
     held_cdb[15] = common::HOLD;
     // Every worker hangs on the device.
     let mut hung: Vec<UnixStream> = (0..2)
@@ -787,7 +785,7 @@ fn hung_commands_beyond_the_cap_queue_without_stalling_the_loop() {
     // The event loop still accepts, handshakes and reads requests; the
     // command waits for a worker.
     let mut waiting = server.ready();
-    send_frame(&waiting, &common::cdb_in(0, 8192), &[disk.fd()]);
+    send_frame(&waiting, &cdb_in(0, 8192), &[disk.fd()]);
     waiting
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
@@ -800,14 +798,14 @@ fn hung_commands_beyond_the_cap_queue_without_stalling_the_loop() {
     // Malformed clients are still closed at once.
     let mut bad = server.ready();
     send_frame(&bad, &cdb(&[0x12]), &[disk.fd()]);
-    common::assert_closed(&mut bad);
+    assert_closed(&mut bad);
     assert_eq!(gate.held(), 2);
     // The device comes back: everything queued is answered.
     gate.open();
     common::set_timeouts(&waiting);
-    assert_eq!(common::read_answer(&mut waiting).unwrap().status, 0);
+    assert_eq!(read_answer(&mut waiting).unwrap().status, 0);
     for s in hung.iter_mut() {
-        assert_eq!(common::read_answer(s).unwrap().status, 0);
+        assert_eq!(read_answer(s).unwrap().status, 0);
     }
     server.assert_serves();
 }

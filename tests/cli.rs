@@ -2,6 +2,7 @@
 //! of the compatible command line, the reservd-only options, signals,
 //! systemd socket activation and readiness, privileges and start-up errors.
 
+mod frames;
 mod support;
 
 use std::io::Write;
@@ -12,6 +13,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use frames::*;
 use nix::sys::signal::Signal;
 use support::*;
 

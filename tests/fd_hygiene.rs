@@ -5,11 +5,13 @@
 //! test may open or close files meanwhile.
 
 mod common;
+mod frames;
 
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use common::*;
+use frames::*;
 use reservd_daemon::cdb::{prin_sa, prout_sa};
 
 fn open_fds() -> usize {

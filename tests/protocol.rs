@@ -4,6 +4,7 @@
 //! or the end of the connection with no answer.
 
 mod common;
+mod frames;
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -13,6 +14,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use common::*;
+use frames::*;
 use reservd_daemon::backend::emulated::{Emulated, TARGET_PORT};
 use reservd_daemon::cdb::{prin_sa, prout_sa};
 use reservd_daemon::params::{ProutParams, FLAG_SPEC_I_PT};

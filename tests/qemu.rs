@@ -3,6 +3,7 @@
 //! No guest is booted (`-M none`), so no PR command is sent; the commands
 //! themselves are covered by the protocol and VM tests.
 
+mod frames;
 mod support;
 
 use std::path::Path;

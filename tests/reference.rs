@@ -10,6 +10,7 @@
 //! exercises framing, validation, fd handling, the read-only rule, the
 //! errno mapping and the response encoding end to end.
 
+mod frames;
 mod support;
 
 use std::io::Write;
@@ -19,6 +20,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use frames::*;
 use nix::sys::signal::Signal;
 use support::*;
 

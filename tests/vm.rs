@@ -12,6 +12,7 @@
 //! plain `cargo test` prints that it was skipped, and RESERVD_VM_TESTS=0
 //! skips it even with `--include-ignored`.
 
+mod frames;
 #[path = "e2e/guest.rs"]
 mod guest;
 #[path = "e2e/ops.rs"]

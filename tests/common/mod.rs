@@ -1,10 +1,11 @@
-//! Helpers shared by reservd's integration tests: a server running
-//! in-process on a temporary socket, temporary files standing for disks,
-//! and raw protocol frames for the cases a well-behaved client never sends.
+//! Shared by the tests of the library's server: a server running in-process
+//! on a temporary socket, temporary files standing for disks, and a backend
+//! that holds commands as a hung device would. Raw protocol frames are in
+//! `frames`.
 #![allow(dead_code)]
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -16,16 +17,11 @@ use std::time::{Duration, Instant};
 use reservd_daemon::backend::emulated::Emulated;
 use reservd_daemon::backend::{BackendError, Command, Nexus, PrBackend};
 use reservd_daemon::client::{Client, Response};
-use reservd_daemon::sense::{Answer, SenseCode, SENSE_SIZE};
-use reservd_daemon::server::fdpass::send_with_fds;
+use reservd_daemon::sense::{Answer, SenseCode};
 use reservd_daemon::server::{Config, Server, ShutdownHandle};
-use reservd_daemon::wire::RESPONSE_HEADER_SIZE;
 
 /// Longest a test waits for anything the server should do at once.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
-
-pub const PRIN: u8 = 0x5e;
-pub const PROUT: u8 = 0x5f;
 
 /// A fresh path in the temporary directory.
 pub fn unique_path(tag: &str) -> PathBuf {
@@ -93,7 +89,7 @@ impl TestServer {
     /// A connected socket after a handshake requesting no features.
     pub fn ready(&self) -> UnixStream {
         let mut s = self.raw();
-        assert_eq!(read_hello(&mut s), 0);
+        assert_eq!(crate::frames::read_hello(&mut s), 0);
         s.write_all(&[0, 0, 0, 0]).unwrap();
         s
     }
@@ -123,7 +119,7 @@ impl TestServer {
         let disk = Disk::new();
         let mut c = self.client();
         let r = c
-            .execute(&cdb_in(0, 8192), disk.fd(), &[])
+            .execute(&crate::frames::cdb_in(0, 8192), disk.fd(), &[])
             .expect("a new client is served");
         assert_eq!(r.status, 0);
         assert_eq!(r.data.len(), 8);
@@ -176,101 +172,6 @@ impl Disk {
 impl Drop for Disk {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// A PERSISTENT RESERVE IN CDB, padded to 16 bytes.
-pub fn cdb_in(sa: u8, alloc: u16) -> [u8; 16] {
-    let mut c = [0u8; 16];
-    c[0] = PRIN;
-    c[1] = sa;
-    c[7..9].copy_from_slice(&alloc.to_be_bytes());
-    c
-}
-
-/// A PERSISTENT RESERVE OUT CDB with a parameter list of `len` bytes.
-pub fn cdb_out(sa: u8, scope_type: u8, len: u16) -> [u8; 16] {
-    let mut c = [0u8; 16];
-    c[0] = PROUT;
-    c[1] = sa;
-    c[2] = scope_type;
-    c[5..9].copy_from_slice(&u32::from(len).to_be_bytes());
-    c
-}
-
-/// The basic 24-byte PR OUT parameter list.
-pub fn params(key: u64, sa_key: u64, flags: u8) -> Vec<u8> {
-    let mut p = vec![0u8; 24];
-    p[0..8].copy_from_slice(&key.to_be_bytes());
-    p[8..16].copy_from_slice(&sa_key.to_be_bytes());
-    p[20] = flags;
-    p
-}
-
-/// Send all of `data`, the fds attached to its first byte.
-pub fn send(s: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    let mut sent = send_with_fds(s.as_fd(), data, fds)?;
-    while sent < data.len() {
-        sent += send_with_fds(s.as_fd(), &data[sent..], &[])?;
-    }
-    Ok(())
-}
-
-pub fn read_hello(s: &mut UnixStream) -> u32 {
-    let mut f = [0u8; 4];
-    s.read_exact(&mut f).unwrap();
-    u32::from_be_bytes(f)
-}
-
-/// A response exactly as it came off the socket.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RawAnswer {
-    pub status: i32,
-    pub size: u32,
-    pub sense: [u8; SENSE_SIZE],
-    pub data: Vec<u8>,
-}
-
-impl RawAnswer {
-    pub fn sense_code(&self) -> Option<SenseCode> {
-        if self.status == 2 {
-            SenseCode::parse(&self.sense)
-        } else {
-            None
-        }
-    }
-}
-
-/// Read one response, or `None` if the server closed the connection
-/// before sending a byte of one.
-pub fn read_answer(s: &mut UnixStream) -> Option<RawAnswer> {
-    let mut hdr = [0u8; RESPONSE_HEADER_SIZE];
-    let mut got = 0;
-    while got < hdr.len() {
-        match s.read(&mut hdr[got..]) {
-            Ok(0) if got == 0 => return None,
-            Ok(0) => panic!("connection closed after {got} bytes of a response"),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset && got == 0 => return None,
-            Err(e) => panic!("reading a response: {e}"),
-        }
-    }
-    let size = u32::from_be_bytes(hdr[4..8].try_into().unwrap());
-    let mut data = vec![0u8; size as usize];
-    s.read_exact(&mut data).unwrap();
-    Some(RawAnswer {
-        status: i32::from_be_bytes(hdr[0..4].try_into().unwrap()),
-        size,
-        sense: hdr[8..].try_into().unwrap(),
-        data,
-    })
-}
-
-/// The server closed the connection without answering.
-#[track_caller]
-pub fn assert_closed(s: &mut UnixStream) {
-    if let Some(a) = read_answer(s) {
-        panic!("expected the connection to be closed, got {a:?}");
     }
 }
 

@@ -1,10 +1,9 @@
 //! Shared by the tests of the built binary: temporary directories, child
-//! processes that are always killed, bounded waits, and a raw client of the
-//! helper protocol that reports a closed connection as such.
+//! processes that are always killed, bounded waits, connecting to a daemon
+//! and its handshake. Raw protocol frames are in `frames`.
 #![allow(dead_code)]
 
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -12,8 +11,6 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-use reservd_daemon::server::fdpass::send_with_fds;
 
 /// The binary under test.
 pub const RESERVD: &str = env!("CARGO_BIN_EXE_reservd");
@@ -274,138 +271,13 @@ pub fn connect(path: &Path) -> UnixStream {
     }
 }
 
-/// Read exactly `n` bytes, or fewer if the peer closes first. A read
-/// timeout panics: every exchange in these tests ends in data or a close.
-pub fn read_up_to(s: &mut UnixStream, n: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; n];
-    let mut got = 0;
-    while got < n {
-        match s.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(k) => got += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            // The peer closed with bytes of ours unread.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
-            Err(e) => panic!("read failed after {got} of {n} bytes: {e}"),
-        }
-    }
-    buf.truncate(got);
-    buf
-}
-
-/// Read the server's 4 feature bytes.
-pub fn read_features(s: &mut UnixStream) -> [u8; 4] {
-    let b = read_up_to(s, 4);
-    b.try_into()
-        .unwrap_or_else(|b: Vec<u8>| panic!("handshake cut short: {b:02x?}"))
-}
-
 /// Connect and complete the handshake with `requested` features.
 /// Returns the stream and the server's feature bytes.
 pub fn hello(path: &Path, requested: u32) -> (UnixStream, [u8; 4]) {
     let mut s = connect(path);
-    let f = read_features(&mut s);
+    let f = crate::frames::read_features(&mut s);
     s.write_all(&requested.to_be_bytes()).unwrap();
     (s, f)
-}
-
-/// Send `bytes` with `fds` attached as SCM_RIGHTS, all of it. A peer that
-/// has already closed is not an error here: the outcome is read later.
-pub fn send_frame(s: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
-    let mut sent = 0;
-    while sent < bytes.len() {
-        let attach: &[BorrowedFd<'_>] = if sent == 0 { fds } else { &[] };
-        match send_with_fds(s.as_fd(), &bytes[sent..], attach) {
-            Ok(n) => sent += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if e.kind() == io::ErrorKind::BrokenPipe
-                    || e.kind() == io::ErrorKind::ConnectionReset =>
-            {
-                return
-            }
-            Err(e) => panic!("send failed: {e}"),
-        }
-    }
-}
-
-/// What the server did with one request.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// The full answer: 104-byte header, then the payload.
-    Answer(Vec<u8>),
-    /// The connection was closed with nothing sent.
-    Closed,
-}
-
-impl Outcome {
-    pub fn answer(&self) -> &[u8] {
-        match self {
-            Outcome::Answer(b) => b,
-            Outcome::Closed => panic!("expected an answer, the connection was closed"),
-        }
-    }
-
-    pub fn status(&self) -> u32 {
-        u32::from_be_bytes(self.answer()[0..4].try_into().unwrap())
-    }
-
-    pub fn len(&self) -> u32 {
-        u32::from_be_bytes(self.answer()[4..8].try_into().unwrap())
-    }
-
-    pub fn sense(&self) -> &[u8] {
-        &self.answer()[8..104]
-    }
-
-    /// (key, ASC, ASCQ) of fixed-format sense.
-    pub fn sense_code(&self) -> (u8, u8, u8) {
-        let s = self.sense();
-        assert_eq!(s[0] & 0x7f, 0x70, "fixed-format sense expected: {s:02x?}");
-        (s[2] & 0x0f, s[12], s[13])
-    }
-}
-
-/// Read one answer, or observe the close.
-pub fn read_outcome(s: &mut UnixStream) -> Outcome {
-    let hdr = read_up_to(s, 104);
-    if hdr.is_empty() {
-        return Outcome::Closed;
-    }
-    assert_eq!(hdr.len(), 104, "answer header cut short: {hdr:02x?}");
-    let len = u32::from_be_bytes(hdr[4..8].try_into().unwrap()) as usize;
-    assert!(len <= 8192, "answer length {len}");
-    let data = read_up_to(s, len);
-    assert_eq!(data.len(), len, "answer payload cut short");
-    let mut all = hdr;
-    all.extend(data);
-    Outcome::Answer(all)
-}
-
-/// A 16-byte CDB from its first bytes.
-pub fn cdb(prefix: &[u8]) -> [u8; 16] {
-    let mut c = [0u8; 16];
-    c[..prefix.len()].copy_from_slice(prefix);
-    c
-}
-
-/// PERSISTENT RESERVE IN, READ KEYS, with this allocation length.
-pub fn read_keys(alloc: u16) -> [u8; 16] {
-    let l = alloc.to_be_bytes();
-    cdb(&[0x5e, 0x00, 0, 0, 0, 0, 0, l[0], l[1], 0])
-}
-
-/// PERSISTENT RESERVE OUT, REGISTER, with this parameter list length.
-pub fn register(len: u16) -> [u8; 16] {
-    let l = len.to_be_bytes();
-    cdb(&[0x5f, 0x00, 0, 0, 0, 0, 0, l[0], l[1], 0])
-}
-
-/// A 24-byte REGISTER parameter list for `key`.
-pub fn register_params(key: u64) -> Vec<u8> {
-    let mut p = vec![0u8; 24];
-    p[8..16].copy_from_slice(&key.to_be_bytes());
-    p
 }
 
 /// A regular file opened read-write (SG_IO on it fails with ENOTTY).
