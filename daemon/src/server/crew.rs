@@ -20,9 +20,9 @@
 //! idle threads (started as needed) run the commands, one each. A command
 //! running longer is slow or hung, wherever it runs: it holds its thread
 //! but is no longer load, so a hung device does not send every other
-//! client's command through a hand-off for as long as it hangs. Commands running at once are capped (`max_workers`):
-//! past the cap they wait in a queue for the first thread that finishes,
-//! and the loop goes on.
+//! client's command through a hand-off for as long as it hangs. Commands
+//! running at once are capped (`max_workers`): past the cap they wait in a
+//! queue for the first thread that finishes, and the loop goes on.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
