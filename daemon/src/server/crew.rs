@@ -496,17 +496,12 @@ mod tests {
         h.join().unwrap();
     }
 
-    #[test]
-    fn a_hung_command_does_not_stop_the_next_ones_running_where_read() {
-        let (tx, turn_thread, h) = start_noting(Duration::from_millis(5));
-        let (gate_tx, gate_rx) = channel::<()>();
-        tx.send(Some(vec![job(move || {
-            let _ = gate_rx.recv();
-        })]))
-        .unwrap();
+    /// Ten lone commands, one at a time, each run by the thread whose turn
+    /// read it.
+    fn assert_lone_commands_run_where_read(tx: &Feed, turn_thread: &TurnThread) {
         let (done_tx, done_rx) = channel();
         for _ in 0..10 {
-            let (t, d) = (Arc::clone(&turn_thread), done_tx.clone());
+            let (t, d) = (Arc::clone(turn_thread), done_tx.clone());
             tx.send(Some(vec![job(move || {
                 let read_by = t.lock().unwrap().expect("noted");
                 d.send(read_by == std::thread::current().id()).unwrap();
@@ -515,6 +510,17 @@ mod tests {
             let same = done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
             assert!(same, "handed to another thread while a command hangs");
         }
+    }
+
+    #[test]
+    fn a_hung_command_does_not_stop_the_next_ones_running_where_read() {
+        let (tx, turn_thread, h) = start_noting(Duration::from_millis(5));
+        let (gate_tx, gate_rx) = channel::<()>();
+        tx.send(Some(vec![job(move || {
+            let _ = gate_rx.recv();
+        })]))
+        .unwrap();
+        assert_lone_commands_run_where_read(&tx, &turn_thread);
         gate_tx.send(()).unwrap();
         tx.send(None).unwrap();
         h.join().unwrap();
@@ -528,27 +534,17 @@ mod tests {
         // thread of its own, not on the loop's: it is never rescued.
         let (gate_tx, gate_rx) = channel::<()>();
         let (done_tx, done_rx) = channel();
-        let d = done_tx.clone();
         tx.send(Some(vec![
             job(move || {
                 let _ = gate_rx.recv();
             }),
-            job(move || d.send(true).unwrap()),
+            job(move || done_tx.send(()).unwrap()),
         ]))
         .unwrap();
         done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
         // Once it has run for a rescue delay, it no longer counts as load.
         std::thread::sleep(2 * r);
-        for _ in 0..10 {
-            let (t, d) = (Arc::clone(&turn_thread), done_tx.clone());
-            tx.send(Some(vec![job(move || {
-                let read_by = t.lock().unwrap().expect("noted");
-                d.send(read_by == std::thread::current().id()).unwrap();
-            })]))
-            .unwrap();
-            let same = done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
-            assert!(same, "handed to another thread while a command hangs");
-        }
+        assert_lone_commands_run_where_read(&tx, &turn_thread);
         gate_tx.send(()).unwrap();
         tx.send(None).unwrap();
         h.join().unwrap();
