@@ -637,17 +637,13 @@ fn malformed_requests_never_reach_the_backend() {
 
 #[test]
 fn a_hung_device_holds_only_its_own_clients() {
-    let gate = common::Gate::new();
-    let _open = common::OpenOnDrop(gate.clone());
-    let server = common::TestServer::start(gate.clone(), common::test_config());
+    let (gate, _open, server) = common::gated_server(common::test_config());
     let disk = common::Disk::new();
     // Four clients whose commands hang on the device.
     let mut hung: Vec<UnixStream> = (0..4)
         .map(|_| {
             let s = server.ready();
-            let mut c = cdb_in(0, 8192);
-            c[15] = common::HOLD;
-            send_frame(&s, &c, &[disk.fd()]);
+            send_frame(&s, &common::held(cdb_in(0, 8192)), &[disk.fd()]);
             s
         })
         .collect();
@@ -763,16 +759,12 @@ fn unfinished_frames_time_out_idle_connections_do_not() {
 
 #[test]
 fn hung_commands_beyond_the_cap_queue_without_stalling_the_loop() {
-    let gate = common::Gate::new();
-    let _open = common::OpenOnDrop(gate.clone());
-    let config = Config {
+    let (gate, _open, server) = common::gated_server(Config {
         max_workers: 2,
         ..common::test_config()
-    };
-    let server = common::TestServer::start(gate.clone(), config);
+    });
     let disk = common::Disk::new();
-    let mut held_cdb = cdb_in(0, 8192);
-    held_cdb[15] = common::HOLD;
+    let held_cdb = common::held(cdb_in(0, 8192));
     // Every worker hangs on the device.
     let mut hung: Vec<UnixStream> = (0..2)
         .map(|_| {

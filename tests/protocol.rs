@@ -215,14 +215,10 @@ fn an_fd_with_the_parameter_list_closes_the_connection() {
 /// qemu-pr-helper, which also reads the next CDB only after answering).
 #[test]
 fn a_request_sent_while_one_is_in_flight_is_served_after_it() {
-    let gate = Gate::new();
-    let _open = OpenOnDrop(gate.clone());
-    let server = TestServer::start(gate.clone(), test_config());
+    let (gate, _open, server) = gated_server(test_config());
     let disk = Disk::new();
     let mut s = server.ready();
-    let mut held = cdb_in(prin_sa::READ_KEYS, 8192);
-    held[15] = HOLD;
-    send(&s, &held, &[disk.fd()]).unwrap();
+    send(&s, &held(cdb_in(prin_sa::READ_KEYS, 8192)), &[disk.fd()]).unwrap();
     gate.wait_for_held(1);
     send(
         &s,
@@ -446,13 +442,10 @@ fn spc4_sequence_across_two_connections() {
 
 #[test]
 fn a_hung_request_does_not_delay_other_connections() {
-    let gate = Gate::new();
-    let _open = OpenOnDrop(gate.clone());
-    let server = TestServer::start(gate.clone(), test_config());
+    let (gate, _open, server) = gated_server(test_config());
     let disk = Disk::new();
     let mut hung = server.ready();
-    let mut c = cdb_in(0, 8192);
-    c[15] = HOLD;
+    let c = held(cdb_in(0, 8192));
     send(&hung, &c, &[disk.fd()]).unwrap();
     gate.wait_for_held(1);
 
@@ -491,14 +484,11 @@ fn unread_by_server(s: &UnixStream) -> libc::c_int {
 /// list follows the CDB).
 #[test]
 fn a_pr_in_request_is_read_when_its_answer_is_ready() {
-    let gate = Gate::new();
-    let _open = OpenOnDrop(gate.clone());
-    let server = TestServer::start(gate.clone(), test_config());
+    let (gate, _open, server) = gated_server(test_config());
     let disk = Disk::new();
     let mut s = server.ready();
 
-    let mut c = cdb_in(prin_sa::READ_KEYS, 8192);
-    c[15] = HOLD;
+    let c = held(cdb_in(prin_sa::READ_KEYS, 8192));
     send(&s, &c, &[disk.fd()]).unwrap();
     gate.wait_for_held(1);
     assert!(
@@ -510,12 +500,9 @@ fn a_pr_in_request_is_read_when_its_answer_is_ready() {
     assert_eq!((a.status, a.data.len()), (0, 8));
     assert_eq!(unread_by_server(&s), 0, "PR IN not read once answered");
 
-    let gate = Gate::new();
-    let _open = OpenOnDrop(gate.clone());
-    let server = TestServer::start(gate.clone(), test_config());
+    let (gate, _open, server) = gated_server(test_config());
     let mut s = server.ready();
-    let mut c = cdb_out(prout_sa::REGISTER, 0, 24);
-    c[15] = HOLD;
+    let c = held(cdb_out(prout_sa::REGISTER, 0, 24));
     send(&s, &c, &[disk.fd()]).unwrap();
     send(&s, &params(0, 0x1234, 0), &[]).unwrap();
     gate.wait_for_held(1);
@@ -574,13 +561,10 @@ fn each_received_fd_is_closed_before_the_answer() {
 
 #[test]
 fn shutdown_answers_the_command_in_flight_and_closes_the_rest() {
-    let gate = Gate::new();
-    let _open = OpenOnDrop(gate.clone());
-    let mut server = TestServer::start(gate.clone(), test_config());
+    let (gate, _open, mut server) = gated_server(test_config());
     let disk = Disk::new();
     let mut busy = server.ready();
-    let mut c = cdb_in(0, 8192);
-    c[15] = HOLD;
+    let c = held(cdb_in(0, 8192));
     send(&busy, &c, &[disk.fd()]).unwrap();
     gate.wait_for_held(1);
     let mut idle = server.ready();
@@ -727,8 +711,7 @@ fn the_backend_hears_of_every_connection_that_goes() {
     wait_gone(first);
     // A backend failure closes the connection without an answer.
     let mut s = server.ready();
-    let mut c = cdb_in(0, 8192);
-    c[15] = HOLD;
+    let c = held(cdb_in(0, 8192));
     send(&s, &c, &[disk.fd()]).unwrap();
     assert_closed(&mut s);
     let second = *backend.seen.lock().unwrap().last().unwrap();

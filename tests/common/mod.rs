@@ -265,3 +265,19 @@ impl Drop for OpenOnDrop {
         self.0.open();
     }
 }
+
+/// A server whose backend is a new [`Gate`], with the guard that opens it.
+/// Bind all three, in this order (`let (gate, _open, server) = ...`): the
+/// server is dropped first, then the guard opens the gate.
+pub fn gated_server(config: Config) -> (Arc<Gate>, OpenOnDrop, TestServer) {
+    let gate = Gate::new();
+    let open = OpenOnDrop(gate.clone());
+    let server = TestServer::start(gate.clone(), config);
+    (gate, open, server)
+}
+
+/// `cdb` marked with [`HOLD`], for a [`Gate`] to hold.
+pub fn held(mut cdb: [u8; 16]) -> [u8; 16] {
+    cdb[15] = HOLD;
+    cdb
+}
