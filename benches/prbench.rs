@@ -804,6 +804,33 @@ struct Hang {
     cpu_per_wake: Duration,
 }
 
+impl Hang {
+    /// B's p50 and p99 with the hang, each divided by its figure without.
+    fn slowdown(&self) -> String {
+        format!(
+            "{:.2} / {:.2}",
+            self.during.p50.as_secs_f64() / self.base.p50.as_secs_f64(),
+            self.during.p99.as_secs_f64() / self.base.p99.as_secs_f64()
+        )
+    }
+
+    fn slow_share_text(&self) -> String {
+        format!(
+            "{:.1}% → {:.1}%",
+            self.slow_share.0 * 100.0,
+            self.slow_share.1 * 100.0
+        )
+    }
+
+    fn kernel_text(&self) -> String {
+        format!(
+            "{:.0} runs/s, {} CPU each",
+            self.wakes_per_s,
+            us(self.cpu_per_wake)
+        )
+    }
+}
+
 /// CPU time (ns) and times run of thread `tid` of `pid`.
 fn schedstat(pid: u32, tid: u32) -> Option<(u64, u64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?;
@@ -980,57 +1007,31 @@ fn guest(opts: &Opts) {
         h[0].during.p99,
         h[1].during.p99,
     );
-    let slowdown = |h: &Hang| {
-        format!(
-            "{:.2} / {:.2}",
-            h.during.p50.as_secs_f64() / h.base.p50.as_secs_f64(),
-            h.during.p99.as_secs_f64() / h.base.p99.as_secs_f64()
-        )
-    };
-    row(
-        place,
-        "client B p50 / p99, hang ÷ no hang (target: no slowdown)",
-        &slowdown(&h[0]),
-        &slowdown(&h[1]),
-        "—",
-    );
-    let slow = |h: &Hang| {
-        format!(
-            "{:.1}% → {:.1}%",
-            h.slow_share.0 * 100.0,
-            h.slow_share.1 * 100.0
-        )
-    };
-    row(
-        place,
-        "client B requests over twice its no-hang p50: no hang → hang",
-        &slow(&h[0]),
-        &slow(&h[1]),
-        "—",
-    );
-    let kernel = |h: &Hang| {
-        format!(
-            "{:.0} runs/s, {} CPU each",
-            h.wakes_per_s,
-            us(h.cpu_per_wake)
-        )
-    };
-    row(
-        place,
-        "client A's hung SG_IO: its thread's runs in the kernel (dm retries the ioctl)",
-        &kernel(&h[0]),
-        &kernel(&h[1]),
-        "—",
-    );
+    for (figure, text) in [
+        (
+            "client B p50 / p99, hang ÷ no hang (target: no slowdown)",
+            Hang::slowdown as fn(&Hang) -> String,
+        ),
+        (
+            "client B requests over twice its no-hang p50: no hang → hang",
+            Hang::slow_share_text,
+        ),
+        (
+            "client A's hung SG_IO: its thread's runs in the kernel (dm retries the ioctl)",
+            Hang::kernel_text,
+        ),
+    ] {
+        row(place, figure, &text(&h[0]), &text(&h[1]), "—");
+    }
     let control = format!(
         "{} / {} → {} / {} ({}); over twice p50 {}; A's thread {}",
         us(raw.base.p50),
         us(raw.base.p99),
         us(raw.during.p50),
         us(raw.during.p99),
-        slowdown(&raw),
-        slow(&raw),
-        kernel(&raw)
+        raw.slowdown(),
+        raw.slow_share_text(),
+        raw.kernel_text()
     );
     row(
         place,
