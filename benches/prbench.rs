@@ -779,11 +779,12 @@ fn hang_phases<T>(
         a.join().unwrap();
         assert!(still, "client A was answered during the phase");
     }
-    let slow = 2 * lat(base.clone()).p50;
+    let base_lat = lat(base.clone());
+    let slow = 2 * base_lat.p50;
     let over = |v: &[Duration]| v.iter().filter(|&&d| d > slow).count() as f64 / v.len() as f64;
     Hang {
         slow_share: (over(&base), over(&during)),
-        base: lat(base),
+        base: base_lat,
         during: lat(during),
         wakes_per_s: wakes as f64 / watched.as_secs_f64(),
         cpu_per_wake: cpu / wakes.max(1) as u32,
