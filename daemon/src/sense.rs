@@ -43,6 +43,7 @@ impl SenseCode {
     pub const INVALID_OPCODE: SenseCode = code(0x05, 0x20, 0x00);
     pub const INVALID_FIELD: SenseCode = code(0x05, 0x24, 0x00);
     pub const INVALID_PARAM: SenseCode = code(0x05, 0x26, 0x00);
+    pub const INVALID_RELEASE: SenseCode = code(0x05, 0x26, 0x04);
     pub const INSUFFICIENT_REGISTRATION_RESOURCES: SenseCode = code(0x05, 0x55, 0x04);
     pub const RESET: SenseCode = code(0x06, 0x29, 0x00);
     pub const SCSI_BUS_RESET: SenseCode = code(0x06, 0x29, 0x02);

@@ -121,13 +121,6 @@ pub const INITIATOR_NAME_PREFIX: &str = "iqn.2026-11.org.reservd:nexus-";
 /// Registrations one logical unit holds unless told otherwise.
 pub const DEFAULT_MAX_REGISTRATIONS: usize = 1024;
 
-/// ILLEGAL REQUEST, INVALID RELEASE OF PERSISTENT RESERVATION.
-pub const INVALID_RELEASE: SenseCode = SenseCode {
-    key: 0x05,
-    asc: 0x26,
-    ascq: 0x04,
-};
-
 const LU_SCOPE: u8 = 0;
 
 /// Which logical unit a file descriptor reaches.
@@ -558,7 +551,7 @@ impl Lu {
             return Ok(());
         };
         if r.pr_type != c.pr_type {
-            return Err(Refusal::Check(INVALID_RELEASE));
+            return Err(Refusal::Check(SenseCode::INVALID_RELEASE));
         }
         self.reservation = None;
         if registrants_only(r.pr_type) || pr_type::is_all_registrants(r.pr_type) {
@@ -1204,8 +1197,8 @@ mod tests {
         assert_good(l.out(2, RELEASE, EA_RO, 2, 0));
         l.held_by(1, EA_RO);
         // The holder with another type, or an undefined one.
-        assert_sense(l.out(1, RELEASE, WE_RO, 1, 0), INVALID_RELEASE);
-        assert_sense(l.out(1, RELEASE, 0, 1, 0), INVALID_RELEASE);
+        assert_sense(l.out(1, RELEASE, WE_RO, 1, 0), SenseCode::INVALID_RELEASE);
+        assert_sense(l.out(1, RELEASE, 0, 1, 0), SenseCode::INVALID_RELEASE);
         // A scope other than LU_SCOPE.
         assert_sense(
             l.out(1, RELEASE, 0x10 | EA_RO, 1, 0),
@@ -1296,7 +1289,7 @@ mod tests {
         l.register(2, 2);
         l.register(3, 3);
         l.reserve(1, 1, EA_AR);
-        assert_sense(l.out(2, RELEASE, WE_AR, 2, 0), INVALID_RELEASE);
+        assert_sense(l.out(2, RELEASE, WE_AR, 2, 0), SenseCode::INVALID_RELEASE);
         assert_good(l.out(2, RELEASE, EA_AR, 2, 0));
         assert_eq!(l.reservation(4), None);
         l.assert_ua(1, SenseCode::RESERVATIONS_RELEASED);
