@@ -190,6 +190,27 @@ pub fn clear_map_keys(conn: &mut Connection, minor: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// The reservation key multipathd keeps for the map `dm-<minor>`
+/// (`getprkey`): `None` when it has none.
+pub fn map_key(conn: &mut Connection, minor: u32) -> io::Result<Option<u64>> {
+    let cmd = format!("getprkey map dm-{minor}");
+    let reply = conn.command(&cmd)?;
+    parse_prkey(&reply)
+        .ok_or_else(|| io::Error::other(format!("multipathd answered {reply:?} to {cmd:?}")))
+}
+
+/// A `getprkey` reply: `none`, or the key in hex with an optional
+/// `:aptpl` suffix.
+pub fn parse_prkey(reply: &str) -> Option<Option<u64>> {
+    let r = reply.trim_end();
+    if r == "none" {
+        return Some(None);
+    }
+    let hex = r.strip_suffix(":aptpl").unwrap_or(r).strip_prefix("0x")?;
+    let key = u64::from_str_radix(hex, 16).ok()?;
+    Some((key != 0).then_some(key))
+}
+
 /// A fake multipathd on a UNIX socket, for tests (also used by the
 /// multipath backend's tests).
 #[cfg(test)]
@@ -308,6 +329,41 @@ mod tests {
         let d = Multipathd::from_env_value(Some("/x/y.sock"));
         assert_eq!(d.sockets, vec![SocketName::Path("/x/y.sock".into())]);
         assert_eq!(d.describe(), "/x/y.sock");
+    }
+
+    #[test]
+    fn getprkey_replies() {
+        assert_eq!(parse_prkey("none\n"), Some(None));
+        assert_eq!(parse_prkey("0x1234\n"), Some(Some(0x1234)));
+        assert_eq!(
+            parse_prkey("0xaaaabbbbccccdddd:aptpl\n"),
+            Some(Some(0xaaaabbbbccccdddd))
+        );
+        assert_eq!(parse_prkey("0x0\n"), Some(None));
+        for bad in [
+            "fail\n",
+            "",
+            "1234\n",
+            "0x\n",
+            "0x12345678123456789\n",
+            "0xzz\n",
+        ] {
+            assert_eq!(parse_prkey(bad), None, "{bad:?}");
+        }
+        let fake = fake::Fake::start(1, |cmd| {
+            Some(match cmd {
+                "getprkey map dm-4" => "0x77\n".into(),
+                _ => "fail\n".into(),
+            })
+        });
+        let mut conn = fake.client().connect().unwrap();
+        assert_eq!(map_key(&mut conn, 4).unwrap(), Some(0x77));
+        assert!(map_key(&mut conn, 5).is_err());
+        drop(conn);
+        assert_eq!(
+            fake.finish(),
+            vec!["getprkey map dm-4", "getprkey map dm-5"]
+        );
     }
 
     #[test]
