@@ -11,6 +11,13 @@
 //! usable `/dev/mapper/control` (no device-mapper in the kernel, or no
 //! permission) there is no [`DmControl`] at all, and every fd goes to
 //! SG_IO.
+//!
+//! For the commands reservd runs on a map's paths itself (see
+//! [`crate::onenexus`]), [`DmControl::map_paths`] reads the map's paths and
+//! whether the kernel uses each (the same status), and
+//! [`DmControl::suspend`] / [`DmControl::resume`] suspend the map without
+//! flushing (I/O queues meanwhile) and resume it, as multipath-tools does
+//! around a self-preemption.
 #![allow(unsafe_code)]
 
 use std::fs::OpenOptions;
@@ -26,7 +33,13 @@ const DM_VERSION_MAJOR: u32 = 4;
 const DM_TABLE_STATUS: libc::c_ulong = 0xc138_fd0c;
 /// `_IOWR(0xfd, 0, struct dm_ioctl)`.
 const DM_VERSION: libc::c_ulong = 0xc138_fd00;
+/// `_IOWR(0xfd, 6, struct dm_ioctl)`: suspend (with DM_SUSPEND_FLAG) or
+/// resume.
+const DM_DEV_SUSPEND: libc::c_ulong = 0xc138_fd06;
+const DM_SUSPEND_FLAG: u32 = 1 << 1;
+const DM_SKIP_LOCKFS_FLAG: u32 = 1 << 10;
 const DM_NOFLUSH_FLAG: u32 = 1 << 11;
+const DM_BUFFER_FULL_FLAG: u32 = 1 << 8;
 const DM_IOCTL_SIZE: usize = 312;
 const DM_TARGET_SPEC_SIZE: usize = 40;
 /// Room for the header, one target spec and its status string; a longer
@@ -201,6 +214,115 @@ impl DmControl {
             MapKind::Other
         }
     }
+
+    /// The block device number of the map `fd` opens.
+    fn map_dev(fd: BorrowedFd<'_>) -> io::Result<u64> {
+        let st = fstat(fd)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFBLK {
+            return Err(io::Error::from_raw_os_error(libc::ENOTBLK));
+        }
+        Ok(st.st_rdev)
+    }
+
+    /// The paths of the multipath map `fd` opens, and whether the kernel
+    /// uses each.
+    pub fn map_paths(&self, fd: BorrowedFd<'_>) -> io::Result<Vec<MapPath>> {
+        let mut b = Buffer::new(Self::map_dev(fd)?);
+        self.ioctl(DM_TABLE_STATUS, &mut b)?;
+        if b.get(28) & DM_BUFFER_FULL_FLAG != 0 {
+            return Err(io::Error::other("the map's status does not fit 4 KiB"));
+        }
+        let start = b.get(16) as usize;
+        if b.get(20) != 1 || !target_is_multipath(&b.0, start) {
+            return Err(io::Error::other(
+                "not a multipath map (one multipath target)",
+            ));
+        }
+        let status = target_status(&b.0, start)
+            .ok_or_else(|| io::Error::other("no status string in DM_TABLE_STATUS"))?;
+        multipath_paths(status)
+            .ok_or_else(|| io::Error::other(format!("unexpected multipath status: {status}")))
+    }
+
+    /// Suspend the map `fd` opens without flushing: I/O queues until
+    /// [`DmControl::resume`]. Filesystems on it are not frozen.
+    pub fn suspend(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let mut b = Buffer::new(Self::map_dev(fd)?);
+        b.put(28, DM_SUSPEND_FLAG | DM_SKIP_LOCKFS_FLAG | DM_NOFLUSH_FLAG);
+        self.ioctl(DM_DEV_SUSPEND, &mut b)
+    }
+
+    /// Resume the map `fd` opens (its live table; no udev cookie).
+    pub fn resume(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let mut b = Buffer::new(Self::map_dev(fd)?);
+        b.put(28, DM_SKIP_LOCKFS_FLAG | DM_NOFLUSH_FLAG);
+        self.ioctl(DM_DEV_SUSPEND, &mut b)
+    }
+}
+
+/// The device node of the block device `dev`: `/dev/` and the DEVNAME of
+/// its uevent.
+pub fn block_node(dev: (u32, u32)) -> io::Result<std::path::PathBuf> {
+    let uevent = std::fs::read_to_string(format!("/sys/dev/block/{}:{}/uevent", dev.0, dev.1))?;
+    uevent
+        .lines()
+        .find_map(|l| l.strip_prefix("DEVNAME="))
+        .filter(|n| !n.is_empty() && !n.contains(".."))
+        .map(|n| Path::new("/dev").join(n))
+        .ok_or_else(|| io::Error::other(format!("no DEVNAME for block device {}:{}", dev.0, dev.1)))
+}
+
+/// One path of a multipath map, as the kernel's table status lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapPath {
+    /// The path's block device number (major, minor).
+    pub dev: (u32, u32),
+    /// Whether the kernel uses it ("A"), or has failed it ("F").
+    pub active: bool,
+}
+
+/// The paths in a dm-multipath status line (STATUSTYPE_INFO), in table
+/// order: `<#features> <features> <#hw args> <hw args> <#pgs> <next pg>`,
+/// then for each priority group `<state> <#ps status> <ps status>
+/// <#paths> <#ps info per path>` and for each path `<major:minor> <A|F>
+/// <fail count> <ps info...>`. `None` if the line does not parse.
+pub fn multipath_paths(status: &str) -> Option<Vec<MapPath>> {
+    let mut w = status.split_whitespace();
+    let skip_counted = |w: &mut std::str::SplitWhitespace<'_>| -> Option<()> {
+        let n: usize = w.next()?.parse().ok()?;
+        for _ in 0..n {
+            w.next()?;
+        }
+        Some(())
+    };
+    skip_counted(&mut w)?; // features
+    skip_counted(&mut w)?; // hardware handler
+    let groups: usize = w.next()?.parse().ok()?;
+    w.next()?; // next priority group
+    let mut paths = Vec::new();
+    for _ in 0..groups {
+        w.next()?; // group state: A, E or D
+        skip_counted(&mut w)?; // path selector status
+        let n: usize = w.next()?.parse().ok()?;
+        let info: usize = w.next()?.parse().ok()?;
+        for _ in 0..n {
+            let (major, minor) = w.next()?.split_once(':')?;
+            let active = match w.next()? {
+                "A" => true,
+                "F" => false,
+                _ => return None,
+            };
+            w.next()?; // fail count
+            for _ in 0..info {
+                w.next()?;
+            }
+            paths.push(MapPath {
+                dev: (major.parse().ok()?, minor.parse().ok()?),
+                active,
+            });
+        }
+    }
+    Some(paths)
 }
 
 /// Whether the first `struct dm_target_spec` at `start` names the
@@ -212,6 +334,13 @@ fn target_is_multipath(buf: &[u8], start: usize) -> bool {
     let ty = &spec[24..40];
     let end = ty.iter().position(|&c| c == 0).unwrap_or(ty.len());
     &ty[..end] == b"multipath"
+}
+
+/// The status string after the first `struct dm_target_spec` at `start`.
+fn target_status(buf: &[u8], start: usize) -> Option<&str> {
+    let rest = buf.get(start + DM_TARGET_SPEC_SIZE..)?;
+    let end = rest.iter().position(|&c| c == 0)?;
+    std::str::from_utf8(&rest[..end]).ok()
 }
 
 /// `fstat(2)` itself. The C library's `fstat` is `fstatat(fd, "",
@@ -346,6 +475,68 @@ mod tests {
             .unwrap();
         std::fs::remove_file(&node).unwrap();
         assert_eq!(fake_control().probe(f.as_fd()), MapKind::Other);
+    }
+
+    #[test]
+    fn multipath_status_lines() {
+        // Two paths in one round-robin group (no per-path selector info).
+        let p = multipath_paths("2 0 0 0 1 1 A 0 2 0 8:0 A 0 8:16 F 3 ").unwrap();
+        assert_eq!(
+            p,
+            vec![
+                MapPath {
+                    dev: (8, 0),
+                    active: true
+                },
+                MapPath {
+                    dev: (8, 16),
+                    active: false
+                },
+            ]
+        );
+        // queue_if_no_path features, an ALUA handler, two groups with
+        // service-time's two info words per path.
+        let p = multipath_paths(
+            "3 queue_if_no_path queue_mode bio 1 alua 2 1 A 0 1 2 65:16 A 0 0 1 E 0 1 2 65:32 A 1 0 1",
+        )
+        .unwrap();
+        assert_eq!(
+            p.iter().map(|p| p.dev).collect::<Vec<_>>(),
+            vec![(65, 16), (65, 32)]
+        );
+        // The status of a map with no paths, and garbage.
+        assert_eq!(multipath_paths("2 0 0 0 0 0"), Some(vec![]));
+        assert_eq!(multipath_paths("2 0 0 0 1 1 A 0 1 0 8:0 X 0"), None);
+        assert_eq!(multipath_paths("2 0 0 0 1 1 A 0 2 0 8:0 A 0"), None);
+        assert_eq!(multipath_paths("x"), None);
+        assert_eq!(multipath_paths(""), None);
+    }
+
+    #[test]
+    fn status_string_follows_the_target_spec() {
+        let mut b = spec(b"multipath");
+        b.truncate(DM_IOCTL_SIZE + DM_TARGET_SPEC_SIZE);
+        b.extend_from_slice(b"2 0 0 0 0 0\0junk");
+        assert_eq!(target_status(&b, DM_IOCTL_SIZE), Some("2 0 0 0 0 0"));
+        // No NUL: nothing.
+        b.truncate(DM_IOCTL_SIZE + DM_TARGET_SPEC_SIZE + 4);
+        assert_eq!(target_status(&b, DM_IOCTL_SIZE), None);
+    }
+
+    #[test]
+    fn map_operations_on_a_non_block_fd_fail_cleanly() {
+        use std::os::fd::AsFd;
+        let f = std::fs::File::open("/proc/self/exe").unwrap();
+        let dm = fake_control();
+        assert!(dm.map_paths(f.as_fd()).is_err());
+        assert!(dm.suspend(f.as_fd()).is_err());
+        assert!(dm.resume(f.as_fd()).is_err());
+    }
+
+    #[test]
+    fn block_nodes_come_from_sysfs() {
+        // /dev/null's major:minor is a character device: no block entry.
+        assert!(block_node((1, 3)).is_err());
     }
 
     #[test]
