@@ -2,7 +2,7 @@
 //! pr-manager-helper clients.
 //!
 //! Pure modules (no I/O, no `unsafe`): [`wire`], [`cdb`], [`params`],
-//! [`prin`], [`sense`], [`mpath_xlate`], [`mpconf`]. Backends run commands: [`backend`]. The event loop:
+//! [`prin`], [`sense`], [`mpath_xlate`], [`mpconf`], [`onenexus`]. Backends run commands: [`backend`]. The event loop:
 //! [`server`]. Start-up and privileges: [`startup`], [`privs`], [`seccomp`],
 //! [`access`].
 #![deny(unsafe_code)]
@@ -17,6 +17,7 @@ pub mod logging;
 pub mod mpath_xlate;
 pub mod mpconf;
 pub mod multipathd;
+pub mod onenexus;
 pub mod params;
 pub mod pathcheck;
 pub mod prin;
@@ -130,9 +131,9 @@ enum Mpath {
     /// Off, and why.
     Off(String),
     /// Loaded already (reservd runs as another user).
-    Now(backend::dm::DmControl, backend::router::Loaded),
+    Now(Arc<backend::dm::DmControl>, backend::multipath::Loaded),
     /// To load in the background once serving.
-    Later(backend::dm::DmControl),
+    Later(Arc<backend::dm::DmControl>),
 }
 
 /// libmultipath's initialisation raises the open-file limit to its
@@ -205,15 +206,17 @@ fn start(
     let runs_as_root =
         ids.uid.is_none_or(|u| u.is_root()) && nix::unistd::Uid::effective().is_root();
     let mpath = match backend::dm::DmControl::open() {
-        Err(e) => Mpath::Off(backend::router::no_device_mapper(&e)),
+        Err(e) => Mpath::Off(backend::multipath::no_device_mapper(&e)),
         Ok(_) if !backend::mpath::installed(mpath_sys::DEFAULT_LIBRARY) => Mpath::Off(
-            backend::router::no_library(&format!("{} not found", mpath_sys::DEFAULT_LIBRARY)),
+            backend::multipath::no_library(&format!("{} not found", mpath_sys::DEFAULT_LIBRARY)),
         ),
-        Ok(dm) if runs_as_root => Mpath::Later(dm),
-        Ok(dm) => Mpath::Now(
-            dm,
-            backend::router::Loaded::load(runs_as_root, cli.sgio_timeout),
-        ),
+        Ok(dm) if runs_as_root => Mpath::Later(Arc::new(dm)),
+        Ok(dm) => {
+            let dm = Arc::new(dm);
+            let loaded =
+                backend::multipath::Loaded::load(Arc::clone(&dm), runs_as_root, cli.sgio_timeout);
+            Mpath::Now(dm, loaded)
+        }
     };
     let multipath = match &mpath {
         Mpath::Off(_) => false,
@@ -249,6 +252,9 @@ fn start(
     let (router, summary, loaded_now) = match mpath {
         Mpath::Off(why) => (backend::router::Router::ready(sgio, None, None), why, None),
         Mpath::Now(dm, loaded) => {
+            for f in &loaded.fixes {
+                log::info!("multipath: for this libmpathpersist, reservd does itself: {f}");
+            }
             let summary = loaded.summary.clone();
             let multipath = loaded.multipath;
             let router = backend::router::Router::ready(sgio, Some(Box::new(dm)), multipath);
@@ -256,8 +262,9 @@ fn start(
         }
         Mpath::Later(dm) => {
             let timeout = cli.sgio_timeout;
-            let loader: backend::router::Loader = Box::new(move || {
-                let loaded = backend::router::Loaded::load(true, timeout);
+            let probe = Arc::clone(&dm);
+            let loader: backend::multipath::Loader = Box::new(move || {
+                let loaded = backend::multipath::Loaded::load(dm, true, timeout);
                 startup::notify(&format!("STATUS={}", serving_status(&loaded.summary)));
                 if loaded.multipath.is_some() {
                     loaded.log();
@@ -270,7 +277,7 @@ fn start(
                 }
                 loaded.multipath
             });
-            let router = backend::router::Router::deferred(sgio, Box::new(dm), loader);
+            let router = backend::router::Router::deferred(sgio, Box::new(probe), loader);
             let summary = "loading libmpathpersist".to_string();
             (router, summary, None)
         }

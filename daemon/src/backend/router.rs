@@ -1,42 +1,20 @@
-//! Routing: each command goes to libmpathpersist when its fd is a
+//! Routing: each command goes to the multipath side when its fd is a
 //! dm-multipath map, to SG_IO otherwise.
 //!
-//! [`MultipathSupport::detect`] decides at start-up whether multipath
-//! support is active: it needs a usable `/dev/mapper/control` and
-//! `libmpathpersist.so.0`. Without either, reservd serves every device
-//! through SG_IO (multipath maps included, on one path only) and says so in
-//! its start-up line.
-//!
-//! On a multipath map ([`Multipath`]):
-//! - PR IN READ KEYS, READ RESERVATION, REPORT CAPABILITIES and READ FULL
-//!   STATUS run through `mpath_persistent_reserve_in` and are translated
-//!   back to SPC-4 data (see [`crate::mpath_xlate`]);
-//! - PR OUT service actions 0..=6 run through
-//!   `mpath_persistent_reserve_out`;
-//! - failures are mapped by [`crate::sense::failure_answer`]; for the four
-//!   classes whose sense the library drops, a TEST UNIT READY on the map
-//!   recovers it (see [`crate::sense::mpath_wants_tur`]);
-//! - CLEANUP (opcode 0xFF, only when enabled) clears the map's key and
-//!   registered flag in multipathd over one connection, then unregisters
-//!   the I_T nexuses with REGISTER AND IGNORE EXISTING KEY and a zero key.
-//!   If multipathd cannot be reached or refuses, the client's connection is
-//!   closed (no answer), as proposed upstream.
+//! Multipath support needs a usable `/dev/mapper/control` (a [`MapProbe`])
+//! and libmpathpersist ([`Multipath`], see [`super::multipath`], loaded by
+//! a [`Loader`] on the first map command or in the background at start-up).
+//! Without either, reservd serves every device through SG_IO (multipath
+//! maps included, on one path only) and says so in its start-up line.
 
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
 
 use super::dm::{DmControl, MapKind};
-use super::mpath::{Libmpathpersist, PersistLib};
-use super::sgio::{sg_io, SgIo, Transfer};
+use super::multipath::{Loader, Multipath};
+use super::sgio::SgIo;
 use super::{BackendError, Command, PrBackend};
-use crate::cdb::{PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT};
-use crate::mpath_xlate::{
-    prin_data, prin_service_action, prout_request, FullStatusError, ProutRequest,
-};
-use crate::multipathd::{clear_map_keys, Multipathd};
-use crate::sense::{failure_answer, mpath_pr, mpath_wants_tur, Answer, Failure, SenseCode, Status};
-use crate::wire::OP_CLEANUP;
+use crate::sense::Answer;
 
 /// Tells whether an fd is a multipath map.
 pub trait MapProbe: Send + Sync {
@@ -49,135 +27,11 @@ impl MapProbe for DmControl {
     }
 }
 
-/// Configuration warnings, repeated when a command fails for their reason.
-#[derive(Clone, Debug, Default)]
-pub struct Diagnostics {
-    /// What is wrong with `reservation_key` for this multipath-tools.
-    pub key_config: Vec<String>,
-    /// reservd runs as a non-root user.
-    pub non_root: bool,
-}
-
-/// The multipath side of the router.
-pub struct Multipath {
-    pub lib: Arc<dyn PersistLib>,
-    pub multipathd: Multipathd,
-    pub diagnostics: Diagnostics,
-    /// Timeout of the TEST UNIT READY that recovers lost sense.
-    pub tur_timeout_ms: u32,
-}
-
-const TEST_UNIT_READY: [u8; 6] = [0; 6];
-
-impl Multipath {
-    /// Run `cmd` on the multipath map `dm-<minor>`.
-    fn execute(&self, cmd: &Command<'_>, minor: u32) -> Result<Answer, BackendError> {
-        match cmd.cdb[0] {
-            PERSISTENT_RESERVE_IN => Ok(self.prin(cmd, minor)),
-            PERSISTENT_RESERVE_OUT => Ok(match prout_request(cmd.cdb, cmd.params) {
-                Ok(req) => self.prout(cmd.fd, &req, minor),
-                Err(sense) => Answer::check(sense),
-            }),
-            OP_CLEANUP => self.cleanup(cmd.fd, minor),
-            _ => Ok(Answer::check(SenseCode::INVALID_OPCODE)),
-        }
-    }
-
-    fn prin(&self, cmd: &Command<'_>, minor: u32) -> Answer {
-        let sa = match prin_service_action(cmd.cdb) {
-            Ok(sa) => sa,
-            Err(sense) => return Answer::check(sense),
-        };
-        let (code, resp) = self.lib.reserve_in(cmd.fd, sa);
-        log::debug!("dm-{minor}: PR IN service action {sa}: libmpathpersist returned {code}");
-        if code != mpath_pr::SUCCESS {
-            return self.failure(cmd.fd, code, minor);
-        }
-        match prin_data(sa, &resp) {
-            Ok(data) => Answer::good(data),
-            Err(FullStatusError::TooManyDescriptors(n)) => {
-                log::warn!(
-                    "dm-{minor}: READ FULL STATUS returned {n} registrations; libmpathpersist \
-                     cannot decode more than 31 of them intact, answering INVALID FIELD IN CDB \
-                     (use READ KEYS)"
-                );
-                Answer::check(SenseCode::INVALID_FIELD)
-            }
-        }
-    }
-
-    fn prout(&self, fd: BorrowedFd<'_>, req: &ProutRequest, minor: u32) -> Answer {
-        let code = self.lib.reserve_out(fd, req);
-        log::debug!(
-            "dm-{minor}: PR OUT service action {} type {}: libmpathpersist returned {code}",
-            req.service_action,
-            req.pr_type
-        );
-        if code == mpath_pr::SUCCESS {
-            Answer::status(Status::GOOD)
-        } else {
-            self.failure(fd, code, minor)
-        }
-    }
-
-    fn cleanup(&self, fd: BorrowedFd<'_>, minor: u32) -> Result<Answer, BackendError> {
-        let service = |e: std::io::Error| {
-            BackendError::Service(format!(
-                "CLEANUP on dm-{minor}: multipathd at {}: {e}",
-                self.multipathd.describe()
-            ))
-        };
-        let mut conn = self.multipathd.connect().map_err(service)?;
-        clear_map_keys(&mut conn, minor).map_err(service)?;
-        drop(conn);
-        Ok(self.prout(fd, &ProutRequest::unregister(), minor))
-    }
-
-    /// The answer for a failed library call, with the warning that explains
-    /// the likely cause.
-    fn failure(&self, fd: BorrowedFd<'_>, code: i32, minor: u32) -> Answer {
-        match code {
-            mpath_pr::SYNTAX_ERROR => {
-                let why = if self.diagnostics.key_config.is_empty() {
-                    "the command's keys differ from the reservation_key multipath-tools has for \
-                     this map (multipath.conf, or /etc/multipath/prkeys with 'reservation_key file')"
-                        .to_string()
-                } else {
-                    self.diagnostics.key_config.join("; ")
-                };
-                log::warn!("dm-{minor}: libmpathpersist refused the command: {why}");
-            }
-            mpath_pr::DMMP_ERROR => {
-                let quick = self.multipathd.clone().with_timeout(Duration::from_secs(2));
-                match quick.connect() {
-                    Err(e) => log::warn!(
-                        "dm-{minor}: libmpathpersist failed and multipathd is unreachable ({e}): \
-                         with 'reservation_key file' every registration needs multipathd"
-                    ),
-                    Ok(_) => log::warn!(
-                        "dm-{minor}: libmpathpersist failed (no usable path, or multipathd refused \
-                         the key)"
-                    ),
-                }
-            }
-            mpath_pr::FILE_ERROR if self.diagnostics.non_root => log::warn!(
-                "dm-{minor}: libmpathpersist could not open a path device: reservd runs as a \
-                 non-root user (-u)"
-            ),
-            _ => {}
-        }
-        if mpath_wants_tur(code) {
-            let tur = sg_io(fd, &TEST_UNIT_READY, Transfer::None, self.tur_timeout_ms);
-            if tur.answer.status != Status::GOOD {
-                return tur.answer;
-            }
-        }
-        failure_answer(Failure::Mpath(code))
+impl MapProbe for Arc<DmControl> {
+    fn probe(&self, fd: BorrowedFd<'_>) -> MapKind {
+        DmControl::probe(self, fd)
     }
 }
-
-/// Loads the multipath side: libmpathpersist and its diagnostics.
-pub type Loader = Box<dyn FnOnce() -> Option<Multipath> + Send>;
 
 /// The backend reservd serves with: multipath maps to libmpathpersist
 /// (when available), everything else to SG_IO.
@@ -248,130 +102,43 @@ impl PrBackend for Router {
     }
 }
 
-/// The outcome of loading libmpathpersist.
-pub struct Loaded {
-    pub multipath: Option<Multipath>,
-    /// For the log: "active (multipath-tools 0.9.4, /lib/...)" or
-    /// "inactive, ...".
-    pub summary: String,
-    /// Warnings to log once.
-    pub warnings: Vec<String>,
-}
-
-/// Why multipath support is off when device-mapper is missing.
-pub fn no_device_mapper(e: &super::dm::DmUnavailable) -> String {
-    format!("inactive, no device-mapper ({e}); every device uses SG_IO")
-}
-
-/// Why multipath support is off when libmpathpersist is missing.
-pub fn no_library(e: &dyn std::fmt::Display) -> String {
-    format!(
-        "inactive, libmpathpersist unavailable ({e}); install multipath-tools (Debian/Ubuntu) or \
-         device-mapper-multipath (Fedora/RHEL); multipath maps use SG_IO on one path"
-    )
-}
-
-impl Loaded {
-    /// Load and initialise libmpathpersist, and check multipath-tools'
-    /// setup. Only with device-mapper present (a [`DmControl`] opened):
-    /// libmultipath exits the process when it cannot reach it.
-    /// `runs_as_root`: whether reservd keeps uid 0.
-    pub fn load(runs_as_root: bool, sgio_timeout_ms: u32) -> Loaded {
-        let verbose = match log::max_level() {
-            log::LevelFilter::Trace => 4,
-            log::LevelFilter::Debug => 3,
-            log::LevelFilter::Info | log::LevelFilter::Warn => 1,
-            _ => 0,
-        };
-        let lib = match Libmpathpersist::load(mpath_sys::DEFAULT_LIBRARY, verbose) {
-            Ok(lib) => lib,
-            Err(e) => {
-                return Loaded {
-                    multipath: None,
-                    summary: no_library(&e),
-                    warnings: Vec::new(),
-                }
-            }
-        };
-        let summary = format!(
-            "active (multipath-tools {}, {})",
-            lib.version_string(),
-            lib.path().unwrap_or(mpath_sys::DEFAULT_LIBRARY)
-        );
-        let mut warnings = Vec::new();
-        let key_config = crate::mpconf::diagnose(&read_key_config(), lib.version());
-        warnings.extend(key_config.iter().cloned());
-        let multipathd = Multipathd::from_env();
-        let quick = multipathd.clone().with_timeout(Duration::from_secs(2));
-        if let Err(e) = quick.connect().and_then(|mut c| c.command("show daemon")) {
-            warnings.push(format!(
-                "multipathd is not reachable ({e}): keys will not be registered on new or \
-                 reinstated paths, and with 'reservation_key file' every registration fails"
-            ));
-        }
-        if !runs_as_root {
-            warnings.push(
-                "with -u, multipath PR commands need the user to open the /dev/sdX path devices \
-                 (libmpathpersist does), and multipathd refuses key updates from users other \
-                 than root: keep reservd as root for multipath"
-                    .to_string(),
-            );
-        }
-        Loaded {
-            multipath: Some(Multipath {
-                lib: Arc::new(lib),
-                multipathd,
-                diagnostics: Diagnostics {
-                    key_config,
-                    non_root: !runs_as_root,
-                },
-                tur_timeout_ms: sgio_timeout_ms,
-            }),
-            summary,
-            warnings,
-        }
-    }
-}
-
-impl Loaded {
-    /// Log the outcome: the summary, then the warnings.
-    pub fn log(&self) {
-        log::info!("multipath support: {}", self.summary);
-        for w in &self.warnings {
-            log::warn!("{w}");
-        }
-    }
-}
-
-/// `reservation_key` settings from /etc/multipath.conf and
-/// /etc/multipath/conf.d/*.conf.
-pub fn read_key_config() -> crate::mpconf::KeyConfig {
-    let mut cfg = crate::mpconf::KeyConfig::default();
-    if let Ok(t) = std::fs::read_to_string("/etc/multipath.conf") {
-        cfg = crate::mpconf::parse(&t);
-    }
-    if let Ok(dir) = std::fs::read_dir("/etc/multipath/conf.d") {
-        let mut files: Vec<_> = dir
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "conf"))
-            .collect();
-        files.sort();
-        for f in files {
-            if let Ok(t) = std::fs::read_to_string(&f) {
-                cfg.merge(crate::mpconf::parse(&t));
-            }
-        }
-    }
-    cfg
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::mpath::PersistLib;
+    use crate::backend::multipath::{Diagnostics, MapDevices, Via};
     use crate::cdb::{pad16, PrInCdb, PrOutCdb};
+    use crate::mpath_xlate::ProutRequest;
     use crate::multipathd::fake::Fake;
+    use crate::multipathd::Multipathd;
+    use crate::onenexus::Fixes;
+    use crate::sense::{mpath_pr, SenseCode, Status};
+    use crate::wire::OP_CLEANUP;
     use std::os::fd::AsFd;
+    use std::path::PathBuf;
     use std::sync::Mutex;
+
+    /// A host where multipathd cannot be asked for the map's key: PR OUT
+    /// goes to the library as it is (RELEASE aside).
+    struct NoDevices;
+
+    impl MapDevices for NoDevices {
+        fn map_key(&self, _minor: u32) -> Result<Option<u64>, String> {
+            Err("multipathd: no such socket".into())
+        }
+        fn active_paths(&self, _map: BorrowedFd<'_>) -> std::io::Result<Vec<PathBuf>> {
+            Ok(Vec::new())
+        }
+        fn run(&self, _via: Via<'_>, _cdb: &[u8; 10], _params: &[u8]) -> Answer {
+            Answer::check(SenseCode::IO_ERROR)
+        }
+        fn suspend(&self, _map: BorrowedFd<'_>) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn resume(&self, _map: BorrowedFd<'_>) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
 
     /// Calls seen by the fake library.
     #[derive(Debug, PartialEq, Eq)]
@@ -420,12 +187,14 @@ mod tests {
         Router::ready(
             SgIo::default(),
             Some(Box::new(FixedProbe(kind))),
-            Some(Multipath {
+            Some(Multipath::new(
                 lib,
+                Arc::new(NoDevices),
                 multipathd,
-                diagnostics: Diagnostics::default(),
-                tur_timeout_ms: 1000,
-            }),
+                Diagnostics::default(),
+                Fixes::ALL,
+                1000,
+            )),
         )
     }
 
@@ -515,11 +284,15 @@ mod tests {
                 Box::new(FixedProbe(kind)),
                 Box::new(move || {
                     n.fetch_add(1, Ordering::SeqCst);
-                    lib.map(|lib| Multipath {
-                        lib,
-                        multipathd: nowhere(),
-                        diagnostics: Diagnostics::default(),
-                        tur_timeout_ms: 1000,
+                    lib.map(|lib| {
+                        Multipath::new(
+                            lib,
+                            Arc::new(NoDevices),
+                            nowhere(),
+                            Diagnostics::default(),
+                            Fixes::ALL,
+                            1000,
+                        )
                     })
                 }),
             )

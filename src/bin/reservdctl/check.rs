@@ -129,7 +129,7 @@ pub fn run(socket: &Path, json: bool) -> u8 {
         ),
     }
 
-    let cfg = reservd_daemon::backend::router::read_key_config();
+    let cfg = reservd_daemon::backend::multipath::read_key_config();
     let warnings = mpconf::diagnose(&cfg, version);
     if warnings.is_empty() {
         f.ok(format!(
