@@ -6,7 +6,9 @@
 //! needs: the event loop (epoll, eventfd, signalfd, the crew's timerfd,
 //! accept4, recvmsg/sendmsg with SCM_RIGHTS), the server's threads
 //! (clone/clone3, futex, mmap...),
-//! SG_IO and the read-only device-mapper ioctls, and what libmpathpersist
+//! SG_IO, the read-only device-mapper ioctls and DM_DEV_SUSPEND (suspending
+//! and resuming a map around a PREEMPT of its own key: reservd's own, and
+//! libmpathpersist's from multipath-tools 0.13), and what libmpathpersist
 //! and the libraries under it do while running a command: open the path
 //! devices, read sysfs and `/dev/mapper` through libudev, talk to
 //! multipathd over an AF_UNIX socket, start one thread per path, use
@@ -85,12 +87,15 @@ pub const SG_GET_VERSION_NUM: u64 = 0x2282;
 const fn dm(nr: u64) -> u64 {
     0xc138_fd00 | nr
 }
-/// The device-mapper ioctls that only read: reservd's own (DM_VERSION,
-/// DM_TABLE_STATUS) and libdevmapper's for libmpathpersist (listing the
-/// maps, their status, tables and dependencies, target versions).
+/// The device-mapper ioctls reservd lets through: those that only read,
+/// reservd's own (DM_VERSION, DM_TABLE_STATUS) and libdevmapper's for
+/// libmpathpersist (listing the maps, their status, tables and
+/// dependencies, target versions), and DM_DEV_SUSPEND, which suspends and
+/// resumes a map (never loads or removes one).
 pub const DM_IOCTLS: &[(u64, &str)] = &[
     (dm(0), "DM_VERSION"),
     (dm(2), "DM_LIST_DEVICES"),
+    (dm(6), "DM_DEV_SUSPEND"),
     (dm(7), "DM_DEV_STATUS"),
     (dm(11), "DM_TABLE_DEPS"),
     (dm(12), "DM_TABLE_STATUS"),
