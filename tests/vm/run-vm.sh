@@ -329,7 +329,7 @@ case $CWD in /run|/run/*|/proc*|/sys*|/dev|/dev/*) CWD=/ ;; esac
     done < <({ compgen -e | grep -E '^(RESERVD_|RUST_)' || true; tr ' ' '\n' <<<"${RESERVD_VM_PASS_ENV:-}"; } | sort -u)
 } >"$XCHG/job"
 
-CMDLINE="console=ttyS0 panic=-1 loglevel=4 mitigations=off rvm_xchg=$XCHG rvm_init=$GUEST_INIT"
+CMDLINE="console=ttyS0 panic=-1 loglevel=4 mitigations=off no_timer_check rvm_xchg=$XCHG rvm_init=$GUEST_INIT"
 # shellcheck disable=SC2054  # commas belong to QEMU option values
 QEMU=(
     qemu-system-x86_64 -nodefaults -no-user-config -nographic -serial stdio

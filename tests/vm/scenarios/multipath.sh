@@ -119,14 +119,16 @@ good "$MP" in 0
 [[ $DATA == "$(raw_in "$P1" 0)" ]] || die "READ KEYS differs from the device's"
 expect_lu_keys x 0
 
-step "REGISTER through the map puts the key on both paths"
+step "REGISTER through the map puts the key on both paths; the map lists it once"
 T0=$EPOCHREALTIME
 good "$MP" out 0 0 0 0x1234
 echo "  REGISTER took $(( (${EPOCHREALTIME/./} - ${T0/./}) / 1000 )) ms"
 expect_lu_keys 0x1234 2
 good "$MP" in 0
-[[ $DATA == "$(raw_in "$P2" 0)" ]] || die "READ KEYS differs from the device's"
-[[ ${DATA:8:8} == 00000010 ]] || die "expected two keys"
+RAW=$(raw_in "$P2" 0)
+[[ ${RAW:8:8} == 00000010 ]] || die "expected two keys on the device: $RAW"
+# one nexus, one registration: the device's generation, the key once
+[[ $DATA == "${RAW:0:8}00000008${RAW:16:16}" ]] || die "READ KEYS through the map: $DATA (device $RAW)"
 
 step "REPORT CAPABILITIES"
 good "$MP" in 2
@@ -141,12 +143,18 @@ for p in "${PATHS[@]}"; do [[ $DATA == "$(raw_in "$p" 1)" ]] || die "READ RESERV
 good "$MP" in 1 8
 [[ $DATA == "${DATA:0:16}" && ${#DATA} == 16 && ${DATA:8:8} == 00000010 ]] || die "short READ RESERVATION: $DATA"
 
-step "READ FULL STATUS (qemu-pr-helper refuses it on multipath)"
+step "READ FULL STATUS (qemu-pr-helper refuses it on multipath): one descriptor for the map"
 good "$MP" in 3
 RAW=$(raw_in "$P1" 3)
 echo "  device: $RAW"
-[[ $DATA == "$RAW" ]] || die "READ FULL STATUS re-encoding differs from the device's bytes"
-for i in "${INITIATORS[@]}"; do [[ $DATA == *"${i#naa.}"* ]] || die "initiator $i missing"; done
+echo "  map:    $DATA"
+for i in "${INITIATORS[@]}"; do [[ $RAW == *"${i#naa.}"* ]] || die "initiator $i missing on the device"; done
+# the holder's descriptor (R_HOLDER set) stands for the map
+n=0
+for i in "${INITIATORS[@]}"; do [[ $DATA == *"${i#naa.}"* ]] && n=$((n + 1)); done
+[[ $n == 1 ]] || die "the map's READ FULL STATUS names $n of its initiators, expected 1"
+[[ ${DATA:0:8} == "${RAW:0:8}" ]] || die "generation differs"
+[[ ${DATA:40:2} == 01 ]] || die "the map's descriptor is not the holder's: $DATA"
 
 step "RELEASE, then RESERVE type 7 (all registrants)"
 good "$MP" out 2 5 0x1234 0
@@ -158,13 +166,20 @@ good "$MP" in 1
 [[ ${DATA:43:1} == 7 ]] || die "expected a type 7 reservation: $DATA"
 good "$MP" out 2 7 0x1234 0
 
-step "PREEMPT of the own key with type 5 (SPC-4: keeps only the sending I_T nexus)"
+step "PREEMPT of the own key (type 5 to 6): the map stays one nexus, every path keeps the key"
 good "$MP" out 1 5 0x1234 0
-good "$MP" out 4 5 0x1234 0x1234
+good "$MP" out 4 6 0x1234 0x1234
 good "$MP" in 1
-[[ $(reservation "$DATA") == "0x0000000000001234 5" ]] || die "after PREEMPT: $DATA"
-expect_lu_keys 0x1234 1
-# REGISTER AND IGNORE EXISTING KEY puts it back on every path
+[[ $(reservation "$DATA") == "0x0000000000001234 6" ]] || die "after PREEMPT: $DATA"
+expect_lu_keys 0x1234 2
+# a write through each path succeeds (type 6: registrants only)
+for p in "${PATHS[@]}"; do
+    sg_raw -s 512 -i /dev/zero "$p" 2a 00 00 00 00 10 00 00 01 00 >/dev/null 2>&1 ||
+        die "WRITE through $p after the self-PREEMPT: $(sg_raw -s 512 -i /dev/zero "$p" 2a 00 00 00 00 10 00 00 01 00 2>&1 | tail -n1)"
+done
+echo "  WRITE through each path: GOOD"
+good "$MP" out 2 6 0x1234 0
+# REGISTER AND IGNORE EXISTING KEY with the same key changes nothing
 good "$MP" out 6 0 0 0x1234
 expect_lu_keys 0x1234 2
 
@@ -176,11 +191,12 @@ LEN=$(( 24 + 4 + 33 * 24 ))
 pr "$MP" raw "5f000000000000$(printf '%04x' $LEN)00" \
     "0000000000000000000000000000567800000000080000000000$(printf '%04x' $((33 * 24)))$TIDS"
 sense_is 05 26 00
-# a key other than the one in multipathd's prkeys file: libmpathpersist
-# refuses it (SYNTAX_ERROR) and reservd says why in its log
+# a key other than the map's: the device's answer, as to one nexus
 pr "$MP" out 1 5 0x9999 0
-sense_is 0b 08 00
-grep -q "dm-.*refused the command" "$LOG" || die "no warning about the key mismatch"
+[[ $STATUS == 0x18 ]] || die "RESERVE with a wrong key: expected RESERVATION CONFLICT, got $STATUS"
+pr "$MP" out 0 0 0x9999 0x5555
+[[ $STATUS == 0x18 ]] || die "REGISTER with a wrong key: expected RESERVATION CONFLICT, got $STATUS"
+expect_lu_keys 0x1234 2
 
 step "CLEAR drops everything on both paths"
 good "$MP" out 3 0 0x1234 0
