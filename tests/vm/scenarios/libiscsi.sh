@@ -66,14 +66,14 @@ sg() {
 # DEV's nexus), and the unit attention that CLEAR leaves on the other
 # nexuses consumed, so that the tool's first command meets none
 reset_lu() {
-    local dev=$1 p i
+    local dev=$1 p i out
     sg "$dev" --out --register-ignore --param-sark=$RESET_KEY >/dev/null || die "REGISTER AND IGNORE on $dev failed"
     sg "$dev" --out --clear --param-rk=$RESET_KEY >/dev/null || die "CLEAR on $dev failed"
     for p in "$@"; do
         for i in 1 2 3 4; do sg_turs "$p" >/dev/null 2>&1 && break; done
     done
-    sg "$dev" --in --read-keys | grep -q 'there are NO registered reservation keys' ||
-        die "$dev still lists keys after CLEAR"
+    out=$(sg "$dev" --in --read-keys) || die "READ KEYS on $dev failed"
+    [[ $out == *'there are NO registered reservation keys'* ]] || die "$dev still lists keys after CLEAR: $out"
 }
 # reset_map: the LU as reset_lu leaves it, and no key stored by multipathd
 # (reservation_key file: a key the guest registers is stored and
@@ -181,7 +181,7 @@ for ((i = 0; i < 100; i++)); do
     sleep 0.1
 done
 grep -q 'multipath support: active' "$LOG" || { sed 's/^/  reservd| /' "$LOG"; die "reservd's multipath support is not active"; }
-grep -o 'multipath support: active[^;]*' "$LOG" | head -1 | sed 's/^/  /'
+grep -m1 -o 'multipath support: active[^;]*' "$LOG" | sed 's/^/  /'
 
 step "(c) control: the single-path disk directly"
 reset_lu "$SP"
@@ -197,8 +197,9 @@ run map "$MP" shim
 
 step "results"
 for r in direct sp map; do cut -d' ' -f1 "$WORK/$r.res" >"$WORK/$r.names"; done
-cmp -s "$WORK/direct.names" "$WORK/sp.names" && cmp -s "$WORK/sp.names" "$WORK/map.names" ||
+if ! cmp -s "$WORK/direct.names" "$WORK/sp.names" || ! cmp -s "$WORK/sp.names" "$WORK/map.names"; then
     die "the three runs did not run the same tests"
+fi
 grep -q ' pass$' "$WORK/direct.res" || die "no test passed on the single-path disk directly"
 paste -d' ' "$WORK/direct.res" "$WORK/sp.res" "$WORK/map.res" | awk '
     BEGIN { printf "  %-32s %-10s %-12s %-12s\n", "test", "sp direct", "sp reservd", "map reservd" }
