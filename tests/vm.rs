@@ -35,7 +35,7 @@ const GROUPS: &[&str] = &[
     "package",
 ];
 /// Shell scenarios run as they are (tests/vm/scenarios/NAME.sh).
-const SHELL_SCENARIOS: &[&str] = &["smoke", "multipath"];
+const SHELL_SCENARIOS: &[&str] = &["smoke", "multipath", "libiscsi"];
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -104,6 +104,11 @@ fn main() {
             println!("test {name} ... FAILED (packaging/build-deb.sh failed)");
             continue;
         }
+        if name == "vm_libiscsi" && !build_prshim() {
+            failed += 1;
+            println!("test {name} ... FAILED (cargo build -p reservd-prshim failed)");
+            continue;
+        }
         println!("test {name} ... booting the VM");
         let status = Command::new(root().join("tests/vm/run-vm.sh"))
             .args(["--timeout", "900"])
@@ -147,6 +152,16 @@ fn root() -> PathBuf {
 fn build_deb() -> bool {
     Command::new(root().join("packaging/build-deb.sh"))
         .env("RESERVD_LINTIAN", "0")
+        .current_dir(root())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The libiscsi scenario preloads the reservd-prshim library, which no
+/// test target builds.
+fn build_prshim() -> bool {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["build", "--locked", "-p", "reservd-prshim"])
         .current_dir(root())
         .status()
         .is_ok_and(|s| s.success())
