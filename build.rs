@@ -16,6 +16,11 @@ fn main() -> std::io::Result<()> {
     println!("cargo:rerun-if-changed=daemon/src/cli.rs");
     println!("cargo:rerun-if-changed=src/bin/reservdctl/cli.rs");
     println!("cargo:rerun-if-changed=build.rs");
+    // multipath-tools' libraries log through vsyslog: reservd's own
+    // definition takes their messages into its log (daemon's mpath_log).
+    for symbol in ["vsyslog", "__vsyslog_chk"] {
+        println!("cargo:rustc-link-arg-bin=reservd=-Wl,--export-dynamic-symbol={symbol}");
+    }
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
     // OUT_DIR is target/<profile>/build/reservd-<hash>/out.
     let profile_dir = out

@@ -38,8 +38,8 @@ pub fn scenarios() -> Vec<Scenario> {
         ),
         ("ops_audit_trail", ops_audit_trail),
         (
-            "ops_library_messages_go_to_syslog_under_the_journal",
-            ops_library_messages_go_to_syslog_under_the_journal,
+            "ops_library_messages_reach_reservds_log_at_their_level",
+            ops_library_messages_reach_reservds_log_at_their_level,
         ),
         // Last: multipathd may re-register the key when the path returns.
         (
@@ -143,10 +143,12 @@ fn ops_systemd_status_follows_multipath_loading() -> TestResult {
     Ok(())
 }
 
-/// With stderr going to the journal (JOURNAL_STREAM names it), the
-/// messages multipath-tools' libraries print go to syslog, each with its
-/// priority, instead of onto reservd's stderr.
-fn ops_library_messages_go_to_syslog_under_the_journal() -> TestResult {
+/// multipath-tools' own messages reach reservd's log at their level: with
+/// stderr going to the journal (JOURNAL_STREAM names it), each line carries
+/// its journal priority (libmultipath's level 3, "sending pr in command",
+/// is debug: <7>), and nothing goes to the syslog socket or onto stderr in
+/// the library's own format.
+fn ops_library_messages_reach_reservds_log_at_their_level() -> TestResult {
     use std::os::unix::fs::MetadataExt;
     use std::os::unix::net::UnixDatagram;
     let dir = UnderSystemd::scratch("journal")?;
@@ -205,25 +207,18 @@ fn ops_library_messages_go_to_syslog_under_the_journal() -> TestResult {
         std::thread::sleep(Duration::from_millis(300));
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let got = reader.join().map_err(|_| "syslog reader panicked")?;
-        // "<PRI>Mon DD HH:MM:SS reservd: text", PRI = LOG_USER + priority:
-        // libmultipath's levels 2 and 3 are notice (13) and info (14).
-        check!(
-            !got.is_empty()
-                && got
-                    .iter()
-                    .all(|m| m.starts_with('<') && m.contains(" reservd: ")),
-            "syslog messages: {got:?}"
-        );
-        check!(
-            got.iter().any(|m| m.starts_with("<14>"))
-                && got.iter().any(|m| m.contains("sending pr in command to")),
-            "libmultipath's own lines for the READ KEYS: {got:?}"
-        );
+        check!(got.is_empty(), "messages on the syslog socket: {got:?}");
         let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
         check!(
             stderr.lines().all(|l| l.starts_with('<')),
-            "every stderr line carries a journal priority (nothing printed by libmultipath): \
-             {stderr}"
+            "every stderr line carries a journal priority (nothing printed by libmultipath \
+             itself): {stderr}"
+        );
+        check!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with("<7>") && l.contains("sending pr in command to")),
+            "libmultipath's own line for the READ KEYS, at debug priority: {stderr}"
         );
         Ok(())
     })();
@@ -490,6 +485,32 @@ fn ops_check_all_good() -> TestResult {
         "All good.",
     ] {
         check!(t.contains(want), "'{want}' missing");
+    }
+    // The release, and what reservd does itself for it: before 0.13 the
+    // library's RELEASE and self-PREEMPT would break the map's one nexus.
+    let line = t
+        .lines()
+        .find(|l| l.starts_with("ok: multipath-tools "))
+        .ok_or("no line naming the multipath-tools release")?;
+    let version: Vec<u32> = line["ok: multipath-tools ".len()..]
+        .split(':')
+        .next()
+        .unwrap_or("")
+        .split('.')
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    check!(version.len() == 3, "no version in '{line}'");
+    if version < vec![0, 13, 0] {
+        check!(
+            line.contains("where this libmpathpersist would not: RELEASE runs on every path")
+                && line.contains("registers the key again on the map's other paths"),
+            "fixes for {version:?}: '{line}'"
+        );
+    } else {
+        check!(
+            line.contains("keeps a map one I_T nexus for RELEASE and PREEMPT"),
+            "{version:?}: '{line}'"
+        );
     }
     // A socket nobody listens on is a problem, with its fix.
     let o = reservdctl(&["-k", "/run/reservd-nobody.sock", "check"], Stdio::null())?;

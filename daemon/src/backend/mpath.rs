@@ -113,12 +113,6 @@ impl Libmpathpersist {
         // SAFETY: `alloc_len` points at the library's `unsigned int`; no
         // other thread uses the library yet.
         unsafe { alloc_len.write(MX_ALLOC_LEN) };
-        // Under systemd, multipath-tools' own messages go to syslog with
-        // their priorities rather than to stderr, where the journal would
-        // file them all at one priority with a timestamp of their own.
-        if crate::logging::stderr_is_journal() && !library_logs_to_syslog() {
-            log::warn!("multipath-tools' messages stay on stderr: its logsink was not found");
-        }
         let path = loaded_path(api.libmpathpersist_init as *const c_void);
         Ok(Libmpathpersist {
             version: multipath_tools_version(),
@@ -127,6 +121,26 @@ impl Libmpathpersist {
             verbose,
             path,
         })
+    }
+
+    /// Send multipath-tools' own messages to syslog with their priorities:
+    /// into reservd's log when the executable defines `vsyslog` (see
+    /// [`super::mpath_log`]), else (under systemd) to the journal's syslog
+    /// socket, rather than onto stderr with a timestamp of their own and
+    /// no level. Call it before the first command.
+    pub fn log_to_syslog(&self) {
+        let routed = super::mpath_log::routes_library_messages();
+        if !(routed || crate::logging::stderr_is_journal()) {
+            return;
+        }
+        if !library_logs_to_syslog() {
+            log::warn!("multipath-tools' messages stay on stderr: its logsink was not found");
+        } else if routed {
+            log::debug!(
+                "multipath-tools' messages go to reservd's log, target '{}'",
+                super::mpath_log::TARGET
+            );
+        }
     }
 
     /// multipath-tools' version, from libmultipath (0.8.6 and later).

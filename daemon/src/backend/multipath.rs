@@ -800,14 +800,21 @@ impl Loaded {
     /// exits the process when it cannot reach it. `runs_as_root`: whether
     /// reservd keeps uid 0.
     pub fn load(dm: Arc<DmControl>, runs_as_root: bool, sgio_timeout_ms: u32) -> Loaded {
+        // libmultipath's verbosity: the levels it formats at all (0
+        // errors, 1 warnings, 2 notices, 3 info, 4 debug), as far as
+        // reservd's log shows them (see mpath_log).
         let verbose = match log::max_level() {
             log::LevelFilter::Trace => 4,
             log::LevelFilter::Debug => 3,
-            log::LevelFilter::Info | log::LevelFilter::Warn => 1,
+            log::LevelFilter::Info => 2,
+            log::LevelFilter::Warn => 1,
             _ => 0,
         };
         let lib = match Libmpathpersist::load(mpath_sys::DEFAULT_LIBRARY, verbose) {
-            Ok(lib) => lib,
+            Ok(lib) => {
+                lib.log_to_syslog();
+                lib
+            }
             Err(e) => {
                 return Loaded {
                     multipath: None,
