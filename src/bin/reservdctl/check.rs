@@ -102,6 +102,22 @@ pub fn run(socket: &Path, json: bool) -> u8 {
                     lib.path().unwrap_or(mpath_sys::DEFAULT_LIBRARY),
                     lib.version_string()
                 ));
+                let fixes = reservd_daemon::onenexus::Fixes::for_version(version);
+                let applied = fixes.describe();
+                if applied.is_empty() {
+                    f.ok(format!(
+                        "multipath-tools {}: its libmpathpersist keeps a map one I_T nexus for \
+                         RELEASE and PREEMPT; reservd adds its key checks and one-path answers",
+                        lib.version_string()
+                    ));
+                } else {
+                    f.ok(format!(
+                        "multipath-tools {}: reservd keeps each map one I_T nexus where this \
+                         libmpathpersist would not: {}",
+                        lib.version_string(),
+                        applied.join("; ")
+                    ));
+                }
                 if version.is_none() {
                     f.problem(
                         "multipath-tools' version is unknown (older than 0.8.6?)",
