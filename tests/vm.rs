@@ -12,6 +12,8 @@
 //! plain `cargo test` prints that it was skipped, and RESERVD_VM_TESTS=0
 //! skips it even with `--include-ignored`.
 
+#[path = "e2e/conformance.rs"]
+mod conformance;
 mod frames;
 #[path = "e2e/guest.rs"]
 mod guest;
@@ -33,6 +35,7 @@ const GROUPS: &[&str] = &[
     "ops",
     "access",
     "package",
+    "conformance",
 ];
 /// Shell scenarios run as they are (tests/vm/scenarios/NAME.sh).
 const SHELL_SCENARIOS: &[&str] = &["smoke", "multipath"];
