@@ -1367,10 +1367,30 @@ struct Record {
     after: Option<Snapshot>,
 }
 
+/// A run's records, and why it stopped early if it did: the helper
+/// closed the connection or did not answer (a SCSI answer, even an
+/// error, is a record).
+struct RunResult {
+    records: Vec<Record>,
+    stopped: Option<String>,
+}
+
 /// Run `seq` on `lu`: node 1 through the helper at `socket` (one
 /// connection, the device opened once read-write, as QEMU keeps it), node
 /// 2 with SG_IO.
-fn run(lu: &Lu, socket: &Path, seq: &Sequence, offline: &[String]) -> Result<Vec<Record>, String> {
+fn run(lu: &Lu, socket: &Path, seq: &Sequence, offline: &[String]) -> RunResult {
+    let mut records = Vec::new();
+    let stopped = run_into(&mut records, lu, socket, seq, offline).err();
+    RunResult { records, stopped }
+}
+
+fn run_into(
+    out: &mut Vec<Record>,
+    lu: &Lu,
+    socket: &Path,
+    seq: &Sequence,
+    offline: &[String],
+) -> TestResult {
     let dev = OpenOptions::new()
         .read(true)
         .write(true)
@@ -1381,17 +1401,13 @@ fn run(lu: &Lu, socket: &Path, seq: &Sequence, offline: &[String]) -> Result<Vec
     c.stream()
         .set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
     for s in &seq.steps {
         let r = match s.by {
             N1 => helper_pr(&mut c, &dev, s.cmd),
             N2 => sg_pr(&lu.node2.sg, s.cmd),
-        }
-        .map_err(|e| format!("{}/{}: {e}", seq.name, s.name))?;
+        }?;
         let after = match s.cmd {
-            Cmd::Out { .. } => {
-                Some(snapshot(lu, offline).map_err(|e| format!("{}/{}: {e}", seq.name, s.name))?)
-            }
+            Cmd::Out { .. } => Some(snapshot(lu, offline)?),
             Cmd::In { .. } => None,
         };
         out.push(Record {
@@ -1399,7 +1415,7 @@ fn run(lu: &Lu, socket: &Path, seq: &Sequence, offline: &[String]) -> Result<Vec
             after,
         });
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Bring the LU back to nothing: node 2 registers and CLEARs; on the map,
@@ -1731,6 +1747,41 @@ fn step_row(name: String, o: &Record, m: &Record, base: Option<&Record>) -> Row 
     row
 }
 
+/// The rows of one run of `seq`: one per step that ran, and one for the
+/// step at which the run stopped (the rest did not run).
+fn sequence_rows(
+    tag: &str,
+    seq: &Sequence,
+    oracle: &[Record],
+    ours: &RunResult,
+    base: Option<&RunResult>,
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (k, s) in seq.steps.iter().enumerate() {
+        let name = format!("{tag}/{}", s.name);
+        let Some(m) = ours.records.get(k) else {
+            if let Some(e) = &ours.stopped {
+                let o = oracle[k].ans.text();
+                rows.push(Row {
+                    name,
+                    oracle: o.clone(),
+                    ours: "no answer: sequence stopped".into(),
+                    answer: Cell::Differs,
+                    state: Cell::NotApplicable,
+                    writes: Cell::NotApplicable,
+                    baseline: Cell::NotApplicable,
+                    per_path: false,
+                    detail: vec![("answer".into(), o, format!("no answer: {e}"))],
+                });
+            }
+            break;
+        };
+        let b = base.and_then(|b| b.records.get(k));
+        rows.push(step_row(name, &oracle[k], m, b));
+    }
+    rows
+}
+
 fn secs(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())
 }
@@ -1939,14 +1990,12 @@ fn map_is_one_nexus() -> TestResult {
         var("RESERVD_N2_SP_DEV").unwrap_or_default(),
         sp.node2.initiator,
     );
-    let d = Daemon::start("reservd-conformance", &[])?;
+    let start_reservd = || Daemon::start("reservd-conformance", &[]);
+    let mut d = start_reservd()?;
     let qemu_bin = Path::new("/usr/bin/qemu-pr-helper");
-    let qemu = if qemu_bin.exists() {
-        Some(Daemon::start_binary(
-            qemu_bin,
-            "qemu-pr-helper-conformance",
-            &[],
-        )?)
+    let start_qemu = || Daemon::start_binary(qemu_bin, "qemu-pr-helper-conformance", &[]);
+    let mut qemu = if qemu_bin.exists() {
+        Some(start_qemu()?)
     } else {
         println!("  /usr/bin/qemu-pr-helper is not in this root: no baseline column");
         None
@@ -1958,31 +2007,37 @@ fn map_is_one_nexus() -> TestResult {
     let seqs = sequences();
     for (i, seq) in seqs.iter().enumerate() {
         timed(&mut times.resets, || reset(&sp, &[]))?;
-        let oracle = timed(&mut times.oracle, || run(&sp, &d.socket, seq, &[]))?;
+        let oracle = timed(&mut times.oracle, || run(&sp, &d.socket, seq, &[]));
+        if let Some(e) = oracle.stopped {
+            return Err(format!("{}: the oracle run stopped: {e}", seq.name));
+        }
+        let oracle = oracle.records;
         for (s, rec) in seq.steps.iter().zip(&oracle) {
             if let Err(e) = check_facts(s, rec) {
                 spc4.push(format!("{}/{e}", seq.name));
             }
         }
         timed(&mut times.resets, || reset(&map, &[]))?;
-        let ours = timed(&mut times.map, || run(&map, &d.socket, seq, &[]))?;
-        let base = match &qemu {
-            Some(q) => {
-                timed(&mut times.resets, || reset(&map, &[]))?;
-                Some(timed(&mut times.baseline, || {
-                    run(&map, &q.socket, seq, &[])
-                })?)
-            }
-            None => None,
-        };
-        for (k, s) in seq.steps.iter().enumerate() {
-            online.push(step_row(
-                format!("{}/{}", seq.name, s.name),
-                &oracle[k],
-                &ours[k],
-                base.as_ref().map(|b| &b[k]),
-            ));
+        let ours = timed(&mut times.map, || run(&map, &d.socket, seq, &[]));
+        if let Some(e) = &ours.stopped {
+            println!(
+                "  {}: reservd stopped answering ({e}); starting it again",
+                seq.name
+            );
+            d.stop();
+            d = start_reservd()?;
         }
+        let mut base = None;
+        if let Some(q) = &mut qemu {
+            timed(&mut times.resets, || reset(&map, &[]))?;
+            let b = timed(&mut times.baseline, || run(&map, &q.socket, seq, &[]));
+            if b.stopped.is_some() {
+                q.stop();
+                *q = start_qemu()?;
+            }
+            base = Some(b);
+        }
+        online.extend(sequence_rows(seq.name, seq, &oracle, &ours, base.as_ref()));
 
         // Once more with one path offline: path 2 for even sequences, path
         // 1 (the one libmpathpersist would use first) for odd ones.
@@ -1994,22 +2049,22 @@ fn map_is_one_nexus() -> TestResult {
         let t = Instant::now();
         let (mut down, took) = OfflinePath::take(&block)?;
         times.down.push(took);
-        let gone = vec![block.clone()];
-        let ours_off = run(&map, &d.socket, seq, &gone);
+        let ours_off = run(&map, &d.socket, seq, std::slice::from_ref(&block));
         let back = reinstate(&map, &mut down);
         drop(down);
         times.offline += t.elapsed();
-        let (ours_off, back) = (ours_off?, back?);
+        if let Some(e) = &ours_off.stopped {
+            println!(
+                "  {}[{block} offline]: reservd stopped answering ({e}); starting it again",
+                seq.name
+            );
+            d.stop();
+            d = start_reservd()?;
+        }
+        let back = back?;
         times.back.push(back.keyed.unwrap_or(back.active));
         let tag = format!("{}[{block} offline]", seq.name);
-        for (k, s) in seq.steps.iter().enumerate() {
-            offline_rows.push(step_row(
-                format!("{tag}/{}", s.name),
-                &oracle[k],
-                &ours_off[k],
-                None,
-            ));
-        }
+        offline_rows.extend(sequence_rows(&tag, seq, &oracle, &ours_off, None));
         let last = oracle.iter().rev().find_map(|r| r.after.as_ref());
         offline_rows.push(reinstated_row(
             format!("{tag}/reinstated_path_carries_the_maps_key"),
