@@ -2004,7 +2004,25 @@ fn map_is_one_nexus() -> TestResult {
     let mut online = Vec::new();
     let mut offline_rows = Vec::new();
     let mut spc4 = Vec::new();
-    let seqs = sequences();
+    // RESERVD_CONFORMANCE_SEQUENCES=a,b runs only the sequences whose
+    // names contain one of the words (to iterate on one finding).
+    let only = std::env::var("RESERVD_CONFORMANCE_SEQUENCES").unwrap_or_default();
+    let words: Vec<&str> = only.split(',').filter(|w| !w.is_empty()).collect();
+    let seqs: Vec<Sequence> = sequences()
+        .into_iter()
+        .filter(|s| words.is_empty() || words.iter().any(|w| s.name.contains(w)))
+        .collect();
+    if seqs.is_empty() {
+        return Err(format!(
+            "RESERVD_CONFORMANCE_SEQUENCES={only} selects no sequence"
+        ));
+    }
+    if !words.is_empty() {
+        println!(
+            "  only the sequences {}",
+            seqs.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+        );
+    }
     for (i, seq) in seqs.iter().enumerate() {
         timed(&mut times.resets, || reset(&sp, &[]))?;
         let oracle = timed(&mut times.oracle, || run(&sp, &d.socket, seq, &[]));
