@@ -2008,9 +2008,11 @@ fn map_is_one_nexus() -> TestResult {
     // names contain one of the words (to iterate on one finding).
     let only = std::env::var("RESERVD_CONFORMANCE_SEQUENCES").unwrap_or_default();
     let words: Vec<&str> = only.split(',').filter(|w| !w.is_empty()).collect();
-    let seqs: Vec<Sequence> = sequences()
+    // (each keeps its place in the full list: which path goes offline)
+    let seqs: Vec<(usize, Sequence)> = sequences()
         .into_iter()
-        .filter(|s| words.is_empty() || words.iter().any(|w| s.name.contains(w)))
+        .enumerate()
+        .filter(|(_, s)| words.is_empty() || words.iter().any(|w| s.name.contains(w)))
         .collect();
     if seqs.is_empty() {
         return Err(format!(
@@ -2020,10 +2022,13 @@ fn map_is_one_nexus() -> TestResult {
     if !words.is_empty() {
         println!(
             "  only the sequences {}",
-            seqs.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+            seqs.iter()
+                .map(|(_, s)| s.name)
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
-    for (i, seq) in seqs.iter().enumerate() {
+    for (i, seq) in &seqs {
         timed(&mut times.resets, || reset(&sp, &[]))?;
         let oracle = timed(&mut times.oracle, || run(&sp, &d.socket, seq, &[]));
         if let Some(e) = oracle.stopped {
