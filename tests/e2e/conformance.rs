@@ -1459,6 +1459,12 @@ fn reset(lu: &Lu, offline: &[String]) -> TestResult {
             .map_err(|e| format!("multipathd: {e}"))?;
         reservd_daemon::multipathd::clear_map_keys(&mut conn, minor)
             .map_err(|e| format!("multipathd: {e}"))?;
+        let key = conn
+            .command(&format!("getprkey map dm-{minor}"))
+            .map_err(|e| format!("multipathd: {e}"))?;
+        if !key.starts_with("none") {
+            return Err(format!("multipathd still has a key for the map: {key:?}"));
+        }
     }
     for n in lu.nexuses().filter(|n| !offline.contains(&n.label)) {
         let r = past_ua(|| Ok(sg_cmd(&n.sg, &[0; 6], Io::None)))?;
