@@ -5,6 +5,9 @@
 #   * LIO with the tcm_loop fabric: backstore "mp" exported through two tcm_loop
 #     targets (two SCSI paths = two I_T nexuses to one LUN) and backstore "sp"
 #     through a third (a plain single-path disk);
+#   * a second cluster node's nexuses: a fourth target exporting "mp" (another
+#     I_T nexus to the multipath LU, kept out of the map) and a fifth exporting
+#     "sp";
 #   * systemd-udevd and multipathd, which merge the two "mp" paths into
 #     /dev/mapper/mpatha;
 # then runs the scenario described in $rvm_xchg/job and leaves its output and
@@ -50,6 +53,17 @@ MP_TARGETS=(naa.500140500000f0a1 naa.500140500000f0a2)
 MP_INITIATORS=(naa.500140500000a001 naa.500140500000a002)
 SP_TARGET=naa.500140500000f0b1
 SP_INITIATOR=naa.500140500000b001
+# node 2: one more nexus to each LU, standing for another host of the cluster
+N2_MP_TARGET=naa.500140500000f0c1
+N2_MP_INITIATOR=naa.500140500000c001
+N2_SP_TARGET=naa.500140500000f0c2
+N2_SP_INITIATOR=naa.500140500000c002
+# Node 2's mp path has the map's WWID, so multipathd would add it to the map.
+# A udev rule gives that one device (matched by its SCSI host) this ID_SERIAL
+# instead: multipathd reads a SCSI path's WWID from udev's ID_SERIAL
+# (uid_attribute), and blacklists it by WWID on every uevent, however often the
+# path goes offline and back.
+N2_MP_UDEV_WWID=reservd-vm-node2-$MP_WWID
 LIO_FILES=/run/reservd-vm/lio
 
 # ---- helpers -----------------------------------------------------------------------
@@ -136,8 +150,8 @@ WATCHDOG_PID=$!
 # ---- config files, written before anything reads them -----------------------------
 # LIO rewrites <dbroot>/pr/aptpl_<serial> on every REGISTER; without the dir the
 # REGISTER is applied but fails with LOGICAL UNIT COMMUNICATION FAILURE.
-mkdir -p /etc/target/pr /etc/target/alua /etc/multipath "$LIO_FILES" "$LOGDIR" ||
-    die "mkdir of /etc/target, /etc/multipath or $LIO_FILES failed"
+mkdir -p /etc/target/pr /etc/target/alua /etc/multipath /etc/udev/rules.d "$LIO_FILES" "$LOGDIR" ||
+    die "mkdir of /etc/target, /etc/multipath, /etc/udev/rules.d or $LIO_FILES failed"
 
 # (builtins only: `read -d ''` keeps the here-document in a variable, no cat)
 read -r -d '' MPCONF <<EOF
@@ -155,6 +169,7 @@ defaults {
 }
 blacklist {
     wwid "^$SP_WWID\$"
+    wwid "^reservd-vm-node2-"
 }
 devices {
     device {
@@ -192,22 +207,19 @@ is_mounted /sys/kernel/config configfs || mount -t configfs configfs /sys/kernel
     die "cannot mount configfs"
 mark modules
 
-# ---- udev, before any SCSI device appears (no coldplug: slow and not needed) --------
-/lib/systemd/systemd-udevd --daemon --resolve-names=never || die "systemd-udevd failed to start"
-mark udevd
-
-# ---- multipathd: foreground mode (-d) as a background job, log in LOGDIR. Started
-# before the LUNs exist so its start-up overlaps the LIO setup; it picks the
-# paths up from their udev events.
-multipathd -d >"$LOGDIR/multipathd.log" 2>&1 &
-MPATHD_PID=$!
-
-# ---- LIO: two backstores, three tcm_loop targets ---------------------------------------
+# ---- LIO: two backstores, five tcm_loop targets ----------------------------------------
+# Each target is one SCSI host (made with its configfs dir); the LUN's SCSI disk
+# appears when the LUN is linked, after udevd and multipathd are up.
+#   0, 1: paths 1 and 2 of mp (node 1, the map)   2: sp (node 1)
+#   3: mp through node 2's nexus (not in the map) 4: sp through node 2's nexus
 [[ -d $CFG ]] || die "$CFG missing after loading target_core_mod"
+TARGETS=("${MP_TARGETS[@]}" "$SP_TARGET" "$N2_MP_TARGET" "$N2_SP_TARGET")
+INITIATORS=("${MP_INITIATORS[@]}" "$SP_INITIATOR" "$N2_MP_INITIATOR" "$N2_SP_INITIATOR")
+BACKSTORES=(fileio_0/mp fileio_0/mp fileio_1/sp fileio_0/mp fileio_1/sp)
+NPATHS=${#TARGETS[@]}
 TPGS=()
-for t in "${MP_TARGETS[@]}" "$SP_TARGET"; do TPGS+=("$CFG/loopback/$t/tpgt_1"); done
-mkdir -p "$CFG/core/fileio_0/mp" "$CFG/core/fileio_1/sp" \
-    "${TPGS[0]}/lun/lun_0" "${TPGS[1]}/lun/lun_0" "${TPGS[2]}/lun/lun_0" ||
+for t in "${TARGETS[@]}"; do TPGS+=("$CFG/loopback/$t/tpgt_1"); done
+mkdir -p "$CFG/core/fileio_0/mp" "$CFG/core/fileio_1/sp" "${TPGS[@]/%//lun/lun_0}" ||
     die "cannot create the LIO configfs objects"
 put "fd_dev_name=$LIO_FILES/mp.img,fd_dev_size=$DISK_BYTES" "$CFG/core/fileio_0/mp/control"
 put "$MP_SERIAL" "$CFG/core/fileio_0/mp/wwn/vpd_unit_serial"
@@ -215,25 +227,41 @@ put 1 "$CFG/core/fileio_0/mp/enable"
 put "fd_dev_name=$LIO_FILES/sp.img,fd_dev_size=$DISK_BYTES" "$CFG/core/fileio_1/sp/control"
 put "$SP_SERIAL" "$CFG/core/fileio_1/sp/wwn/vpd_unit_serial"
 put 1 "$CFG/core/fileio_1/sp/enable"
-# the I_T nexus must exist before the LUN is linked (the link scans the LUN)
-put "${MP_INITIATORS[0]}" "${TPGS[0]}/nexus"
-put "${MP_INITIATORS[1]}" "${TPGS[1]}/nexus"
-put "$SP_INITIATOR" "${TPGS[2]}/nexus"
-ln -s "$CFG/core/fileio_0/mp" "${TPGS[0]}/lun/lun_0/mp" || die "cannot link the LUN of path 1"
-ln -s "$CFG/core/fileio_0/mp" "${TPGS[1]}/lun/lun_0/mp" || die "cannot link the LUN of path 2"
-ln -s "$CFG/core/fileio_1/sp" "${TPGS[2]}/lun/lun_0/sp" || die "cannot link the single-path LUN"
-mark lio
-
-# ---- find each path's sd and sg devices through sysfs ---------------------------------
 HOSTS=() HCTLS=() SDS=() SGS=()
-for i in 0 1 2; do
+for ((i = 0; i < NPATHS; i++)); do
+    # the I_T nexus must exist before the LUN is linked (the link scans the LUN)
+    put "${INITIATORS[i]}" "${TPGS[i]}/nexus"
     read -r addr <"${TPGS[i]}/address" || die "cannot read ${TPGS[i]}/address"
     HOSTS[i]=${addr%%:*}
     HCTLS[i]=${HOSTS[i]}:0:${addr##*:}:0
 done
+# before udevd starts, so that its first event on that disk applies it
+printf '%s\n' "# written by tests/vm/guest-init.sh: node 2's path to the mp LU is no multipath path" \
+    "ACTION!=\"remove\", SUBSYSTEM==\"block\", KERNEL==\"sd*[!0-9]\", KERNELS==\"host${HOSTS[3]}\", ENV{ID_SERIAL}=\"$N2_MP_UDEV_WWID\", ENV{ID_SERIAL_SHORT}=\"$N2_MP_UDEV_WWID\", ENV{RESERVD_VM_NODE}=\"2\"" \
+    >/etc/udev/rules.d/59-reservd-vm-node2.rules || die "cannot write the node 2 udev rule"
+mark lio-targets
+
+# ---- udev, before any SCSI device appears (no coldplug: slow and not needed) --------
+/lib/systemd/systemd-udevd --daemon --resolve-names=never || die "systemd-udevd failed to start"
+mark udevd
+
+# ---- multipathd: foreground mode (-d) as a background job, log in LOGDIR. Started
+# before the LUNs exist so its start-up overlaps the LUN scans; it picks the
+# paths up from their udev events.
+multipathd -d >"$LOGDIR/multipathd.log" 2>&1 &
+MPATHD_PID=$!
+
+# ---- LIO: link the LUNs (each link scans one SCSI disk) --------------------------------
+for ((i = 0; i < NPATHS; i++)); do
+    b=${BACKSTORES[i]}
+    ln -s "$CFG/core/$b" "${TPGS[i]}/lun/lun_0/${b#*/}" || die "cannot link the LUN of target ${TARGETS[i]}"
+done
+mark lio
+
+# ---- find each path's sd and sg devices through sysfs ---------------------------------
 scsi_nodes_ready() {
     local i d b g
-    for i in 0 1 2; do
+    for ((i = 0; i < NPATHS; i++)); do
         d=/sys/bus/scsi/devices/${HCTLS[i]}
         b=("$d"/block/sd*) g=("$d"/scsi_generic/sg*)
         [[ -e ${b[0]} && -e ${g[0]} ]] || return 1
@@ -242,23 +270,27 @@ scsi_nodes_ready() {
     done
 }
 wait_for 60 "the SCSI disks (hosts ${HOSTS[*]})" scsi_nodes_ready
-for i in 0 1 2; do
+for ((i = 0; i < NPATHS; i++)); do
     read -r w <"/sys/block/${SDS[i]}/device/wwid" || die "no wwid for ${SDS[i]}"
-    want=$MP_WWID; ((i == 2)) && want=$SP_WWID
+    want=$MP_WWID; [[ ${BACKSTORES[i]} == */sp ]] && want=$SP_WWID
     [[ ${w,,} == "naa.${want#3}" ]] ||
         die "${SDS[i]} has wwid '$w', expected naa.${want#3} (LIO's NAA derivation changed?)"
 done
 mark scsi
 
-# ---- wait for the multipath map with both paths ---------------------------------------
+# ---- wait for the multipath map with both paths (and only them) -------------------------
 map_ready() {
     kill -0 "$MPATHD_PID" 2>/dev/null || die "multipathd exited (see logs/multipathd.log)"
-    local n dm
+    local n dm slaves
     for dm in /sys/block/dm-*; do
         [[ -r $dm/dm/name ]] || continue
         read -r n <"$dm/dm/name"
         [[ $n == "$MP_ALIAS" ]] || continue
-        [[ -e $dm/slaves/${SDS[0]} && -e $dm/slaves/${SDS[1]} && -b /dev/mapper/$MP_ALIAS ]] || return 1
+        slaves=("$dm"/slaves/*)
+        [[ -e $dm/slaves/${SDS[3]} ]] &&
+            die "node 2's path ${SDS[3]} joined $MP_ALIAS (udev rule not applied?)"
+        [[ ${#slaves[@]} == 2 && -e $dm/slaves/${SDS[0]} && -e $dm/slaves/${SDS[1]} &&
+            -b /dev/mapper/$MP_ALIAS ]] || return 1
         MP_DM=${dm##*/}
         return 0
     done
@@ -273,8 +305,19 @@ udevadm settle -t 30 || die "udevadm settle timed out"
 topo=$(multipathd show topology 2>&1) || die "multipathd does not answer: $topo"
 printf '%s\n' "$topo" >"$LOGDIR/multipath-topology-at-start.txt"
 [[ $topo == *"$MP_ALIAS ($MP_WWID)"* ]] || die "multipathd does not show $MP_ALIAS: $topo"
-holders=(/sys/block/"${SDS[2]}"/holders/*)
-[[ ! -e ${holders[0]} ]] || die "single-path disk ${SDS[2]} is held by ${holders[*]##*/}"
+for i in 2 3 4; do
+    holders=(/sys/block/"${SDS[i]}"/holders/*)
+    [[ ! -e ${holders[0]} ]] || die "${SDS[i]} (target ${TARGETS[i]}) is held by ${holders[*]##*/}"
+done
+[[ $topo != *" ${SDS[3]} "* ]] || die "multipathd shows node 2's path ${SDS[3]}: $topo"
+# udev applied the node 2 rule (else a later uevent could let multipathd add the path)
+read -r devno <"/sys/block/${SDS[3]}/dev" || die "no dev for ${SDS[3]}"
+[[ -r /run/udev/data/b$devno ]] || die "no udev data for ${SDS[3]}"
+udev_n2=
+while read -r line; do
+    [[ $line == "E:ID_SERIAL=$N2_MP_UDEV_WWID" ]] && udev_n2=1
+done <"/run/udev/data/b$devno"
+[[ -n $udev_n2 ]] || die "udev did not give ${SDS[3]} (node 2) the WWID $N2_MP_UDEV_WWID"
 mark settle
 
 # ---- run the scenario -------------------------------------------------------------------
@@ -298,11 +341,24 @@ export RESERVD_MP_HCTLS="${HCTLS[0]} ${HCTLS[1]}"
 export RESERVD_MP_INITIATORS="${MP_INITIATORS[0]} ${MP_INITIATORS[1]}"
 export RESERVD_MP_TPGS="${TPGS[0]} ${TPGS[1]}"
 export RESERVD_LIO_PATH_HOSTS="${HOSTS[0]} ${HOSTS[1]} ${HOSTS[2]}"
+export RESERVD_N2_MP_DEV=/dev/${SDS[3]}
+export RESERVD_N2_MP_SG=/dev/${SGS[3]}
+export RESERVD_N2_MP_INITIATOR=$N2_MP_INITIATOR
+export RESERVD_N2_MP_HOST=${HOSTS[3]}
+export RESERVD_N2_MP_TPG=${TPGS[3]}
+export RESERVD_N2_SP_DEV=/dev/${SDS[4]}
+export RESERVD_N2_SP_SG=/dev/${SGS[4]}
+export RESERVD_N2_SP_INITIATOR=$N2_SP_INITIATOR
+export RESERVD_N2_SP_HOST=${HOSTS[4]}
+export RESERVD_N2_SP_TPG=${TPGS[4]}
+export RESERVD_VM_RELEASE=${RVM_RELEASE:-bookworm}
+export RESERVD_MPATH_VERSION=${RVM_MPATH_VERSION:-unknown}
 
 {
     printf '%s\n' "${TIMINGS[@]}" "total-setup=$(( (${EPOCHREALTIME/./} - T_START) / 1000 ))ms"
 } >"$XCHG/guest-timings"
-say "setup done: ${TIMINGS[*]}; mp=$RESERVD_MP_DEV ($RESERVD_MP_PATHS) sp=$RESERVD_SP_DEV"
+say "setup done: ${TIMINGS[*]}; mp=$RESERVD_MP_DEV ($RESERVD_MP_PATHS) sp=$RESERVD_SP_DEV" \
+    "node2: mp=$RESERVD_N2_MP_DEV sp=$RESERVD_N2_SP_DEV; $RESERVD_VM_RELEASE, multipath-tools $RESERVD_MPATH_VERSION"
 env | grep -E '^RESERVD_' | sort >"$LOGDIR/environment.txt"
 
 cd "${RVM_CWD:-/}" 2>/dev/null || cd /

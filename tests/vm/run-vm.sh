@@ -277,6 +277,12 @@ phase_begin; ensure_initramfs; phase_end initramfs "$( ((REBUILT)) && echo built
 flock -u "$LOCKFD"
 exec {LOCKFD}>&-
 
+# the guest's multipath-tools: upstream version of the installed package
+RELEASE=bookworm
+MPATH_VERSION=$(dpkg-query -W -f='${Version}' multipath-tools 2>/dev/null) || MPATH_VERSION=
+MPATH_VERSION=${MPATH_VERSION#*:}; MPATH_VERSION=${MPATH_VERSION%-*}
+log "root: host (bookworm), multipath-tools ${MPATH_VERSION:-?}"
+
 if ((PREPARE_ONLY)); then
     log "prepared: kernel $KVER, vmlinux $VMLINUX, initramfs $INITRD"
     exit 0
@@ -321,6 +327,8 @@ case $CWD in /run|/run/*|/proc*|/sys*|/dev|/dev/*) CWD=/ ;; esac
 {
     printf 'RVM_CWD=%q\n' "$CWD"
     printf 'RVM_TIMEOUT=%q\n' "$TIMEOUT"
+    printf 'RVM_RELEASE=%q\n' "$RELEASE"
+    printf 'RVM_MPATH_VERSION=%q\n' "$MPATH_VERSION"
     printf 'RVM_ARGV=('; printf '%q ' "$SCENARIO" "$@"; printf ')\n'
     while read -r name; do
         [[ $name =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || continue

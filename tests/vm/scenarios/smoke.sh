@@ -1,8 +1,9 @@
 #!/bin/bash
 # Smoke test of the VM test bed: proves that the LIO disks implement persistent
 # reservations, that the two multipath paths are two distinct I_T nexuses, that
-# libmpathpersist (mpathpersist) fans a REGISTER out to both paths, and that a
-# path can be taken offline and brought back.
+# libmpathpersist (mpathpersist) fans a REGISTER out to both paths, that a
+# path can be taken offline and brought back, and that node 2's nexuses are
+# other initiator ports on the same LUs, its mp path outside the map.
 #
 # Run it with: tests/vm/run-vm.sh tests/vm/scenarios/smoke.sh
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -91,6 +92,35 @@ done
 expect_keys "$P1" 0x4242 2
 ok mpathpersist --out --register-ignore --param-sark=0 "$MP"
 for p in "$P1" "$P2"; do expect_no_keys "$p"; done
+
+step "8. node 2's nexuses: another initiator port on each LU, its mp path kept out of the map"
+N2MP=${RESERVD_N2_MP_DEV:?} N2SP=${RESERVD_N2_SP_DEV:?}
+for d in "$N2MP" "$N2SP"; do [[ -b $d ]] || fail "$d is not a block device"; done
+for d in "$RESERVD_N2_MP_SG" "$RESERVD_N2_SP_SG"; do [[ -c $d ]] || fail "$d is not a character device"; done
+ok multipathd show paths raw format "%d %w"
+has "${P1#/dev/} $RESERVD_MP_WWID"
+lacks "${N2MP#/dev/} "
+ok sg_persist --out --register --param-sark=0x2222 "$N2MP"
+expect_keys "$P1" 0x2222 1
+ok sg_persist --in --read-full-status "$P1"
+has "SAS address: 0x${RESERVD_N2_MP_INITIATOR#naa.}"
+lacks "SAS address: 0x${MP_INITIATORS[0]#naa.}"
+ok sg_persist --out --register --param-sark=0x3333 "$N2SP"
+expect_keys "$SP" 0x3333 1
+ok sg_persist --in --read-full-status "$SP"
+has "SAS address: 0x${RESERVD_N2_SP_INITIATOR#naa.}"
+# offline and back with a change uevent: multipathd still leaves the path alone
+path_offline "$N2MP"
+path_running "$N2MP"
+ok udevadm trigger --action=change --settle "$N2MP"
+sleep 2.5   # more than max_polling_interval
+ok multipathd show paths raw format "%d"
+lacks "${N2MP#/dev/}"
+holders=(/sys/block/"${N2MP#/dev/}"/holders/*)
+[[ ! -e ${holders[0]} ]] || fail "$N2MP is held by ${holders[*]##*/}"
+ok sg_persist --out --register --param-rk=0x2222 --param-sark=0 "$N2MP"
+ok sg_persist --out --register --param-rk=0x3333 --param-sark=0 "$N2SP"
+for p in "$P1" "$SP"; do expect_no_keys "$p"; done
 
 echo
 echo "smoke: all checks passed"
