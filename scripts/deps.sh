@@ -2,13 +2,14 @@
 # Installs the Debian/Ubuntu packages reservd needs.
 #   scripts/deps.sh build   -- to build: libclang (bindgen), multipath-tools (mpath_persist.h)
 #   scripts/deps.sh test    -- to build and run every test (adds QEMU, qemu-pr-helper,
-#                              sg3-utils, busybox, kmod, cpio for the VM test bed, and
-#                              the Debian and RPM packaging tools)
+#                              sg3-utils, busybox, kmod, cpio for the VM test bed,
+#                              debootstrap for its trixie and sid roots, and the
+#                              Debian and RPM packaging tools)
 set -euo pipefail
 want=(libclang-dev multipath-tools pkg-config)
 if [ "${1:-build}" = test ]; then
     want+=(qemu-system-x86 qemu-system-common busybox-static cpio kmod sg3-utils udev systemd
-           python3 xz-utils debhelper dpkg-dev lintian rpm man-db)
+           python3 xz-utils debootstrap debhelper dpkg-dev lintian rpm man-db)
 fi
 missing=()
 for p in "${want[@]}"; do

@@ -7,6 +7,10 @@
 //! `--guest GROUP`, which drives reservd as QEMU would and reads the device
 //! state back with `sg_persist`.
 //!
+//! `RELEASE_SCENARIOS` run on a Debian trixie or sid userspace instead
+//! (`run-vm.sh --release`, a debootstrap root cached in the VM cache), with
+//! that release's multipath-tools.
+//!
 //! Gate: the VM tier runs when the test binary is given `--include-ignored`
 //! or `--ignored` (as `scripts/test.sh` does), or RESERVD_VM_TESTS=1; a
 //! plain `cargo test` prints that it was skipped, and RESERVD_VM_TESTS=0
@@ -39,6 +43,10 @@ const GROUPS: &[&str] = &[
 ];
 /// Shell scenarios run as they are (tests/vm/scenarios/NAME.sh).
 const SHELL_SCENARIOS: &[&str] = &["smoke", "multipath"];
+/// Shell scenarios on another Debian release's userspace and multipath-tools
+/// (`run-vm.sh --release`), as test `vm_NAME_RELEASE`; the groups and
+/// scenarios above run on the host's (bookworm, or RESERVD_VM_RELEASE).
+const RELEASE_SCENARIOS: &[(&str, &str)] = &[("smoke", "trixie"), ("smoke", "sid")];
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -67,26 +75,38 @@ fn main() {
         (filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
             && !skips.iter().any(|s| name.contains(s.as_str()))
     };
-    let mut runs: Vec<(String, Vec<String>)> = Vec::new();
+    // (test name, run-vm.sh options, scenario and its arguments)
+    let mut runs: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
     let exe = std::env::current_exe().expect("current_exe");
     for g in GROUPS {
         let name = format!("vm_{g}");
         if selected(&name) {
             runs.push((
                 name,
+                Vec::new(),
                 vec![exe.display().to_string(), "--guest".into(), g.to_string()],
             ));
         }
     }
+    let shell = |s: &str| {
+        vec![root()
+            .join(format!("tests/vm/scenarios/{s}.sh"))
+            .display()
+            .to_string()]
+    };
     for s in SHELL_SCENARIOS {
         let name = format!("vm_{s}");
         if selected(&name) {
+            runs.push((name, Vec::new(), shell(s)));
+        }
+    }
+    for (s, release) in RELEASE_SCENARIOS {
+        let name = format!("vm_{s}_{release}");
+        if selected(&name) {
             runs.push((
                 name,
-                vec![root()
-                    .join(format!("tests/vm/scenarios/{s}.sh"))
-                    .display()
-                    .to_string()],
+                vec!["--release".into(), release.to_string()],
+                shell(s),
             ));
         }
     }
@@ -100,7 +120,7 @@ fn main() {
     }
     let started = Instant::now();
     let (mut passed, mut failed) = (0, 0);
-    for (name, scenario) in &runs {
+    for (name, options, scenario) in &runs {
         let t = Instant::now();
         if name == "vm_package" && !build_deb() {
             failed += 1;
@@ -110,6 +130,7 @@ fn main() {
         println!("test {name} ... booting the VM");
         let status = Command::new(root().join("tests/vm/run-vm.sh"))
             .args(["--timeout", "900"])
+            .args(options)
             .args(scenario)
             .current_dir(root())
             .status();

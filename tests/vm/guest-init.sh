@@ -89,7 +89,7 @@ XCHG_OK=0
 save_debug() {   # extra state for the host to print on failure
     ((XCHG_OK)) || return 0
     dmesg >"$LOGDIR/dmesg.txt" 2>&1
-    if [[ -e /run/multipathd.pid ]]; then
+    if [[ -n ${MPATHD_PID:-} ]] && kill -0 "$MPATHD_PID" 2>/dev/null; then
         multipathd show topology >"$LOGDIR/multipath-topology.txt" 2>&1
     fi
 }
@@ -193,7 +193,11 @@ printf '%s\n' "$MPCONF" >/etc/multipath.conf || die "cannot write /etc/multipath
 # find_multipaths strict: only WWIDs listed in the wwids file get a map
 printf '%s\n' '# Multipath wwids, Version : 1.0' '# written by tests/vm/guest-init.sh' \
     "/$MP_WWID/" >/etc/multipath/wwids || die "cannot write /etc/multipath/wwids"
-printf '%s %s\n' "$MP_ALIAS" "$MP_WWID" >/etc/multipath/bindings || die "cannot write bindings"
+# (the header exactly as multipath-tools writes it: 0.11 and later check it)
+printf '%s\n' '# Multipath bindings, Version : 1.0' \
+    '# NOTE: this file is automatically maintained by the multipath program.' \
+    '# You should not need to edit this file in normal circumstances.' '#' '# Format:' \
+    '# alias wwid' '#' "$MP_ALIAS $MP_WWID" >/etc/multipath/bindings || die "cannot write bindings"
 # keys registered through libmpathpersist (reservation_key file) start empty
 : >/etc/multipath/prkeys || die "cannot write /etc/multipath/prkeys"
 mark config

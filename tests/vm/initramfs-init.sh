@@ -6,6 +6,12 @@
 # and the read-write exchange share, then switch_root's into $rvm_init
 # (tests/vm/guest-init.sh). rvm_xchg and rvm_init come from the kernel command
 # line. Any failure writes a status and powers the guest off.
+#
+# With rvm_root=overlay (a Debian release's root instead of the host's), the
+# whole / is an overlay of that root (read-only 9p) and a tmpfs, so mount points
+# for the host paths can be made anywhere, and the host dirs in rvm_shares
+# (comma-separated; 9p tags rvmshare0, rvmshare1, ...) are mounted read-only at
+# their host paths.
 [ $$ = 1 ] || { echo "initramfs-init.sh only runs as PID 1 of the test VM" >&2; exit 2; }
 export PATH=/bin
 R=/newroot
@@ -33,15 +39,38 @@ for m in /modules/*.ko; do
     insmod "$m" || fail "insmod $m"
 done
 
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose rvmroot $R ||
-    fail "cannot mount the host root (9p tag rvmroot)"
-mount -t tmpfs -o mode=0755,size=80% tmpfs $R/run || fail "tmpfs on /run"
-# Writable dirs: tmpfs-backed overlays over the read-only host dirs. The upper
-# and work dirs live on the /run tmpfs.
-dirs=
-for d in etc var tmp root home; do
-    [ -d $R/$d ] && dirs="$dirs $d"
-done
+NINEP=trans=virtio,version=9p2000.L,msize=512000
+: "${rvm_root:=}" "${rvm_shares:=}"   # optional, from the kernel command line
+if [ "$rvm_root" = overlay ]; then
+    mkdir -p /lower /rw
+    mount -t 9p -o $NINEP,ro,cache=loose rvmroot /lower || fail "cannot mount the root (9p tag rvmroot)"
+    mount -t tmpfs -o mode=0755,size=50% tmpfs /rw || fail "tmpfs for the root overlay"
+    mkdir -p /rw/upper /rw/work
+    mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work $R ||
+        fail "overlay on /"
+    mkdir -p $R/run $R/usr/lib/modules "$R$rvm_xchg" || fail "cannot make the mount points"
+    mount -t tmpfs -o mode=0755,size=30% tmpfs $R/run || fail "tmpfs on /run"
+    i=0
+    IFS=,
+    for d in $rvm_shares; do
+        if ! { mkdir -p "$R$d" && mount -t 9p -o "$NINEP,ro,cache=loose" "rvmshare$i" "$R$d"; }; then
+            fail "cannot mount the host's $d (9p tag rvmshare$i)"
+        fi
+        i=$((i + 1))
+    done
+    unset IFS
+    dirs=
+else
+    mount -t 9p -o $NINEP,ro,cache=loose rvmroot $R ||
+        fail "cannot mount the host root (9p tag rvmroot)"
+    mount -t tmpfs -o mode=0755,size=80% tmpfs $R/run || fail "tmpfs on /run"
+    # Writable dirs: tmpfs-backed overlays over the read-only host dirs. The upper
+    # and work dirs live on the /run tmpfs.
+    dirs=
+    for d in etc var tmp root home; do
+        [ -d $R/$d ] && dirs="$dirs $d"
+    done
+fi
 mkdirs=
 for d in $dirs; do mkdirs="$mkdirs $R/run/rvm-overlay/$d/upper $R/run/rvm-overlay/$d/work"; done
 # shellcheck disable=SC2086  # word splitting wanted
@@ -53,10 +82,10 @@ for d in $dirs; do
 done
 chmod 1777 $R/tmp
 # the host keeps an empty /usr/lib/modules as mount point for the kernel's modules
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose rvmmods $R/usr/lib/modules ||
+mount -t 9p -o $NINEP,ro,cache=loose rvmmods $R/usr/lib/modules ||
     fail "cannot mount the module share on /usr/lib/modules"
 [ -d "$R$rvm_xchg" ] || fail "exchange dir $rvm_xchg not visible in the guest"
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 rvmxchg "$R$rvm_xchg" ||
+mount -t 9p -o $NINEP rvmxchg "$R$rvm_xchg" ||
     fail "cannot mount the exchange share on $rvm_xchg"
 xchg_ok=1
 

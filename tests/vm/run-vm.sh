@@ -6,14 +6,17 @@
 # SCSI disks and dm-multipath inside the guest (tests/vm/guest-init.sh) and runs
 # SCENARIO there. See tests/vm/README.md.
 #
-# Usage: tests/vm/run-vm.sh [--timeout SECS] SCENARIO [ARGS...]
-#        tests/vm/run-vm.sh --prepare          (install + kernel + initramfs only)
+# Usage: tests/vm/run-vm.sh [--timeout SECS] [--release NAME] SCENARIO [ARGS...]
+#        tests/vm/run-vm.sh [--release NAME] --prepare   (install + kernel + initramfs
+#                                                         [+ root] only)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 CACHE=${RESERVD_VM_CACHE:-/var/cache/reservd-vm}
 TIMEOUT=${RESERVD_VM_TIMEOUT:-600}
 PREPARE_ONLY=0
+RELEASE=${RESERVD_VM_RELEASE:-bookworm}
+REPO=$(cd "$HERE/../.." && pwd -P)
 
 # Debian packages the bed needs on the host (the guest runs the host's userspace).
 PACKAGES=(qemu-system-x86 busybox-static cpio kmod multipath-tools sg3-utils udev)
@@ -21,17 +24,26 @@ PACKAGES=(qemu-system-x86 busybox-static cpio kmod multipath-tools sg3-utils ude
 INITRD_MODULES=(virtio_pci 9pnet_virtio 9p overlay)
 GUEST_INIT=$HERE/guest-init.sh
 INITRD_INIT=$HERE/initramfs-init.sh
+# Userspace roots of other Debian releases (debootstrap --variant=minbase plus
+# these): what guest-init.sh and the scenarios run, qemu-pr-helper
+# (qemu-system-common) and iscsi-test-cu (libiscsi-bin) as baselines, systemd.
+ROOT_PACKAGES=(multipath-tools sg3-utils udev kmod procps python3 qemu-system-common
+               libiscsi-bin systemd)
+ROOT_MAX_AGE_DAYS=7
 
 log() { printf '[run-vm] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 2; }
 
 usage() {
     cat <<EOF
-usage: ${0##*/} [--timeout SECS] SCENARIO [ARGS...]
-       ${0##*/} --prepare
+usage: ${0##*/} [--timeout SECS] [--release NAME] SCENARIO [ARGS...]
+       ${0##*/} [--release NAME] --prepare
 
 Runs SCENARIO (an executable on the host; the guest sees the host's / read-only)
 as root inside a QEMU guest with LIO SCSI disks and dm-multipath set up.
+--release bookworm (default) boots the host's own root; trixie or sid boot a
+Debian root of that release (built with debootstrap, cached), with the
+repository shared at its host path.
 Exits with the scenario's status; 124 on timeout, 125 when the guest setup
 failed or the guest died without reporting a status, 2 on harness errors.
 
@@ -44,6 +56,9 @@ Environment:
   RESERVD_VM_PASS_ENV   extra variable names to pass into the guest (RESERVD_* and RUST_*
                         variables are always passed)
   RESERVD_VM_QEMU_ARGS  extra QEMU arguments (word-split)
+  RESERVD_VM_RELEASE    default for --release (bookworm)
+  RESERVD_VM_MIRROR     Debian mirror for the roots (default: the host's, else deb.debian.org)
+  RESERVD_VM_SHARE      more host dirs to share at their paths with a release's root
 EOF
 }
 
@@ -70,6 +85,8 @@ while (($#)); do
         --timeout) (($# >= 2)) || die "--timeout needs a value"; TIMEOUT=$2; shift 2 ;;
         --timeout=*) TIMEOUT=${1#*=}; shift ;;
         --prepare) PREPARE_ONLY=1; shift ;;
+        --release) (($# >= 2)) || die "--release needs a value"; RELEASE=$2; shift 2 ;;
+        --release=*) RELEASE=${1#*=}; shift ;;
         -h|--help) usage; exit 0 ;;
         --) shift; break ;;
         -*) usage >&2; die "unknown option: $1" ;;
@@ -77,6 +94,11 @@ while (($#)); do
     esac
 done
 [[ $TIMEOUT =~ ^[0-9]+$ && $TIMEOUT -gt 0 ]] || die "bad timeout: $TIMEOUT"
+case $RELEASE in
+    bookworm|trixie|sid) ;;
+    *) die "unknown release '$RELEASE' (bookworm, trixie or sid)" ;;
+esac
+[[ $RELEASE != bookworm ]] && PACKAGES+=(debootstrap)
 if ((PREPARE_ONLY == 0)); then
     (($# >= 1)) || { usage >&2; exit 2; }
     SCENARIO=$1; shift
@@ -119,6 +141,7 @@ ensure_packages() {
         type -P "$c" >/dev/null || die "command not found after install: $c"
     done
     [[ -x /lib/systemd/systemd-udevd ]] || die "/lib/systemd/systemd-udevd missing"
+    [[ $RELEASE == bookworm ]] || type -P debootstrap >/dev/null || die "debootstrap missing after install"
     # mount point for the guest's module share (the guest's / is the host's /, read-only)
     [[ -d /usr/lib/modules ]] || mkdir -p /usr/lib/modules
 }
@@ -265,6 +288,104 @@ ensure_initramfs() {
     find "$CACHE" -maxdepth 1 -name 'initramfs-*.cpio' ! -name "${INITRD##*/}" -mmin +60 -delete 2>/dev/null || true
 }
 
+# ---- phase: root (releases other than the host's) ----------------------------------
+# $CACHE/roots/RELEASE-KEY-EPOCH/{root/,.complete,mpath-version,.lock}: KEY
+# changes with the package list and the build recipe, EPOCH is the build time.
+# A root older than ROOT_MAX_AGE_DAYS is built again (sid moves); the old one
+# goes once no run holds its .lock (runs take it shared while they boot it).
+ROOTDIR='' ROOT_NOTE='' ROOT_LOCKFD=''
+debian_mirror() {
+    local uri='' f line
+    if [[ -n ${RESERVD_VM_MIRROR:-} ]]; then printf '%s' "$RESERVD_VM_MIRROR"; return; fi
+    f=/etc/apt/sources.list.d/debian.sources
+    if [[ -r $f ]]; then
+        while read -r line; do
+            [[ $line == URIs:* ]] || continue
+            for uri in ${line#URIs:}; do
+                [[ $uri == *security* ]] || { printf '%s' "$uri"; return; }
+            done
+        done <"$f"
+    fi
+    if [[ -r /etc/apt/sources.list ]]; then
+        uri=$(awk '$1 == "deb" && $2 !~ /security/ { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:/) { print $i; exit } }' /etc/apt/sources.list)
+        [[ -n $uri ]] && { printf '%s' "$uri"; return; }
+    fi
+    printf '%s' http://deb.debian.org/debian
+}
+build_root() {   # $1 = release, $2 = output dir (root/ inside it)
+    local rel=$1 out=$2 mirror log pkgs
+    mirror=$(debian_mirror)
+    pkgs=$(IFS=,; printf '%s' "${ROOT_PACKAGES[*]}")
+    log "building the $rel root: debootstrap --variant=minbase $rel from $mirror (about a minute)"
+    mkdir -p "$out"
+    log=$out/debootstrap.log
+    if ! debootstrap --variant=minbase --include="$pkgs" "$rel" "$out/root" "$mirror" >"$log" 2>&1; then
+        tail -n 30 "$log" >&2
+        [[ -r $out/root/debootstrap/debootstrap.log ]] && tail -n 30 "$out/root/debootstrap/debootstrap.log" >&2
+        return 1
+    fi
+    # what the guest never reads: package files, docs, translations
+    rm -rf "$out/root/var/cache/apt/archives/"*.deb "$out/root/usr/share/doc" \
+        "$out/root/usr/share/locale" "$out/root/usr/share/man" "$out/root/var/lib/apt/lists/"*_Packages
+    # mount point of the guest's module share (the guest's / is an overlay, but
+    # a real dir keeps the 9p lookups simple)
+    mkdir -p "$out/root/usr/lib/modules"
+    dpkg-query --admindir="$out/root/var/lib/dpkg" -W -f='${Version}' multipath-tools >"$out/mpath-version" ||
+        return 1
+    printf '%s\n' "$rel" >"$out/release"
+    : >"$out/.lock"
+    touch "$out/.complete"
+}
+ensure_root() {
+    local key d best='' t0 tmp age
+    # builds run under the cache lock: a .build dir left now is from a dead run
+    rm -rf "$CACHE/roots/.build-"*
+    key=$({
+        printf '%s\n' "$RELEASE" "${ROOT_PACKAGES[@]}"
+        declare -f build_root
+    } | sha256sum | cut -c1-12)
+    mkdir -p "$CACHE/roots"
+    # newest complete build of this key
+    for d in "$CACHE/roots/$RELEASE-$key-"*; do
+        [[ -e $d/.complete ]] || continue
+        [[ -z $best || ${d##*-} -gt ${best##*-} ]] && best=$d
+    done
+    age=-1
+    [[ -n $best ]] && age=$(( ($(date +%s) - ${best##*-}) / 86400 ))
+    local build=0
+    if [[ -z $best ]]; then
+        build=1
+    elif ((age >= ROOT_MAX_AGE_DAYS)) && [[ -z $(find "$best/.rebuild-failed" -mmin -60 2>/dev/null) ]]; then
+        build=1   # (after a failed rebuild, an hour passes before the next try)
+    fi
+    if ((build)); then
+        t0=$(date +%s)
+        tmp=$(mktemp -d "$CACHE/roots/.build-$RELEASE.XXXXXX")
+        if build_root "$RELEASE" "$tmp"; then
+            mv "$tmp" "$CACHE/roots/$RELEASE-$key-$t0"
+            best=$CACHE/roots/$RELEASE-$key-$t0
+            ROOT_NOTE="built in $(( $(date +%s) - t0 )) s"
+        else
+            rm -rf "$tmp"
+            [[ -n $best ]] || die "could not build the $RELEASE root (see above)"
+            touch "$best/.rebuild-failed"
+            log "warning: could not rebuild the $RELEASE root, using the one from $(date -d "@${best##*-}" +%F)"
+            ROOT_NOTE="stale, rebuild failed"
+        fi
+    else
+        ROOT_NOTE="cached, built $(date -d "@${best##*-}" '+%F %R')"
+    fi
+    ROOTDIR=$best
+    # hold it shared while this run boots it; drop older builds nobody holds
+    exec {ROOT_LOCKFD}<"$ROOTDIR/.lock"
+    flock -s "$ROOT_LOCKFD"
+    # older builds and other keys of this release
+    for d in "$CACHE/roots/$RELEASE"-*; do
+        [[ -d $d && $d != "$ROOTDIR" ]] || continue
+        (flock -xn 9 && rm -rf "$d") 9<"$d/.lock" 2>/dev/null || true
+    done
+}
+
 # ---- preparation (serialised between concurrent runs) --------------------------
 mkdir -p "$CACHE"
 exec {LOCKFD}>"$CACHE/.lock"
@@ -274,17 +395,24 @@ phase_begin; ensure_packages; phase_end install
 phase_begin; ensure_kernel; phase_end kernel "$KVER"
 REBUILT=0
 phase_begin; ensure_initramfs; phase_end initramfs "$( ((REBUILT)) && echo built || echo cached)"
+if [[ $RELEASE != bookworm ]]; then
+    phase_begin; ensure_root; phase_end root "$RELEASE, $ROOT_NOTE"
+fi
 flock -u "$LOCKFD"
 exec {LOCKFD}>&-
 
 # the guest's multipath-tools: upstream version of the installed package
-RELEASE=bookworm
-MPATH_VERSION=$(dpkg-query -W -f='${Version}' multipath-tools 2>/dev/null) || MPATH_VERSION=
-MPATH_VERSION=${MPATH_VERSION#*:}; MPATH_VERSION=${MPATH_VERSION%-*}
-log "root: host (bookworm), multipath-tools ${MPATH_VERSION:-?}"
+if [[ $RELEASE == bookworm ]]; then
+    MPATH_VERSION=$(dpkg-query -W -f='${Version}' multipath-tools 2>/dev/null) || MPATH_VERSION=
+    log "root: the host's (bookworm), multipath-tools $MPATH_VERSION"
+else
+    MPATH_VERSION=$(<"$ROOTDIR/mpath-version")
+    log "root: $RELEASE ($ROOTDIR/root), multipath-tools $MPATH_VERSION"
+fi
+MPATH_VERSION=${MPATH_VERSION#*:}; MPATH_VERSION=${MPATH_VERSION%%-*}; MPATH_VERSION=${MPATH_VERSION%%+*}
 
 if ((PREPARE_ONLY)); then
-    log "prepared: kernel $KVER, vmlinux $VMLINUX, initramfs $INITRD"
+    log "prepared: kernel $KVER, vmlinux $VMLINUX, initramfs $INITRD${ROOTDIR:+, root $ROOTDIR/root}"
     exit 0
 fi
 
@@ -338,22 +466,52 @@ case $CWD in /run|/run/*|/proc*|/sys*|/dev|/dev/*) CWD=/ ;; esac
 } >"$XCHG/job"
 
 CMDLINE="console=ttyS0 panic=-1 loglevel=4 mitigations=off rvm_xchg=$XCHG rvm_init=$GUEST_INIT"
+ROOT_FS=/ SHARES=()
+if [[ $RELEASE != bookworm ]]; then
+    # A release's root: the guest's / is an overlay (that root read-only, tmpfs
+    # on top), and what the run needs from the host is shared read-only at its
+    # host path: the repository (scripts, target/), the scenario, the cwd,
+    # CARGO_TARGET_DIR and RESERVD_VM_SHARE.
+    ROOT_FS=$ROOTDIR/root
+    # (system dirs are the root's own: a scenario such as /usr/bin/true runs the
+    # root's, and nothing shadows the root's /, /usr, /etc, /tmp, ...)
+    for d in "$REPO" ${CARGO_TARGET_DIR:+"$CARGO_TARGET_DIR"} "${SCENARIO%/*}" "$(pwd -P)" \
+             ${RESERVD_VM_SHARE:-}; do
+        d=$(readlink -f -- "$d" 2>/dev/null) || continue
+        [[ -d $d ]] || continue
+        case $d in
+            /|/tmp|/var|/root|/home|/opt|/srv|/mnt|/media|/usr|/usr/*|/bin|/bin/*|/sbin|/sbin/*|\
+            /lib|/lib/*|/lib32*|/lib64*|/libx32*|/etc|/etc/*|/boot|/boot/*|/run|/run/*|/proc|/proc/*|\
+            /sys|/sys/*|/dev|/dev/*) continue ;;
+        esac
+        [[ $d =~ ^/[A-Za-z0-9_./-]+$ ]] || die "cannot share $d with the guest (characters)"
+        SHARES+=("$d")
+    done
+    # drop duplicates and dirs inside another share
+    mapfile -t SHARES < <(printf '%s\n' "${SHARES[@]}" | LC_ALL=C sort -u |
+        awk '{ for (i = 1; i <= n; i++) if (index($0 "/", kept[i] "/") == 1) next; kept[++n] = $0; print }')
+    CMDLINE+=" rvm_root=overlay rvm_shares=$(IFS=,; printf '%s' "${SHARES[*]}")"
+fi
 # shellcheck disable=SC2054  # commas belong to QEMU option values
 QEMU=(
     qemu-system-x86_64 -nodefaults -no-user-config -nographic -serial stdio
     -accel tcg,thread=multi -cpu max -smp 2 -m 2G -no-reboot
     -kernel "$VMLINUX" -initrd "$INITRD" -append "$CMDLINE"
-    -fsdev "local,id=fsroot,path=/,readonly=on,security_model=none,multidevs=remap"
+    -fsdev "local,id=fsroot,path=$ROOT_FS,readonly=on,security_model=none,multidevs=remap"
     -device virtio-9p-pci,fsdev=fsroot,mount_tag=rvmroot
     -fsdev "local,id=fsmods,path=$KMODS,readonly=on,security_model=none"
     -device virtio-9p-pci,fsdev=fsmods,mount_tag=rvmmods
     -fsdev "local,id=fsxchg,path=$XCHG,security_model=none"
     -device virtio-9p-pci,fsdev=fsxchg,mount_tag=rvmxchg
 )
+for i in "${!SHARES[@]}"; do
+    QEMU+=(-fsdev "local,id=fsshare$i,path=${SHARES[i]},readonly=on,security_model=none,multidevs=remap"
+           -device "virtio-9p-pci,fsdev=fsshare$i,mount_tag=rvmshare$i")
+done
 # shellcheck disable=SC2206
 [[ -n ${RESERVD_VM_QEMU_ARGS:-} ]] && QEMU+=(${RESERVD_VM_QEMU_ARGS})
 
-log "booting $KVER, scenario:$(printf ' %q' "$SCENARIO" "$@") (timeout ${TIMEOUT}s)"
+log "booting $KVER on the $RELEASE root${SHARES[*]:+ (shared: ${SHARES[*]})}, scenario:$(printf ' %q' "$SCENARIO" "$@") (timeout ${TIMEOUT}s)"
 BOOT_T0=$(now_us)
 timeout -k 10 "$TIMEOUT" "${QEMU[@]}" </dev/null >"$CONSOLE" 2>&1 &
 QPID=$!
