@@ -79,6 +79,9 @@ const GOOD: u8 = 0x00;
 const CHECK: u8 = 0x02;
 const CONFLICT: u8 = 0x18;
 
+/// A command through reservd slower than this is listed after the table
+/// (not a failure: the map's answers are compared, not their speed).
+const SLOW: Duration = Duration::from_secs(2);
 /// Timeout of each SG_IO the suite sends itself.
 const SG_TIMEOUT_MS: u32 = 10_000;
 /// The block the WRITE and READ probes use (1 MiB into a 64 MiB LU with
@@ -1363,6 +1366,8 @@ fn snapshot(lu: &Lu, offline: &[String]) -> Result<Snapshot, String> {
 
 struct Record {
     ans: Ans,
+    /// How long the command took (past unit attentions included).
+    took: Duration,
     /// After a PR OUT: the state; None after a PR IN (nothing changed).
     after: Option<Snapshot>,
 }
@@ -1402,16 +1407,19 @@ fn run_into(
         .set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(|e| e.to_string())?;
     for s in &seq.steps {
+        let t = Instant::now();
         let r = match s.by {
             N1 => helper_pr(&mut c, &dev, s.cmd),
             N2 => sg_pr(&lu.node2.sg, s.cmd),
         }?;
+        let took = t.elapsed();
         let after = match s.cmd {
             Cmd::Out { .. } => Some(snapshot(lu, offline)?),
             Cmd::In { .. } => None,
         };
         out.push(Record {
             ans: answer(lu, s.by, s.cmd, &r),
+            took,
             after,
         });
     }
@@ -2010,6 +2018,15 @@ fn map_is_one_nexus() -> TestResult {
     let mut online = Vec::new();
     let mut offline_rows = Vec::new();
     let mut spc4 = Vec::new();
+    // Commands through reservd that took longer than SLOW.
+    let mut slow: Vec<(String, Duration)> = Vec::new();
+    let mut note_slow = |tag: &str, seq: &Sequence, r: &RunResult| {
+        for (s, rec) in seq.steps.iter().zip(&r.records) {
+            if rec.took > SLOW {
+                slow.push((format!("{tag}/{}", s.name), rec.took));
+            }
+        }
+    };
     // RESERVD_CONFORMANCE_SEQUENCES=a,b runs only the sequences whose
     // names contain one of the words (to iterate on one finding).
     let only = std::env::var("RESERVD_CONFORMANCE_SEQUENCES").unwrap_or_default();
@@ -2036,7 +2053,9 @@ fn map_is_one_nexus() -> TestResult {
     }
     for (i, seq) in &seqs {
         timed(&mut times.resets, || reset(&sp, &[]))?;
+        let t = Instant::now();
         let oracle = timed(&mut times.oracle, || run(&sp, &d.socket, seq, &[]));
+        let t_oracle = t.elapsed();
         if let Some(e) = oracle.stopped {
             return Err(format!("{}: the oracle run stopped: {e}", seq.name));
         }
@@ -2047,7 +2066,9 @@ fn map_is_one_nexus() -> TestResult {
             }
         }
         timed(&mut times.resets, || reset(&map, &[]))?;
+        let t = Instant::now();
         let ours = timed(&mut times.map, || run(&map, &d.socket, seq, &[]));
+        let t_map = t.elapsed();
         if let Some(e) = &ours.stopped {
             println!(
                 "  {}: reservd stopped answering ({e}); starting it again",
@@ -2066,6 +2087,7 @@ fn map_is_one_nexus() -> TestResult {
             }
             base = Some(b);
         }
+        note_slow(seq.name, seq, &ours);
         online.extend(sequence_rows(seq.name, seq, &oracle, &ours, base.as_ref()));
 
         // Once more with one path offline: path 2 for even sequences, path
@@ -2078,7 +2100,9 @@ fn map_is_one_nexus() -> TestResult {
         let t = Instant::now();
         let (mut down, took) = OfflinePath::take(&block)?;
         times.down.push(took);
+        let t_run = Instant::now();
         let ours_off = run(&map, &d.socket, seq, std::slice::from_ref(&block));
+        let run_off = t_run.elapsed();
         let back = reinstate(&map, &mut down);
         drop(down);
         times.offline += t.elapsed();
@@ -2092,7 +2116,18 @@ fn map_is_one_nexus() -> TestResult {
         }
         let back = back?;
         times.back.push(back.keyed.unwrap_or(back.active));
+        println!(
+            "  {:<28} oracle {:>5}, map {:>5}, {block} offline: down after {:>5}, run {:>5}, \
+             back {:>5}",
+            seq.name,
+            secs(t_oracle),
+            secs(t_map),
+            secs(took),
+            secs(run_off),
+            secs(back.keyed.unwrap_or(back.active)),
+        );
         let tag = format!("{}[{block} offline]", seq.name);
+        note_slow(&tag, seq, &ours_off);
         offline_rows.extend(sequence_rows(&tag, seq, &oracle, &ours_off, None));
         let last = oracle.iter().rev().find_map(|r| r.after.as_ref());
         offline_rows.push(reinstated_row(
@@ -2125,6 +2160,12 @@ fn map_is_one_nexus() -> TestResult {
     let rows: Vec<&Row> = online.iter().chain(&offline_rows).collect();
     print_details(&online);
     print_details(&offline_rows);
+    if !slow.is_empty() {
+        println!("\nCommands through reservd that took over {}:", secs(SLOW));
+        for (name, took) in &slow {
+            println!("  {name}: {}", secs(*took));
+        }
+    }
 
     let count = |f: &dyn Fn(&Row) -> bool| rows.iter().filter(|r| f(r)).count();
     let failing = count(&|r| r.fails());
