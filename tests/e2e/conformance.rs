@@ -10,10 +10,13 @@
 //! oracle is LIO itself, so nothing here encodes what reservd answers
 //! today. Compared, step by step:
 //!
-//! - the answer node 1 (or node 2) gets: status, sense key/ASC/ASCQ, PR IN
-//!   data without its PRgeneration; READ KEYS as a multiset of keys (a
-//!   single nexus per node lists each node's key once) and READ FULL
-//!   STATUS as a multiset of (node, key, holder, scope, type) descriptors;
+//! - the answer: status, sense key/ASC/ASCQ, PR IN data without its
+//!   PRgeneration. Node 1's READ KEYS is a multiset of keys and its READ
+//!   FULL STATUS a multiset of (node, key, holder, scope, type)
+//!   descriptors: one nexus lists its key once (`≠ per path` marks an
+//!   answer that lists it once per path). Node 2 reads the LU itself,
+//!   where the map has a nexus per path: its READ KEYS and READ FULL
+//!   STATUS are compared at the node level;
 //! - after each PR OUT, the device state as node 2 reads it (READ FULL
 //!   STATUS), reduced to the node level: which node is registered with
 //!   which key (node 1's paths must agree), which node holds the
