@@ -85,6 +85,9 @@ const CONFLICT: u8 = 0x18;
 /// A command through reservd slower than this is listed after the table
 /// (not a failure: the map's answers are compared, not their speed).
 const SLOW: Duration = Duration::from_secs(2);
+/// How long a command through a helper may take before the run counts it
+/// as unanswered (and starts the helper again).
+const HELPER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Timeout of each SG_IO the suite sends itself.
 const SG_TIMEOUT_MS: u32 = 10_000;
 /// The block the WRITE and READ probes use (1 MiB into a 64 MiB LU with
@@ -894,7 +897,12 @@ fn helper_pr(c: &mut Client, dev: &File, cmd: Cmd) -> Result<Reply, String> {
     past_ua(|| {
         let r: Response = c
             .execute(&cdb, dev.as_fd(), &params)
-            .map_err(|e| format!("the helper closed or failed: {e}"))?;
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                    format!("no answer within {}", secs(HELPER_TIMEOUT))
+                }
+                _ => format!("the helper closed the connection or failed: {e}"),
+            })?;
         Ok(Reply {
             status: r.status,
             sense: r.sense_code(),
@@ -1407,7 +1415,7 @@ fn run_into(
     let mut c =
         Client::connect(socket).map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
     c.stream()
-        .set_read_timeout(Some(Duration::from_secs(60)))
+        .set_read_timeout(Some(HELPER_TIMEOUT))
         .map_err(|e| e.to_string())?;
     for s in &seq.steps {
         let t = Instant::now();
@@ -1569,6 +1577,8 @@ impl Drop for OfflinePath {
 
 /// How a path came back.
 struct Reinstated {
+    /// Whether it came back with a capacity of 0 (see restore_capacity).
+    capacity: Capacity,
     /// Until multipathd showed it `active ready`.
     active: Duration,
     /// The map's key: what the path that stayed online carries.
@@ -1585,6 +1595,46 @@ const REREGISTER_LIMIT: Duration = Duration::from_secs(10);
 /// With no key on the map: how long the reinstated path is watched for a
 /// registration that should not come (over one check interval).
 const NO_KEY_WATCH: Duration = Duration::from_millis(2500);
+
+/// What `restore_capacity` found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Capacity {
+    Fine,
+    Restored,
+    /// Still 0 after a rescan (READ CAPACITY refused, see below).
+    Zero,
+}
+
+/// LIO refuses READ CAPACITY (RESERVATION CONFLICT) to a nexus that is not
+/// registered while an exclusive-access reservation is held, where SBC
+/// allows it under every type. A path that comes back while the map holds
+/// such a reservation is revalidated by the kernel before multipathd has
+/// registered it again, and keeps a capacity of 0: dm fails it on its first
+/// I/O and multipathd reinstates it every second, and with the other path
+/// offline every command on the map waits for a path. That is the test
+/// bed's target, not what is tested: such a path is rescanned
+/// (`device/rescan` reads the capacity again) once the LU allows it.
+fn restore_capacity(block: &str) -> Result<Capacity, String> {
+    let size = || {
+        let p = format!("/sys/block/{block}/size");
+        std::fs::read_to_string(&p)
+            .map_err(|e| format!("{p}: {e}"))
+            .map(|s| s.trim().parse::<u64>().unwrap_or(0))
+    };
+    if size()? != 0 {
+        return Ok(Capacity::Fine);
+    }
+    let rescan = format!("/sys/block/{block}/device/rescan");
+    std::fs::write(&rescan, "1\n").map_err(|e| format!("{rescan}: {e}"))?;
+    let t = Instant::now();
+    while size()? == 0 {
+        if t.elapsed() > Duration::from_secs(2) {
+            return Ok(Capacity::Zero);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Capacity::Restored)
+}
 
 fn reinstate(lu: &Lu, p: &mut OfflinePath) -> Result<Reinstated, String> {
     let t = Instant::now();
@@ -1614,7 +1664,10 @@ fn reinstate(lu: &Lu, p: &mut OfflinePath) -> Result<Reinstated, String> {
             _ => std::thread::sleep(Duration::from_millis(100)),
         }
     };
+    // Once it carries the key (if the map has one), READ CAPACITY works.
+    let capacity = restore_capacity(&p.block)?;
     Ok(Reinstated {
+        capacity,
         active,
         want,
         got,
@@ -1972,6 +2025,8 @@ struct Times {
     baseline: Duration,
     down: Vec<Duration>,
     back: Vec<Duration>,
+    /// Paths found with a capacity of 0, and what a rescan did.
+    rescanned: Vec<String>,
 }
 
 fn timed<T>(acc: &mut Duration, f: impl FnOnce() -> T) -> T {
@@ -2100,6 +2155,23 @@ fn map_is_one_nexus() -> TestResult {
             .clone()
             .unwrap();
         timed(&mut times.resets, || reset(&map, &[]))?;
+        // The path that stays must be usable (see restore_capacity); the
+        // LU holds no reservation now.
+        for n in &map.node1 {
+            let b = n.block.as_deref().unwrap();
+            match restore_capacity(b)? {
+                Capacity::Fine => {}
+                Capacity::Restored => {
+                    let what = format!("{b} before {}[{block} offline]", seq.name);
+                    times.rescanned.push(format!("{what}: Restored"));
+                }
+                Capacity::Zero => {
+                    return Err(format!(
+                        "{b}: capacity 0 even after a rescan on an empty LU"
+                    ));
+                }
+            }
+        }
         let t = Instant::now();
         let (mut down, took) = OfflinePath::take(&block)?;
         times.down.push(took);
@@ -2119,6 +2191,10 @@ fn map_is_one_nexus() -> TestResult {
         }
         let back = back?;
         times.back.push(back.keyed.unwrap_or(back.active));
+        if back.capacity != Capacity::Fine {
+            let what = format!("{block} after {}[{block} offline]", seq.name);
+            times.rescanned.push(format!("{what}: {:?}", back.capacity));
+        }
         println!(
             "  {:<28} oracle {:>5}, map {:>5}, {block} offline: down after {:>5}, run {:>5}, \
              back {:>5}",
@@ -2197,6 +2273,13 @@ fn map_is_one_nexus() -> TestResult {
         secs(times.baseline),
         secs(started.elapsed()),
     );
+    if !times.rescanned.is_empty() {
+        println!(
+            "Paths found with a capacity of 0 (LIO refused READ CAPACITY, see \
+             restore_capacity): {}",
+            times.rescanned.join(", ")
+        );
+    }
     if qemu.is_some() {
         let b = online
             .iter()
