@@ -122,6 +122,20 @@ enum Cmd {
     In {
         sa: u8,
     },
+    /// A path of node 1's map goes down or comes back (nothing on a LU
+    /// with one nexus per node: the oracle's state must not change).
+    Path(PathAction),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum PathAction {
+    /// Path `i` of the map goes offline (multipathd shows it failed).
+    Down(usize),
+    /// The path through which node 1 holds its reservation goes offline.
+    HolderDown,
+    /// Every path taken offline comes back, and carries the map's key
+    /// again (or none, if the map has none) as reinstatement promises.
+    AllUp,
 }
 
 /// What SPC-4 says of a step, checked on the oracle only: a bed where the
@@ -176,6 +190,15 @@ fn release(name: &'static str, by: Node, ty: u8, key: u64) -> Step {
     out(name, by, prout_sa::RELEASE, ty, key, 0)
 }
 
+fn path(name: &'static str, a: PathAction) -> Step {
+    Step {
+        name,
+        by: N1,
+        cmd: Cmd::Path(a),
+        spc4: &[],
+    }
+}
+
 fn inq(name: &'static str, by: Node, sa: u8) -> Step {
     Step {
         name,
@@ -189,6 +212,13 @@ impl Step {
     fn spc4(mut self, facts: &'static [Fact]) -> Step {
         self.spc4 = facts;
         self
+    }
+}
+
+impl Sequence {
+    /// It takes paths down itself: no second run with a path offline.
+    fn moves_paths(&self) -> bool {
+        self.steps.iter().any(|s| matches!(s.cmd, Cmd::Path(_)))
     }
 }
 
@@ -517,6 +547,93 @@ fn sequences() -> Vec<Sequence> {
                 ]),
                 inq("n1_read_reservation", N1, prin_sa::READ_RESERVATION),
                 register("n1_registers_once_more", N1, 0, K1),
+            ],
+        },
+        // Paths failing and coming back in the middle of a sequence (run
+        // once: the map's paths are what they are about).
+        Sequence {
+            name: "reserved_through_the_second_path",
+            steps: vec![
+                register("n1_registers", N1, 0, K1),
+                register("n2_registers", N2, 0, K2),
+                path("path1_fails", PathAction::Down(0)),
+                reserve("n1_reserves_type5_through_path2", N1, 5, K1).spc4(&[Fact::Holds(N1, 5)]),
+                path("path1_returns", PathAction::AllUp),
+                inq("n1_read_reservation", N1, prin_sa::READ_RESERVATION),
+                release(
+                    "release_with_wrong_key_is_reservation_conflict",
+                    N1,
+                    5,
+                    WRONG,
+                )
+                .spc4(&[Fact::Status(CONFLICT), Fact::Holds(N1, 5)]),
+                release(
+                    "release_with_the_wrong_type_keeps_the_reservation",
+                    N1,
+                    6,
+                    K1,
+                )
+                .spc4(&[Fact::Holds(N1, 5), Fact::Key(N2, Some(K2))]),
+                reserve("n2_reserve_conflicts", N2, 5, K2).spc4(&[Fact::Status(CONFLICT)]),
+                out(
+                    "self_preempt_keeps_every_path_registered",
+                    N1,
+                    prout_sa::PREEMPT,
+                    6,
+                    K1,
+                    K1,
+                )
+                .spc4(&[Fact::Holds(N1, 6), Fact::Key(N2, Some(K2))]),
+                release("n1_releases", N1, 6, K1).spc4(&[Fact::Status(GOOD), Fact::NoReservation]),
+                inq("n1_read_keys", N1, prin_sa::READ_KEYS),
+            ],
+        },
+        Sequence {
+            name: "holder_path_fails",
+            steps: vec![
+                register("n1_registers", N1, 0, K1),
+                register("n2_registers", N2, 0, K2),
+                reserve("n1_reserves_type5", N1, 5, K1),
+                path("holder_path_fails", PathAction::HolderDown),
+                inq("n1_read_reservation", N1, prin_sa::READ_RESERVATION),
+                reserve("n2_reserve_conflicts", N2, 5, K2).spc4(&[Fact::Status(CONFLICT)]),
+                release(
+                    "release_while_the_holder_path_is_down_keeps_other_nodes_registered",
+                    N1,
+                    5,
+                    K1,
+                )
+                .spc4(&[
+                    Fact::Status(GOOD),
+                    Fact::NoReservation,
+                    Fact::Key(N2, Some(K2)),
+                ]),
+                reserve("n1_reserves_type5_again", N1, 5, K1).spc4(&[Fact::Holds(N1, 5)]),
+                path("holder_path_returns", PathAction::AllUp),
+                inq("n1_read_keys", N1, prin_sa::READ_KEYS),
+                release("n1_releases", N1, 5, K1).spc4(&[Fact::NoReservation]),
+            ],
+        },
+        Sequence {
+            name: "preempted_while_a_path_is_down",
+            steps: vec![
+                register("n1_registers", N1, 0, K1),
+                reserve("n1_reserves_type5", N1, 5, K1),
+                register("n2_registers", N2, 0, K2),
+                path("path2_fails", PathAction::Down(1)),
+                out("n2_preempts_n1", N2, prout_sa::PREEMPT, 5, K2, K1)
+                    .spc4(&[Fact::Holds(N2, 5), Fact::Key(N1, None)]),
+                path("fenced_path_returns_unregistered", PathAction::AllUp),
+                inq("n1_read_keys", N1, prin_sa::READ_KEYS),
+                out(
+                    "n1_registers_again_ignoring_the_old_key",
+                    N1,
+                    prout_sa::REGISTER_AND_IGNORE,
+                    0,
+                    0,
+                    K1B,
+                )
+                .spc4(&[Fact::Key(N1, Some(K1B))]),
             ],
         },
     ];
@@ -848,6 +965,7 @@ fn past_ua(mut f: impl FnMut() -> Result<Reply, String>) -> Result<Reply, String
 
 fn encode(cmd: Cmd) -> ([u8; 10], Vec<u8>) {
     match cmd {
+        Cmd::Path(a) => unreachable!("{a:?} is no SCSI command"),
         Cmd::In { sa } => (
             PrInCdb {
                 service_action: sa,
@@ -886,7 +1004,7 @@ fn sg_pr(f: &File, cmd: Cmd) -> Result<Reply, String> {
     past_ua(|| {
         Ok(match cmd {
             Cmd::In { .. } => sg_cmd(f, &cdb, Io::In(8192)),
-            Cmd::Out { .. } => sg_cmd(f, &cdb, Io::Out(&params)),
+            _ => sg_cmd(f, &cdb, Io::Out(&params)),
         })
     })
 }
@@ -1377,6 +1495,8 @@ fn snapshot(lu: &Lu, offline: &[String]) -> Result<Snapshot, String> {
 
 struct Record {
     ans: Ans,
+    /// What a path action did (shown instead of the answer).
+    note: Option<String>,
     /// How long the command took (past unit attentions included).
     took: Duration,
     /// After a PR OUT: the state; None after a PR IN (nothing changed).
@@ -1417,24 +1537,85 @@ fn run_into(
     c.stream()
         .set_read_timeout(Some(HELPER_TIMEOUT))
         .map_err(|e| e.to_string())?;
+    // Paths this run took down, and every path offline now.
+    let mut down: Vec<OfflinePath> = Vec::new();
+    let mut offline: Vec<String> = offline.to_vec();
     for s in &seq.steps {
         let t = Instant::now();
-        let r = match s.by {
-            N1 => helper_pr(&mut c, &dev, s.cmd),
-            N2 => sg_pr(&lu.node2.sg, s.cmd),
-        }?;
+        let (r, note) = match (s.cmd, s.by) {
+            (Cmd::Path(a), _) => {
+                let note = path_action(lu, a, &mut down, &mut offline)?;
+                let done = Reply {
+                    status: GOOD,
+                    sense: None,
+                    data: Vec::new(),
+                };
+                (done, Some(note))
+            }
+            (_, N1) => (helper_pr(&mut c, &dev, s.cmd)?, None),
+            (_, N2) => (sg_pr(&lu.node2.sg, s.cmd)?, None),
+        };
         let took = t.elapsed();
         let after = match s.cmd {
-            Cmd::Out { .. } => Some(snapshot(lu, offline)?),
             Cmd::In { .. } => None,
+            _ => Some(snapshot(lu, &offline)?),
         };
         out.push(Record {
             ans: answer(lu, s.by, s.cmd, &r),
+            note,
             took,
             after,
         });
     }
     Ok(())
+}
+
+/// Take a path action on `lu`; what was done, for the table.
+fn path_action(
+    lu: &Lu,
+    a: PathAction,
+    down: &mut Vec<OfflinePath>,
+    offline: &mut Vec<String>,
+) -> Result<String, String> {
+    if lu.node1.len() < 2 {
+        return Ok("(one nexus: nothing to do)".into());
+    }
+    let block = match a {
+        PathAction::Down(i) => lu.node1[i].block.clone().unwrap(),
+        PathAction::HolderDown => {
+            let raw = read_raw(lu, offline)?;
+            let h = raw
+                .n1_holder()
+                .ok_or_else(|| format!("no path of the map holds a reservation: {}", raw.text()))?;
+            h.to_string()
+        }
+        PathAction::AllUp => {
+            let mut notes = Vec::new();
+            for mut p in down.drain(..) {
+                let r = reinstate(lu, &mut p)?;
+                offline.retain(|b| *b != p.block);
+                notes.push(match r.keyed {
+                    Some(t) => format!(
+                        "{} back, key {} after {}",
+                        p.block,
+                        key_text(r.got),
+                        secs(t)
+                    ),
+                    None => format!(
+                        "{} back with key {}, the map's {}",
+                        p.block,
+                        key_text(r.got),
+                        key_text(r.want)
+                    ),
+                });
+            }
+            return Ok(notes.join("; "));
+        }
+    };
+    let (p, took) = OfflinePath::take(&block)?;
+    down.push(p);
+    offline.push(block.clone());
+    Ok(format!("{block} failed after {}", secs(took)))
 }
 
 /// Bring the LU back to nothing: node 2 registers and CLEARs; on the map,
@@ -1499,6 +1680,20 @@ fn reset(lu: &Lu, offline: &[String]) -> TestResult {
             lu.what,
             raw.text()
         ));
+    }
+    // Every path of the map usable again (see restore_capacity): the LU
+    // holds no reservation now, so READ CAPACITY works.
+    for n in lu.node1.iter().filter(|n| !offline.contains(&n.label)) {
+        let Some(b) = n.block.as_deref() else {
+            continue;
+        };
+        match restore_capacity(b)? {
+            Capacity::Fine => {}
+            Capacity::Restored => {
+                println!("  ({b} had a capacity of 0, see restore_capacity: rescanned)")
+            }
+            Capacity::Zero => return Err(format!("{b}: capacity 0 even after a rescan")),
+        }
     }
     Ok(())
 }
@@ -1800,10 +1995,11 @@ fn step_row(name: String, o: &Record, m: &Record, base: Option<&Record>) -> Row 
             same(b.ans == o.ans && s != Cell::Differs && w != Cell::Differs)
         }
     };
+    let text = |r: &Record| r.note.clone().unwrap_or_else(|| r.ans.text());
     let mut row = Row {
         name,
-        oracle: o.ans.text(),
-        ours: m.ans.text(),
+        oracle: text(o),
+        ours: text(m),
         answer: same(o.ans == m.ans),
         state,
         writes,
@@ -2080,7 +2276,7 @@ fn map_is_one_nexus() -> TestResult {
     let mut slow: Vec<(String, Duration)> = Vec::new();
     let mut note_slow = |tag: &str, seq: &Sequence, r: &RunResult| {
         for (s, rec) in seq.steps.iter().zip(&r.records) {
-            if rec.took > SLOW {
+            if rec.note.is_none() && rec.took > SLOW {
                 slow.push((format!("{tag}/{}", s.name), rec.took));
             }
         }
@@ -2136,7 +2332,7 @@ fn map_is_one_nexus() -> TestResult {
             d = start_reservd()?;
         }
         let mut base = None;
-        if let Some(q) = &mut qemu {
+        if let Some(q) = qemu.as_mut().filter(|_| !seq.moves_paths()) {
             timed(&mut times.resets, || reset(&map, &[]))?;
             let b = timed(&mut times.baseline, || run(&map, &q.socket, seq, &[]));
             if b.stopped.is_some() {
@@ -2147,6 +2343,15 @@ fn map_is_one_nexus() -> TestResult {
         }
         note_slow(seq.name, seq, &ours);
         online.extend(sequence_rows(seq.name, seq, &oracle, &ours, base.as_ref()));
+        if seq.moves_paths() {
+            println!(
+                "  {:<33} oracle {:>5}, map {:>5} (paths fail and return in it)",
+                seq.name,
+                secs(t_oracle),
+                secs(t_map)
+            );
+            continue;
+        }
 
         // Once more with one path offline: path 2 for even sequences, path
         // 1 (the one libmpathpersist would use first) for odd ones.
@@ -2155,23 +2360,6 @@ fn map_is_one_nexus() -> TestResult {
             .clone()
             .unwrap();
         timed(&mut times.resets, || reset(&map, &[]))?;
-        // The path that stays must be usable (see restore_capacity); the
-        // LU holds no reservation now.
-        for n in &map.node1 {
-            let b = n.block.as_deref().unwrap();
-            match restore_capacity(b)? {
-                Capacity::Fine => {}
-                Capacity::Restored => {
-                    let what = format!("{b} before {}[{block} offline]", seq.name);
-                    times.rescanned.push(format!("{what}: Restored"));
-                }
-                Capacity::Zero => {
-                    return Err(format!(
-                        "{b}: capacity 0 even after a rescan on an empty LU"
-                    ));
-                }
-            }
-        }
         let t = Instant::now();
         let (mut down, took) = OfflinePath::take(&block)?;
         times.down.push(took);
@@ -2196,7 +2384,7 @@ fn map_is_one_nexus() -> TestResult {
             times.rescanned.push(format!("{what}: {:?}", back.capacity));
         }
         println!(
-            "  {:<28} oracle {:>5}, map {:>5}, {block} offline: down after {:>5}, run {:>5}, \
+            "  {:<33} oracle {:>5}, map {:>5}, {block} offline: down after {:>5}, run {:>5}, \
              back {:>5}",
             seq.name,
             secs(t_oracle),
