@@ -555,7 +555,6 @@ fn sequences() -> Vec<Sequence> {
             name: "reserved_through_the_second_path",
             steps: vec![
                 register("n1_registers", N1, 0, K1),
-                register("n2_registers", N2, 0, K2),
                 path("path1_fails", PathAction::Down(0)),
                 reserve("n1_reserves_type5_through_path2", N1, 5, K1).spc4(&[Fact::Holds(N1, 5)]),
                 path("path1_returns", PathAction::AllUp),
@@ -567,6 +566,9 @@ fn sequences() -> Vec<Sequence> {
                     WRONG,
                 )
                 .spc4(&[Fact::Status(CONFLICT), Fact::Holds(N1, 5)]),
+                register("n2_registers", N2, 0, K2),
+                release("release_with_wrong_key_with_n2_registered", N1, 5, WRONG)
+                    .spc4(&[Fact::Status(CONFLICT), Fact::Holds(N1, 5)]),
                 release(
                     "release_with_the_wrong_type_keeps_the_reservation",
                     N1,
