@@ -7,15 +7,17 @@
 //! `--guest GROUP`, which drives reservd as QEMU would and reads the device
 //! state back with `sg_persist`.
 //!
-//! `RELEASE_SCENARIOS` run on a Debian trixie or sid userspace instead
-//! (`run-vm.sh --release`, a debootstrap root cached in the VM cache), with
-//! that release's multipath-tools.
+//! `RELEASE_SCENARIOS` and `RELEASE_GROUPS` run on a Debian trixie or sid
+//! userspace instead (`run-vm.sh --release`, a debootstrap root cached in
+//! the VM cache), with that release's multipath-tools.
 //!
 //! Gate: the VM tier runs when the test binary is given `--include-ignored`
 //! or `--ignored` (as `scripts/test.sh` does), or RESERVD_VM_TESTS=1; a
 //! plain `cargo test` prints that it was skipped, and RESERVD_VM_TESTS=0
 //! skips it even with `--include-ignored`.
 
+#[path = "e2e/conformance.rs"]
+mod conformance;
 mod frames;
 #[path = "e2e/guest.rs"]
 mod guest;
@@ -37,6 +39,7 @@ const GROUPS: &[&str] = &[
     "ops",
     "access",
     "package",
+    "conformance",
 ];
 /// Shell scenarios run as they are (tests/vm/scenarios/NAME.sh).
 const SHELL_SCENARIOS: &[&str] = &["smoke", "multipath", "libiscsi"];
@@ -44,6 +47,9 @@ const SHELL_SCENARIOS: &[&str] = &["smoke", "multipath", "libiscsi"];
 /// (`run-vm.sh --release`), as test `vm_NAME_RELEASE`; the groups and
 /// scenarios above run on the host's (bookworm, or RESERVD_VM_RELEASE).
 const RELEASE_SCENARIOS: &[(&str, &str)] = &[("smoke", "trixie"), ("smoke", "sid")];
+/// Guest groups run again on another release's root, as test
+/// `vm_GROUP_RELEASE` (the conformance table per multipath-tools release).
+const RELEASE_GROUPS: &[(&str, &str)] = &[("conformance", "trixie"), ("conformance", "sid")];
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -81,6 +87,16 @@ fn main() {
             runs.push((
                 name,
                 Vec::new(),
+                vec![exe.display().to_string(), "--guest".into(), g.to_string()],
+            ));
+        }
+    }
+    for (g, release) in RELEASE_GROUPS {
+        let name = format!("vm_{g}_{release}");
+        if selected(&name) {
+            runs.push((
+                name,
+                vec!["--release".into(), release.to_string()],
                 vec![exe.display().to_string(), "--guest".into(), g.to_string()],
             ));
         }
