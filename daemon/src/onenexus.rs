@@ -26,7 +26,8 @@
 //!   reservation by clearing the LU, and its key checks answer a wrong key
 //!   with an error instead of RESERVATION CONFLICT.
 //! - A REGISTER whose RESERVATION KEY is not the map's (or, from an
-//!   unregistered map, not zero) is RESERVATION CONFLICT. A RESERVE while
+//!   unregistered map, not zero) is RESERVATION CONFLICT, and so is a
+//!   RELEASE with a wrong key while the map holds the reservation. A RESERVE while
 //!   the map holds the reservation through one of its paths is GOOD for the
 //!   same type and scope and RESERVATION CONFLICT otherwise: what the
 //!   holder nexus would answer, whichever path the kernel picks.
@@ -285,7 +286,11 @@ pub fn route(c: &Prout, st: Option<&MapState>, fixes: Fixes) -> Route {
             }
         }
         prout_sa::RELEASE => {
-            if own != Some(c.key) || !st.is_holder() {
+            if own.is_some() && own != Some(c.key) && st.holds_alone() {
+                // The holder nexus refuses a wrong key; the path the kernel
+                // picks may not be the holder (which would answer GOOD).
+                Route::Answer(conflict())
+            } else if own != Some(c.key) || !st.is_holder() {
                 Route::OnePath
             } else if fixes.release {
                 Route::ReleaseOnPaths
@@ -467,9 +472,17 @@ mod tests {
                     Route::OnePath
                 );
             }
+            // A wrong key while the map holds the reservation: the
+            // holder's answer, whichever path the kernel picks.
             let st = registered(res(K, 5));
             assert_eq!(
                 route(&cmd(RELEASE, 5, 0x9999, 0), Some(&st), fixes),
+                Route::Answer(conflict())
+            );
+            // All registrants: every registered path holds it, any answers.
+            let st = registered(res(0, 7));
+            assert_eq!(
+                route(&cmd(RELEASE, 7, 0x9999, 0), Some(&st), fixes),
                 Route::OnePath
             );
         }

@@ -1416,6 +1416,19 @@ mod tests {
     }
 
     #[test]
+    fn release_with_a_wrong_key_while_holding_through_another_path() {
+        let sim = SimMap::new(2);
+        let m = multipath(&sim, Fixes::ALL);
+        assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+        sim.set_active(0, false);
+        assert_eq!(out(&m, &sim, RESERVE, 5, K, 0), ok());
+        sim.set_active(0, true);
+        // Path 1 (where the kernel sends it) is not the holder.
+        assert_eq!(out(&m, &sim, RELEASE, 5, 0x9999, 0), conflict());
+        assert_eq!(sim.reservation(1).map(|r| r.key), Some(K));
+    }
+
+    #[test]
     fn reserve_again_while_holding_through_another_path() {
         let sim = SimMap::new(2);
         let m = multipath(&sim, Fixes::ALL);
