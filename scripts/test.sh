@@ -17,6 +17,6 @@ phase "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 phase "cargo test (all tiers, including root, QEMU and VM tests)"
-cargo test --workspace --locked -- --include-ignored
+cargo test --workspace --locked --no-fail-fast -- --include-ignored
 
 phase "done in $(( $(date +%s) - start )) s"

@@ -46,10 +46,24 @@ const SHELL_SCENARIOS: &[&str] = &["smoke", "multipath", "libiscsi"];
 /// Shell scenarios on another Debian release's userspace and multipath-tools
 /// (`run-vm.sh --release`), as test `vm_NAME_RELEASE`; the groups and
 /// scenarios above run on the host's (bookworm, or RESERVD_VM_RELEASE).
-const RELEASE_SCENARIOS: &[(&str, &str)] = &[("smoke", "trixie"), ("smoke", "sid")];
+const RELEASE_SCENARIOS: &[(&str, &str)] = &[
+    ("smoke", "trixie"),
+    ("smoke", "sid"),
+    ("multipath", "trixie"),
+    ("multipath", "sid"),
+    ("libiscsi", "trixie"),
+    ("libiscsi", "sid"),
+];
 /// Guest groups run again on another release's root, as test
 /// `vm_GROUP_RELEASE` (the conformance table per multipath-tools release).
-const RELEASE_GROUPS: &[(&str, &str)] = &[("conformance", "trixie"), ("conformance", "sid")];
+const RELEASE_GROUPS: &[(&str, &str)] = &[
+    ("conformance", "trixie"),
+    ("conformance", "sid"),
+    ("access", "trixie"),
+    ("access", "sid"),
+    ("ops", "trixie"),
+    ("ops", "sid"),
+];
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -140,7 +154,7 @@ fn main() {
             println!("test {name} ... FAILED (packaging/build-deb.sh failed)");
             continue;
         }
-        if name == "vm_libiscsi" && !build_prshim() {
+        if name.starts_with("vm_libiscsi") && !build_prshim() {
             failed += 1;
             println!("test {name} ... FAILED (cargo build -p reservd-prshim failed)");
             continue;

@@ -136,8 +136,11 @@ fn ops_systemd_status_follows_multipath_loading() -> TestResult {
         "first notification: {first:?}"
     );
     let second = recv()?;
+    let release = env("RESERVD_MPATH_VERSION");
     check!(
-        second.starts_with("STATUS=serving; multipath support: active (multipath-tools 0.9.4"),
+        second.starts_with(&format!(
+            "STATUS=serving; multipath support: active (multipath-tools {release}"
+        )),
         "second notification: {second:?}"
     );
     Ok(())

@@ -109,7 +109,7 @@ PID=$!
 for ((i = 0; i < 100; i++)); do [[ -S $SOCK ]] && grep -q 'multipath support: \(active\|inactive\)' "$LOG" && break; sleep 0.1; done
 [[ -S $SOCK ]] || die "reservd did not create its socket"
 sed 's/^/  reservd| /' "$LOG"
-grep -q 'multipath support: active (multipath-tools 0.9.4' "$LOG" || die "multipath support not active"
+grep -q "multipath support: active (multipath-tools ${RESERVD_MPATH_VERSION:-}" "$LOG" || die "multipath support not active (multipath-tools ${RESERVD_MPATH_VERSION:-?})"
 grep '^Cap\(Eff\|Prm\|Bnd\)' /proc/$PID/status
 [[ $(awk '/^CapEff/ { print $2 }' /proc/$PID/status) == 0000000000220000 ]] ||
     die "reservd should keep exactly CAP_SYS_RAWIO and CAP_SYS_ADMIN"
