@@ -7,27 +7,21 @@
 //! [`access`].
 #![deny(unsafe_code)]
 
+pub use reservd_proto::{cdb, mpath_xlate, mpconf, onenexus, params, prin, sense, wire};
+
 pub mod access;
 pub mod audit;
 pub mod backend;
-pub mod cdb;
 pub mod cli;
 pub mod client;
 pub mod logging;
-pub mod mpath_xlate;
-pub mod mpconf;
 pub mod multipathd;
-pub mod onenexus;
-pub mod params;
 pub mod pathcheck;
-pub mod prin;
 pub mod privs;
 pub mod report;
 pub mod seccomp;
-pub mod sense;
 pub mod server;
 pub mod startup;
-pub mod wire;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

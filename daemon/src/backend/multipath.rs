@@ -48,7 +48,6 @@ use crate::mpath_xlate::{
 };
 use crate::multipathd::{clear_map_keys, Multipathd};
 use crate::onenexus::{self, Fixes, MapState, Prout, Route};
-use crate::params::FLAG_SPEC_I_PT;
 use crate::prin;
 use crate::sense::{failure_answer, mpath_pr, mpath_wants_tur, Answer, Failure, SenseCode, Status};
 use crate::wire::OP_CLEANUP;
@@ -210,19 +209,6 @@ fn is_unit_attention(a: &Answer) -> bool {
 
 fn good(a: &Answer) -> bool {
     a.status == Status::GOOD
-}
-
-impl Prout {
-    fn of(req: &ProutRequest) -> Prout {
-        Prout {
-            service_action: req.service_action,
-            scope: req.scope,
-            pr_type: req.pr_type,
-            key: u64::from_be_bytes(req.header[0..8].try_into().unwrap()),
-            sa_key: req.sa_key(),
-            spec_i_pt: req.header[20] & FLAG_SPEC_I_PT != 0,
-        }
-    }
 }
 
 impl Multipath {

@@ -62,6 +62,8 @@
 #![forbid(unsafe_code)]
 
 use crate::cdb::{pr_type, prout_sa};
+use crate::mpath_xlate::ProutRequest;
+use crate::params::FLAG_SPEC_I_PT;
 use crate::prin::{self, Reservation};
 use crate::sense::{Answer, Status};
 
@@ -185,6 +187,20 @@ pub struct Prout {
     pub key: u64,
     pub sa_key: u64,
     pub spec_i_pt: bool,
+}
+
+impl Prout {
+    /// The fields of a PR OUT as libmpathpersist would be given it.
+    pub fn of(req: &ProutRequest) -> Prout {
+        Prout {
+            service_action: req.service_action,
+            scope: req.scope,
+            pr_type: req.pr_type,
+            key: u64::from_be_bytes(req.header[0..8].try_into().unwrap()),
+            sa_key: req.sa_key(),
+            spec_i_pt: req.header[20] & FLAG_SPEC_I_PT != 0,
+        }
+    }
 }
 
 /// How a PR OUT on a map runs.
