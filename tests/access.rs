@@ -12,7 +12,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use frames::*;
-use reservd_daemon::seccomp::{self, Mode};
+use reservd_daemon::sandbox::seccomp::{self, Mode};
 use support::*;
 
 fn serve(sock: &Path, extra: &[&str]) -> Proc {

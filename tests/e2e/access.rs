@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use reservd_daemon::cdb::{pr_type, prin_sa, prout_sa};
 use reservd_daemon::prin;
-use reservd_daemon::seccomp::Mode;
+use reservd_daemon::sandbox::seccomp::Mode;
 
 use super::Scenario;
 use super::{
@@ -165,7 +165,7 @@ fn access_seccomp_log_records_a_refused_call() -> TestResult {
         if r != 0 {
             return Err("PR_SET_NO_NEW_PRIVS failed".into());
         }
-        reservd_daemon::seccomp::install_this_thread(Mode::Log, pid)
+        reservd_daemon::sandbox::seccomp::install_this_thread(Mode::Log, pid)
             .map_err(|e| format!("{e:#}"))?;
         // SAFETY: socket() with integer arguments; the fd is closed below.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };

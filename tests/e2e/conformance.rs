@@ -1655,11 +1655,11 @@ fn reset(lu: &Lu, offline: &[String]) -> TestResult {
         return Err(format!("reset of the {}: CLEAR: {}", lu.what, r.text()));
     }
     if let Some(minor) = lu.dm_minor {
-        let mut conn = reservd_daemon::multipathd::Multipathd::from_env()
+        let mut conn = reservd_daemon::backend::multipath::multipathd::Multipathd::from_env()
             .with_timeout(Duration::from_secs(20))
             .connect()
             .map_err(|e| format!("multipathd: {e}"))?;
-        reservd_daemon::multipathd::clear_map_keys(&mut conn, minor)
+        reservd_daemon::backend::multipath::multipathd::clear_map_keys(&mut conn, minor)
             .map_err(|e| format!("multipathd: {e}"))?;
         let key = conn
             .command(&format!("getprkey map dm-{minor}"))
@@ -1703,7 +1703,7 @@ fn reset(lu: &Lu, offline: &[String]) -> TestResult {
 // ---- multipathd and path states ---------------------------------------------------------------
 
 fn multipathd(cmd: &str) -> Result<String, String> {
-    reservd_daemon::multipathd::Multipathd::from_env()
+    reservd_daemon::backend::multipath::multipathd::Multipathd::from_env()
         .with_timeout(Duration::from_secs(20))
         .connect()
         .and_then(|mut c| c.command(cmd))

@@ -14,8 +14,6 @@ use crate::wire::OP_CLEANUP;
 pub mod dm;
 #[cfg(any(test, feature = "emulated"))]
 pub mod emulated;
-pub mod mpath;
-pub mod mpath_log;
 pub mod multipath;
 pub mod router;
 pub mod sgio;

@@ -105,12 +105,12 @@ impl PrBackend for Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::mpath::PersistLib;
+    use crate::backend::multipath::library::PersistLib;
+    use crate::backend::multipath::multipathd::fake::Fake;
+    use crate::backend::multipath::multipathd::Multipathd;
     use crate::backend::multipath::{Diagnostics, MapDevices, Via};
     use crate::cdb::{pad16, PrInCdb, PrOutCdb};
     use crate::mpath_xlate::ProutRequest;
-    use crate::multipathd::fake::Fake;
-    use crate::multipathd::Multipathd;
     use crate::onenexus::Fixes;
     use crate::sense::{mpath_pr, SenseCode, Status};
     use crate::wire::OP_CLEANUP;

@@ -52,7 +52,7 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Clients allowed to connect (`--allow-uid`, `--allow-gid`); None
     /// serves every client.
-    pub allow: Option<crate::access::AllowList>,
+    pub allow: Option<crate::sandbox::access::AllowList>,
     /// A connection that has started a frame (or has not finished its
     /// handshake) and does not complete it within this time is closed.
     /// `None`: no limit. Idle connections between frames are never timed out.
@@ -147,7 +147,7 @@ pub struct Server {
     next_id: u64,
     in_flight: usize,
     buf: Vec<u8>,
-    refusals: crate::access::RefusalLog,
+    refusals: crate::sandbox::access::RefusalLog,
     /// When the next scan for timed-out frames is due.
     next_scan: Option<Instant>,
 }
@@ -181,7 +181,7 @@ impl Server {
             next_id: 1,
             in_flight: 0,
             buf: vec![0; DATA_SIZE],
-            refusals: crate::access::RefusalLog::new(),
+            refusals: crate::sandbox::access::RefusalLog::new(),
             next_scan: None,
         })
     }

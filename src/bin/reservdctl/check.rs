@@ -8,10 +8,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use reservd_daemon::backend::dm::DmControl;
-use reservd_daemon::backend::mpath::Libmpathpersist;
-use reservd_daemon::multipathd::Multipathd;
+use reservd_daemon::backend::multipath::library::Libmpathpersist;
+use reservd_daemon::backend::multipath::multipathd::Multipathd;
 use reservd_daemon::report::json_str;
-use reservd_daemon::{mpconf, privs, wire};
+use reservd_daemon::sandbox::privs;
+use reservd_daemon::{mpconf, wire};
 
 /// Exit status when a check found a problem.
 pub const EXIT_PROBLEMS: u8 = 5;

@@ -25,13 +25,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use reservd_daemon::audit::read_sysfs;
 use reservd_daemon::backend::dm::{DmControl, MapKind};
-use reservd_daemon::backend::mpath::{Libmpathpersist, PersistLib};
+use reservd_daemon::backend::multipath::library::{Libmpathpersist, PersistLib};
+use reservd_daemon::backend::multipath::multipathd::Multipathd;
 use reservd_daemon::backend::sgio::{sg_io, Transfer};
 use reservd_daemon::cdb::{prin_sa, prout_sa, PrInCdb};
 use reservd_daemon::mpath_xlate::ProutRequest;
-use reservd_daemon::multipathd::Multipathd;
+use reservd_daemon::observe::audit::read_sysfs;
 use reservd_daemon::pathcheck::{self, MapStatus, PathRead, PathState, Verdict};
 use reservd_daemon::report;
 use reservd_daemon::sense::Status;

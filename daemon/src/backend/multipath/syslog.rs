@@ -2,7 +2,7 @@
 //!
 //! libmpathpersist, libmultipath and libmpathutil log through `condlog`.
 //! With their `logsink` set to syslog (reservd sets it when it loads the
-//! library, see [`super::mpath`]), every message reaches the C library's
+//! library, see [`super::library`]), every message reaches the C library's
 //! `vsyslog` with its syslog priority: libmultipath's level plus 3 (0 is
 //! LOG_ERR, 1 LOG_WARNING, 2 LOG_NOTICE, 3 LOG_INFO, 4 LOG_DEBUG), or its
 //! fortified form `__vsyslog_chk` when the libraries were built with
@@ -17,7 +17,7 @@
 //! silences them). Nothing else in reservd calls `vsyslog`.
 //!
 //! Only reservd sets the libraries' `logsink` to syslog
-//! ([`super::mpath::Libmpathpersist::log_to_syslog`]); reservdctl leaves it
+//! ([`super::library::Libmpathpersist::log_to_syslog`]); reservdctl leaves it
 //! alone, and the libraries print their messages on its stderr, as
 //! multipath-tools' own commands do.
 #![allow(unsafe_code)]

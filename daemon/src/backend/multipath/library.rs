@@ -19,7 +19,7 @@
 //! takes it over (1 to 2 ms), never SG_IO clients beyond that.
 //!
 //! Only call into the library for file descriptors that
-//! [`super::dm::DmControl::probe`] has shown to be multipath maps:
+//! [`crate::backend::dm::DmControl::probe`] has shown to be multipath maps:
 //! libmultipath `exit(1)`s the process when device-mapper is unreachable at
 //! its first DM operation.
 #![allow(unsafe_code)]
@@ -125,12 +125,12 @@ impl Libmpathpersist {
 
     /// Send multipath-tools' own messages to syslog with their priorities:
     /// into reservd's log when the executable defines `vsyslog` (see
-    /// [`super::mpath_log`]), else (under systemd) to the journal's syslog
+    /// [`super::syslog`]), else (under systemd) to the journal's syslog
     /// socket, rather than onto stderr with a timestamp of their own and
     /// no level. Call it before the first command.
     pub fn log_to_syslog(&self) {
-        let routed = super::mpath_log::routes_library_messages();
-        if !(routed || crate::logging::stderr_is_journal()) {
+        let routed = super::syslog::routes_library_messages();
+        if !(routed || crate::observe::logging::stderr_is_journal()) {
             return;
         }
         if !library_logs_to_syslog() {
@@ -138,7 +138,7 @@ impl Libmpathpersist {
         } else if routed {
             log::debug!(
                 "multipath-tools' messages go to reservd's log, target '{}'",
-                super::mpath_log::TARGET
+                super::syslog::TARGET
             );
         }
     }

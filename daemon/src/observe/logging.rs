@@ -3,7 +3,7 @@
 //! when stderr is connected to the journal.
 //!
 //! Default level: warnings (`-v` info, `-vv` debug, `-vvv` trace, `-q`
-//! errors only). The audit trail ([`crate::audit::AUDIT_TARGET`], one line
+//! errors only). The audit trail ([`crate::observe::audit::AUDIT_TARGET`], one line
 //! per PR OUT) is shown at info level even by default; `-q` silences it,
 //! and `RUST_LOG=reservd::audit=off` does too.
 
@@ -199,7 +199,7 @@ pub fn init(verbose: u8, quiet: bool, traces: &[String]) -> Result<Vec<String>, 
     }
     // The audit trail (one line per PR OUT) is on by default; -q hides it.
     if !quiet {
-        builder.filter_module(crate::audit::AUDIT_TARGET, audit_level(verbose));
+        builder.filter_module(crate::observe::audit::AUDIT_TARGET, audit_level(verbose));
     }
     let (targets, unknown) = trace_targets(&patterns);
     for t in targets {

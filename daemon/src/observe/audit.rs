@@ -283,7 +283,8 @@ impl Audited {
         Audited {
             inner,
             multipath_active: Box::new(multipath_active),
-            journal: crate::logging::stderr_is_journal().then(|| PathBuf::from(JOURNAL_SOCKET)),
+            journal: crate::observe::logging::stderr_is_journal()
+                .then(|| PathBuf::from(JOURNAL_SOCKET)),
             enabled: log::log_enabled!(target: AUDIT_TARGET, log::Level::Info),
         }
     }

@@ -29,6 +29,10 @@
 //! Unit attentions that reservd's own commands meet on a path are consumed
 //! (the command is repeated), as libmpathpersist does with its own.
 
+pub mod library;
+pub mod multipathd;
+pub mod syslog;
+
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
@@ -36,7 +40,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::dm::{block_node, DmControl};
-use super::mpath::{Libmpathpersist, PersistLib};
 use super::sgio::{sg_io, SgIo, Transfer};
 use super::{BackendError, Command, PrBackend};
 
@@ -46,11 +49,12 @@ use crate::cdb::{
 use crate::mpath_xlate::{
     prin_data, prin_service_action, prout_request, FullStatusError, ProutRequest, PROUT_HEADER_SIZE,
 };
-use crate::multipathd::{clear_map_keys, Multipathd};
 use crate::onenexus::{self, Fixes, MapState, Prout, Route};
 use crate::prin;
 use crate::sense::{failure_answer, mpath_pr, mpath_wants_tur, Answer, Failure, SenseCode, Status};
 use crate::wire::OP_CLEANUP;
+use library::{Libmpathpersist, PersistLib};
+use multipathd::{clear_map_keys, Multipathd};
 
 /// Where reservd sends a command of its own on a map.
 #[derive(Clone, Copy, Debug)]
@@ -91,7 +95,7 @@ impl MapDevices for HostMaps {
             .multipathd
             .connect()
             .map_err(|e| format!("multipathd: {e}"))?;
-        crate::multipathd::map_key(&mut conn, minor).map_err(|e| format!("multipathd: {e}"))
+        multipathd::map_key(&mut conn, minor).map_err(|e| format!("multipathd: {e}"))
     }
 
     fn active_paths(&self, map: BorrowedFd<'_>) -> io::Result<Vec<PathBuf>> {
@@ -788,7 +792,7 @@ impl Loaded {
     pub fn load(dm: Arc<DmControl>, runs_as_root: bool, sgio_timeout_ms: u32) -> Loaded {
         // libmultipath's verbosity: the levels it formats at all (0
         // errors, 1 warnings, 2 notices, 3 info, 4 debug), as far as
-        // reservd's log shows them (see mpath_log).
+        // reservd's log shows them (see syslog).
         let verbose = match log::max_level() {
             log::LevelFilter::Trace => 4,
             log::LevelFilter::Debug => 3,
