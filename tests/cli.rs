@@ -211,7 +211,11 @@ fn pidfile_is_written_locked_and_kept_without_daemon() {
         l_pid: 0,
     };
     nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_GETLK(&mut lock)).unwrap();
-    assert_eq!(lock.l_type, libc::F_WRLCK as _, "pid file not locked");
+    assert_eq!(
+        lock.l_type,
+        libc::F_WRLCK as libc::c_short,
+        "pid file not locked"
+    );
     assert_eq!(lock.l_pid, p.pid());
     drop(f);
 

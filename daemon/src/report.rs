@@ -32,14 +32,7 @@ pub fn hex(b: &[u8]) -> String {
 }
 
 pub fn status_name(s: u8) -> &'static str {
-    match Status(s) {
-        Status::GOOD => "GOOD",
-        Status::CHECK_CONDITION => "CHECK CONDITION",
-        Status::BUSY => "BUSY",
-        Status::RESERVATION_CONFLICT => "RESERVATION CONFLICT",
-        Status::TASK_SET_FULL => "TASK SET FULL",
-        _ => "other",
-    }
+    Status(s).name()
 }
 
 pub fn transport_id_text(t: &TransportId) -> String {

@@ -19,6 +19,18 @@ impl Status {
     pub const BUSY: Status = Status(0x08);
     pub const RESERVATION_CONFLICT: Status = Status(0x18);
     pub const TASK_SET_FULL: Status = Status(0x28);
+
+    /// The status's name in SAM-5, or "other".
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::GOOD => "GOOD",
+            Status::CHECK_CONDITION => "CHECK CONDITION",
+            Status::BUSY => "BUSY",
+            Status::RESERVATION_CONFLICT => "RESERVATION CONFLICT",
+            Status::TASK_SET_FULL => "TASK SET FULL",
+            _ => "other",
+        }
+    }
 }
 
 /// A sense key with its additional sense code and qualifier.

@@ -1423,7 +1423,7 @@ mod tests {
         // Removing the last registrants ends it.
         assert_good(l.out(2, PREEMPT, WE, 0x20, 0x30));
         assert_good(l.out(2, PREEMPT, WE, 0x20, 0x20));
-        assert_eq!(l.keys(2).1, vec![]);
+        assert_eq!(l.keys(2).1, Vec::<u64>::new());
         assert_eq!(l.reservation(2), None);
     }
 

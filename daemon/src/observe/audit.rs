@@ -125,7 +125,7 @@ impl Record {
 
     pub fn status_text(&self) -> String {
         match &self.outcome {
-            Ok((s, _)) => crate::report::status_name(*s).replace(' ', "_"),
+            Ok((s, _)) => crate::sense::Status(*s).name().replace(' ', "_"),
             Err(_) => "CONNECTION_CLOSED".to_string(),
         }
     }
@@ -172,7 +172,9 @@ impl Record {
             }
             let name = k.trim_start_matches("RESERVD_").to_ascii_lowercase();
             if v.contains(char::is_whitespace) || v.is_empty() {
-                let _ = write!(o, " {name}={}", crate::report::json_str(&v));
+                // Quoted as a JSON string.
+                let quoted = serde_json::to_string(&v).expect("a string serializes");
+                let _ = write!(o, " {name}={quoted}");
             } else {
                 let _ = write!(o, " {name}={v}");
             }

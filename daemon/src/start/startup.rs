@@ -218,7 +218,7 @@ fn lock_holder(file: &File) -> Option<libc::pid_t> {
     use nix::fcntl::{fcntl, FcntlArg};
     let mut lock = whole_file_lock(libc::F_WRLCK);
     fcntl(file, FcntlArg::F_GETLK(&mut lock)).ok()?;
-    (lock.l_type != libc::F_UNLCK as _).then_some(lock.l_pid)
+    (lock.l_type != libc::F_UNLCK as libc::c_short).then_some(lock.l_pid)
 }
 
 fn locked_error(path: &Path, holder: Option<libc::pid_t>) -> anyhow::Error {
