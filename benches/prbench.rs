@@ -27,8 +27,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use reservd_client::client::Client;
 use reservd_daemon::backend::sgio::{sg_io, Transfer};
-use reservd_daemon::client::Client;
 
 /// PR IN READ KEYS with an allocation length of 8 KiB, as QEMU sends it
 /// for a guest asking with a large buffer.

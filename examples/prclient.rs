@@ -16,8 +16,8 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
+use reservd_client::client::Client;
 use reservd_daemon::cdb::{PrInCdb, PrOutCdb};
-use reservd_daemon::client::Client;
 
 fn num(s: &str) -> u64 {
     let r = match s.strip_prefix("0x") {

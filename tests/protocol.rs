@@ -346,10 +346,10 @@ fn spc4_sequence_across_two_connections() {
     let mut a = server.client();
     let mut b = server.client();
     let (ka, kb) = (0xaaaa_0000_0000_0001u64, 0xbbbb_0000_0000_0002u64);
-    let out = |c: &mut reservd_daemon::client::Client, sa: u8, t: u8, p: &[u8]| {
+    let out = |c: &mut reservd_client::client::Client, sa: u8, t: u8, p: &[u8]| {
         c.execute(&cdb_out(sa, t, p.len() as u16), fd, p).unwrap()
     };
-    let inq = |c: &mut reservd_daemon::client::Client, sa: u8| {
+    let inq = |c: &mut reservd_client::client::Client, sa: u8| {
         c.execute(&cdb_in(sa, 8192), fd, &[]).unwrap()
     };
 
@@ -653,7 +653,7 @@ fn the_client_refuses_more_data_than_it_asked_for() {
         s.write_all(&r).unwrap();
     });
     let disk = Disk::new();
-    let mut c = reservd_daemon::client::Client::connect(&path).unwrap();
+    let mut c = reservd_client::client::Client::connect(&path).unwrap();
     let e = c.execute(&cdb_in(0, 8), disk.fd(), &[]).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
     fake.join().unwrap();
@@ -726,7 +726,7 @@ fn the_backend_hears_of_every_connection_that_goes() {
 /// the client reads, every request is answered, in order.
 #[test]
 fn a_client_that_does_not_read_is_not_read() {
-    use reservd_daemon::server::fdpass::send_with_fds;
+    use reservd_client::client::send_with_fds;
     let (server, _) = TestServer::emulated();
     let disk = Disk::new();
     let mut s = server.ready();

@@ -17,10 +17,7 @@
 pub use reservd_proto::{cdb, mpath_xlate, mpconf, onenexus, params, prin, sense, wire};
 
 pub mod backend;
-pub mod client;
 pub mod observe;
-pub mod pathcheck;
-pub mod report;
 pub mod sandbox;
 pub mod server;
 pub mod start;

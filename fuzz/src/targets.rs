@@ -12,13 +12,13 @@ use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use reservd_client::client::send_with_fds;
 use reservd_daemon::backend::emulated::Emulated;
 use reservd_daemon::cdb::{pad16, transfer_length, PrInCdb, PrOutCdb};
 use reservd_daemon::mpath_xlate;
 use reservd_daemon::params::{parse_transport_ids, ProutParams, TransportId};
 use reservd_daemon::prin;
 use reservd_daemon::sense::{Answer, Status};
-use reservd_daemon::server::fdpass::send_with_fds;
 use reservd_daemon::server::{Config, Server};
 use reservd_daemon::wire::{
     encode_response, Decoder, Event, ResponseHeader, DATA_SIZE, FEATURE_CLEANUP, OP_CLEANUP,

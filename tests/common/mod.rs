@@ -14,9 +14,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use reservd_client::client::{Client, Response};
 use reservd_daemon::backend::emulated::Emulated;
 use reservd_daemon::backend::{BackendError, Command, Nexus, PrBackend};
-use reservd_daemon::client::{Client, Response};
 use reservd_daemon::sense::{Answer, SenseCode};
 use reservd_daemon::server::{Config, Server, ShutdownHandle};
 

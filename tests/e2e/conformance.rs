@@ -52,9 +52,9 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use reservd_client::client::{Client, Response};
 use reservd_daemon::backend::sgio::{sg_io, Transfer};
 use reservd_daemon::cdb::{pr_type, prin_sa, prout_sa, PrInCdb, PrOutCdb};
-use reservd_daemon::client::{Client, Response};
 use reservd_daemon::params::{ProutParams, TransportId};
 use reservd_daemon::prin;
 use reservd_daemon::sense::SenseCode;
@@ -1072,11 +1072,11 @@ fn raw_answer(lu: &Lu, cmd: Cmd, r: &Reply) -> Ans {
                     k.sort_unstable();
                     Data::Keys(k)
                 }
-                Err(_) => Data::Bytes(reservd_daemon::report::hex(&r.data)),
+                Err(_) => Data::Bytes(reservd_client::report::hex(&r.data)),
             },
             prin_sa::READ_RESERVATION => match prin::parse_read_reservation(&r.data) {
                 Ok((_, res)) => Data::Reservation(res.map(|x| (x.key, x.scope, x.pr_type))),
-                Err(_) => Data::Bytes(reservd_daemon::report::hex(&r.data)),
+                Err(_) => Data::Bytes(reservd_client::report::hex(&r.data)),
             },
             prin_sa::READ_FULL_STATUS => match prin::parse_read_full_status(&r.data) {
                 Ok((_, descs)) => {
@@ -1093,9 +1093,9 @@ fn raw_answer(lu: &Lu, cmd: Cmd, r: &Reply) -> Ans {
                     v.sort();
                     Data::Full(v)
                 }
-                Err(_) => Data::Bytes(reservd_daemon::report::hex(&r.data)),
+                Err(_) => Data::Bytes(reservd_client::report::hex(&r.data)),
             },
-            _ => Data::Bytes(reservd_daemon::report::hex(&r.data)),
+            _ => Data::Bytes(reservd_client::report::hex(&r.data)),
         },
         _ => Data::None,
     };

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use reservd_client::client::{Client, Response};
 use reservd_daemon::cdb::{pr_type, prin_sa, prout_sa, PrInCdb, PrOutCdb};
-use reservd_daemon::client::{Client, Response};
 use reservd_daemon::params::ProutParams;
 use reservd_daemon::prin;
 use reservd_daemon::sense::SenseCode;
@@ -292,7 +292,7 @@ pub fn expect_good(r: &Response, what: &str) -> TestResult {
     if r.status != 0 {
         return Err(format!(
             "{what}: {}",
-            reservd_daemon::report::answer_text(r.status, &r.sense)
+            reservd_client::report::answer_text(r.status, &r.sense)
         ));
     }
     Ok(())
@@ -707,7 +707,7 @@ fn robust_fd_count_stable() -> TestResult {
 }
 
 fn robust_client_vanishes_mid_command() -> TestResult {
-    use reservd_daemon::server::fdpass::send_with_fds;
+    use reservd_client::client::send_with_fds;
     use std::io::{Read, Write};
     let dev = PathBuf::from(env("RESERVD_SP_DEV"));
     let d = Daemon::start("reservd-robust", &[])?;
@@ -997,7 +997,7 @@ fn reference_same_bytes_as_qemu_pr_helper() -> TestResult {
 }
 
 fn report_hex(b: &[u8]) -> String {
-    reservd_daemon::report::hex(b)
+    reservd_client::report::hex(b)
 }
 
 /// One step of a two-initiator sequence: which nexus sends it, and what.

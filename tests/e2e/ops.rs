@@ -200,7 +200,7 @@ fn ops_library_messages_reach_reservds_log_at_their_level() -> TestResult {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        let mut c = reservd_daemon::client::Client::connect(&socket)
+        let mut c = reservd_client::client::Client::connect(&socket)
             .map_err(|e| format!("connect: {e}"))?;
         c.stream()
             .set_read_timeout(Some(Duration::from_secs(30)))

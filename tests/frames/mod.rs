@@ -8,9 +8,9 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 
+use reservd_client::client::send_with_fds;
 use reservd_daemon::cdb::{prin_sa, prout_sa};
 use reservd_daemon::sense::{SenseCode, SENSE_SIZE};
-use reservd_daemon::server::fdpass::send_with_fds;
 use reservd_daemon::wire::RESPONSE_HEADER_SIZE;
 
 pub const PRIN: u8 = 0x5e;

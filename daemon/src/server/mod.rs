@@ -664,7 +664,7 @@ impl Server {
         };
         while !conn.out.is_empty() {
             let (a, _) = conn.out.as_slices();
-            match fdpass::send_with_fds(conn.stream.as_fd(), a, &[]) {
+            match fdpass::send(conn.stream.as_fd(), a) {
                 Ok(n) => {
                     conn.out.drain(..n);
                 }
@@ -801,7 +801,7 @@ pub fn raise_fd_limit(max_connections: usize, max_workers: usize) {
 fn write_some(stream: &UnixStream, bytes: &[u8]) -> io::Result<usize> {
     let mut sent = 0;
     while sent < bytes.len() {
-        match fdpass::send_with_fds(stream.as_fd(), &bytes[sent..], &[]) {
+        match fdpass::send(stream.as_fd(), &bytes[sent..]) {
             Ok(n) => sent += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -7,10 +7,10 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use reservd_client::report::json_str;
 use reservd_daemon::backend::dm::DmControl;
 use reservd_daemon::backend::multipath::library::Libmpathpersist;
 use reservd_daemon::backend::multipath::multipathd::Multipathd;
-use reservd_daemon::report::json_str;
 use reservd_daemon::sandbox::privs;
 use reservd_daemon::{mpconf, wire};
 

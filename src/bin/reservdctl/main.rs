@@ -17,10 +17,10 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use reservd_client::client::{Client, Response};
+use reservd_client::report;
 use reservd_daemon::cdb::{prin_sa, prout_sa, PrInCdb, PrOutCdb};
-use reservd_daemon::client::{Client, Response};
 use reservd_daemon::params::ProutParams;
-use reservd_daemon::report;
 
 mod check;
 mod cli;

@@ -7,7 +7,7 @@
 //! (`device/vpd_pg83`) and, on Fibre Channel, initiator port
 //! (`fc_host/hostN/port_name`). Each path gets PR IN READ KEYS, READ
 //! RESERVATION and READ FULL STATUS directly with SG_IO (root only). The
-//! verdict is [`reservd_daemon::pathcheck::verdict`].
+//! verdict is [`reservd_client::pathcheck::verdict`].
 //!
 //! `--repair` registers a missing key with libmpathpersist on the map, in
 //! this process: REGISTER AND IGNORE EXISTING KEY with the key as service
@@ -25,6 +25,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use reservd_client::pathcheck::{self, MapStatus, PathRead, PathState, Verdict};
+use reservd_client::report;
 use reservd_daemon::backend::dm::{DmControl, MapKind};
 use reservd_daemon::backend::multipath::library::{Libmpathpersist, PersistLib};
 use reservd_daemon::backend::multipath::multipathd::Multipathd;
@@ -32,8 +34,6 @@ use reservd_daemon::backend::sgio::{sg_io, Transfer};
 use reservd_daemon::cdb::{prin_sa, prout_sa, PrInCdb};
 use reservd_daemon::mpath_xlate::ProutRequest;
 use reservd_daemon::observe::audit::read_sysfs;
-use reservd_daemon::pathcheck::{self, MapStatus, PathRead, PathState, Verdict};
-use reservd_daemon::report;
 use reservd_daemon::sense::Status;
 
 /// Exit status of `status` when a usable path lacks a key.

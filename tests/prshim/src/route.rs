@@ -6,7 +6,7 @@ use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use reservd_daemon::client::{Client, Response};
+use reservd_client::client::{Client, Response};
 
 use crate::translate::{describe, Prepared};
 

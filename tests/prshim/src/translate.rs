@@ -1,8 +1,8 @@
 //! From an SG_IO call to a helper-protocol request, and from reservd's
 //! answer back to what the kernel writes into the `sg_io_hdr`. No I/O.
 
+use reservd_client::client::Response;
 use reservd_daemon::cdb::{pad16, transfer_length, PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT};
-use reservd_daemon::client::Response;
 use reservd_daemon::sense::{Status, SENSE_SIZE};
 use reservd_daemon::wire::{CDB_SIZE, DATA_SIZE};
 

@@ -3,10 +3,10 @@
 
 use std::fmt::Write;
 
-use crate::cdb::{pr_type, prin_sa};
-use crate::params::TransportId;
-use crate::prin;
-use crate::sense::{SenseCode, Status};
+use reservd_proto::cdb::{pr_type, prin_sa};
+use reservd_proto::params::TransportId;
+use reservd_proto::prin;
+use reservd_proto::sense::{SenseCode, Status};
 
 /// Escape a string for a JSON string literal.
 pub fn json_str(s: &str) -> String {
@@ -232,7 +232,7 @@ pub fn sense_name(c: SenseCode) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::prin::{read_keys, read_reservation, Reservation};
+    use reservd_proto::prin::{read_keys, read_reservation, Reservation};
 
     #[test]
     fn read_keys_text_and_json() {

@@ -21,9 +21,9 @@
 
 use std::fmt::Write;
 
-use crate::cdb::prin_sa;
-use crate::prin::{self, FullStatusDescriptor};
 use crate::report::{self, json_str};
+use reservd_proto::cdb::prin_sa;
+use reservd_proto::prin::{self, FullStatusDescriptor};
 
 /// What was read through one path.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -1,15 +1,16 @@
 //! A blocking client of the helper protocol, doing what QEMU's
 //! pr-manager-helper does. Used by reservd's tools, tests and benchmarks.
 
-use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::io::{self, IoSlice, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use crate::cdb::{pad16, transfer_length, PERSISTENT_RESERVE_IN};
-use crate::sense::{SenseCode, SENSE_SIZE};
-use crate::server::fdpass::send_with_fds;
-use crate::wire::{ResponseHeader, DATA_SIZE, RESPONSE_HEADER_SIZE};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use reservd_proto::cdb::{pad16, transfer_length, PERSISTENT_RESERVE_IN};
+use reservd_proto::sense::{SenseCode, SENSE_SIZE};
+
+use reservd_proto::wire::{ResponseHeader, DATA_SIZE, RESPONSE_HEADER_SIZE};
 
 /// One answer from the helper.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,4 +98,25 @@ impl Client {
             data,
         })
     }
+}
+
+/// Send `data`, attaching `fds` (if any) to it, as one `sendmsg` with
+/// SCM_RIGHTS; the number of bytes sent. A closed peer is an error
+/// (EPIPE), not a SIGPIPE.
+pub fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(data)],
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(io::Error::from)
 }
