@@ -4,21 +4,21 @@
 //! `--allow-gid` checked against the client's credentials, and the mode
 //! and group of the socket reservd creates.
 
-mod frames;
-mod support;
-
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use frames::*;
 use reservd_daemon::sandbox::seccomp::{self, Mode};
-use support::*;
+use reservd_testkit::frames::*;
+use reservd_testkit::spawn::*;
+
+/// The daemon under test.
+const RESERVD: &str = env!("CARGO_BIN_EXE_reservd");
 
 fn serve(sock: &Path, extra: &[&str]) -> Proc {
     let mut args = vec!["-k", sock.to_str().unwrap()];
     args.extend_from_slice(extra);
-    let mut p = Proc::reservd(&args);
+    let mut p = Proc::start(RESERVD, &args);
     p.wait_socket(sock);
     p
 }
@@ -207,7 +207,7 @@ fn seccomp_off_installs_no_filter_and_bad_modes_are_refused() {
     assert!(seccomp_of_threads(p.pid()).iter().all(|s| s == "0"));
     assert!(p.stop().0.success());
 
-    let (status, _, stderr) = run_reservd(&["--seccomp=strict", "-k", "/tmp/x.sock"]);
+    let (status, _, stderr) = run_to_end(RESERVD, &["--seccomp=strict", "-k", "/tmp/x.sock"]);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("--seccomp"), "{stderr}");
 }
@@ -265,8 +265,10 @@ fn socket_mode_is_applied_and_validated() {
     read_keys_on_a_file(&sock, &dir);
     assert!(p.stop().0.success());
     for bad in ["999", "1777", "rw", ""] {
-        let (status, _, stderr) =
-            run_reservd(&["--socket-mode", bad, "-k", sock.to_str().unwrap()]);
+        let (status, _, stderr) = run_to_end(
+            RESERVD,
+            &["--socket-mode", bad, "-k", sock.to_str().unwrap()],
+        );
         assert_eq!(status.code(), Some(1), "{bad}: {stderr}");
         assert!(stderr.contains("--socket-mode"), "{bad}: {stderr}");
     }
@@ -285,12 +287,15 @@ fn socket_group_is_applied() {
         assert_eq!(m.permissions().mode() & 0o7777, 0o660, "{group}");
         assert!(p.stop().0.success());
     }
-    let (status, _, stderr) = run_reservd(&[
-        "--socket-group",
-        "no-such-group-here",
-        "-k",
-        sock.to_str().unwrap(),
-    ]);
+    let (status, _, stderr) = run_to_end(
+        RESERVD,
+        &[
+            "--socket-group",
+            "no-such-group-here",
+            "-k",
+            sock.to_str().unwrap(),
+        ],
+    );
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("invalid group"), "{stderr}");
     assert!(!sock.exists());
@@ -468,7 +473,7 @@ fn unknown_allowed_user_or_group_is_a_start_up_error() {
     ] {
         let mut all = args.to_vec();
         all.extend(["-k", "/tmp/reservd-access-never.sock"]);
-        let (status, _, stderr) = run_reservd(&all);
+        let (status, _, stderr) = run_to_end(RESERVD, &all);
         assert_eq!(status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains("invalid"), "{args:?}: {stderr}");
         assert!(!Path::new("/tmp/reservd-access-never.sock").exists());
@@ -477,7 +482,7 @@ fn unknown_allowed_user_or_group_is_a_start_up_error() {
 
 #[test]
 fn help_documents_the_access_options() {
-    let (status, stdout, stderr) = run_reservd(&["--help"]);
+    let (status, stdout, stderr) = run_to_end(RESERVD, &["--help"]);
     assert!(status.success(), "{stderr}");
     for opt in [
         "--seccomp <MODE>",

@@ -11,10 +11,6 @@
 //! in-process with test backends: one that counts what reaches it (nothing
 //! malformed may), and one that hangs like a dead device.
 
-mod common;
-mod frames;
-mod support;
-
 use std::io::Write;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -26,12 +22,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use frames::*;
-use reservd_daemon::backend::emulated::Emulated;
 use reservd_daemon::backend::{BackendError, Command as PrCommand, Nexus, PrBackend};
 use reservd_daemon::sense::Answer;
 use reservd_daemon::server::Config;
-use support::*;
+use reservd_testkit::emulated::Emulated;
+use reservd_testkit::frames::*;
+use reservd_testkit::spawn::*;
+
+/// The daemon under test.
+const RESERVD: &str = env!("CARGO_BIN_EXE_reservd");
 
 /// Resident memory a case may leave behind (allocator caches, a worker
 /// thread's arena).
@@ -155,7 +154,7 @@ impl Daemon {
         let o = read_outcome(&mut s);
         assert_eq!(o.status(), 2, "{o:?}");
         assert_eq!(o.sense_code(), (0x0b, 0x00, 0x06));
-        assert_eq!(o.len(), 0);
+        assert_eq!(o.data_len(), 0);
     }
 
     /// Wait (boundedly) for the fd count to reach `want`, or to stop
@@ -220,7 +219,7 @@ fn expect_check(s: &mut UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Out
     send_frame(s, bytes, fds);
     let o = read_outcome(s);
     assert_eq!(o.status(), 2, "{o:?}");
-    assert_eq!(o.len(), 0);
+    assert_eq!(o.data_len(), 0);
     o
 }
 
@@ -618,8 +617,11 @@ fn malformed_requests_never_reach_the_backend() {
         inner: Emulated::new(),
         executed: AtomicUsize::new(0),
     });
-    let server = common::TestServer::start(backend.clone(), common::test_config());
-    let disk = common::Disk::new();
+    let server = reservd_testkit::server::TestServer::start(
+        backend.clone(),
+        reservd_testkit::server::test_config(),
+    );
+    let disk = reservd_testkit::server::Disk::new();
     let cases = malformed(disk.fd());
     for (requested, bytes, fds) in &cases {
         let mut s = server.raw();
@@ -637,13 +639,18 @@ fn malformed_requests_never_reach_the_backend() {
 
 #[test]
 fn a_hung_device_holds_only_its_own_clients() {
-    let (gate, _open, server) = common::gated_server(common::test_config());
-    let disk = common::Disk::new();
+    let (gate, _open, server) =
+        reservd_testkit::server::gated_server(reservd_testkit::server::test_config());
+    let disk = reservd_testkit::server::Disk::new();
     // Four clients whose commands hang on the device.
     let mut hung: Vec<UnixStream> = (0..4)
         .map(|_| {
             let s = server.ready();
-            send_frame(&s, &common::held(cdb_in(0, 8192)), &[disk.fd()]);
+            send_frame(
+                &s,
+                &reservd_testkit::server::held(cdb_in(0, 8192)),
+                &[disk.fd()],
+            );
             s
         })
         .collect();
@@ -680,11 +687,11 @@ impl PrBackend for PanicsOnMark {
 
 #[test]
 fn a_panicking_command_closes_only_its_connection() {
-    let server = common::TestServer::start(
+    let server = reservd_testkit::server::TestServer::start(
         Arc::new(PanicsOnMark(Emulated::new())),
-        common::test_config(),
+        reservd_testkit::server::test_config(),
     );
-    let disk = common::Disk::new();
+    let disk = reservd_testkit::server::Disk::new();
     let mut other = server.client();
     for round in 0..3 {
         let mut s = server.ready();
@@ -707,10 +714,10 @@ fn unfinished_frames_time_out_idle_connections_do_not() {
     let backend = Arc::new(Emulated::new());
     let config = Config {
         frame_timeout: Some(Duration::from_millis(300)),
-        ..common::test_config()
+        ..reservd_testkit::server::test_config()
     };
-    let server = common::TestServer::start(backend, config);
-    let disk = common::Disk::new();
+    let server = reservd_testkit::server::TestServer::start(backend, config);
+    let disk = reservd_testkit::server::Disk::new();
     let started = Instant::now();
     // No handshake; half a handshake; half a CDB; half a parameter list.
     let mut stalled = vec![server.raw()];
@@ -759,12 +766,12 @@ fn unfinished_frames_time_out_idle_connections_do_not() {
 
 #[test]
 fn hung_commands_beyond_the_cap_queue_without_stalling_the_loop() {
-    let (gate, _open, server) = common::gated_server(Config {
+    let (gate, _open, server) = reservd_testkit::server::gated_server(Config {
         max_workers: 2,
-        ..common::test_config()
+        ..reservd_testkit::server::test_config()
     });
-    let disk = common::Disk::new();
-    let held_cdb = common::held(cdb_in(0, 8192));
+    let disk = reservd_testkit::server::Disk::new();
+    let held_cdb = reservd_testkit::server::held(cdb_in(0, 8192));
     // Every worker hangs on the device.
     let mut hung: Vec<UnixStream> = (0..2)
         .map(|_| {
@@ -794,7 +801,7 @@ fn hung_commands_beyond_the_cap_queue_without_stalling_the_loop() {
     assert_eq!(gate.held(), 2);
     // The device comes back: everything queued is answered.
     gate.open();
-    common::set_timeouts(&waiting);
+    reservd_testkit::server::set_timeouts(&waiting);
     assert_eq!(read_answer(&mut waiting).unwrap().status, 0);
     for s in hung.iter_mut() {
         assert_eq!(read_answer(s).unwrap().status, 0);

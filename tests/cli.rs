@@ -2,9 +2,6 @@
 //! of the compatible command line, the reservd-only options, signals,
 //! systemd socket activation and readiness, privileges and start-up errors.
 
-mod frames;
-mod support;
-
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
@@ -13,9 +10,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use frames::*;
 use nix::sys::signal::Signal;
-use support::*;
+use reservd_testkit::frames::*;
+use reservd_testkit::spawn::*;
+
+/// The daemon under test.
+const RESERVD: &str = env!("CARGO_BIN_EXE_reservd");
 
 /// The lines reservd itself wrote (other programs may share stderr).
 fn reservd_lines(stderr: &str) -> Vec<&str> {
@@ -28,7 +28,7 @@ fn reservd_lines(stderr: &str) -> Vec<&str> {
 /// A start-up failure: exit 1 and exactly one line on stderr, which
 /// contains `needle`.
 fn assert_one_line_error(args: &[&str], needle: &str) {
-    let (status, stdout, stderr) = run_reservd(args);
+    let (status, stdout, stderr) = run_to_end(RESERVD, args);
     assert_eq!(status.code(), Some(1), "{args:?}: stderr {stderr}");
     assert_eq!(stdout, "", "{args:?}");
     let lines: Vec<&str> = stderr.lines().collect();
@@ -48,7 +48,7 @@ fn assert_one_line_error(args: &[&str], needle: &str) {
 fn serve(sock: &Path, extra: &[&str]) -> Proc {
     let mut args = vec!["-k", sock.to_str().unwrap()];
     args.extend_from_slice(extra);
-    let mut p = Proc::reservd(&args);
+    let mut p = Proc::start(RESERVD, &args);
     p.wait_socket(sock);
     p
 }
@@ -66,7 +66,7 @@ fn read_keys_on_a_file(stream: &mut UnixStream, dir: &TempDir) -> Outcome {
 #[test]
 fn help_lists_every_option_and_the_default_paths() {
     for flag in ["-h", "--help"] {
-        let (status, stdout, stderr) = run_reservd(&[flag]);
+        let (status, stdout, stderr) = run_to_end(RESERVD, &[flag]);
         assert!(status.success(), "{flag}: {stderr}");
         for opt in [
             "-h, --help",
@@ -88,7 +88,7 @@ fn help_lists_every_option_and_the_default_paths() {
     }
     // The defaults are qemu-pr-helper's; only the long help has room for
     // them.
-    let (_, stdout, _) = run_reservd(&["--help"]);
+    let (_, stdout, _) = run_to_end(RESERVD, &["--help"]);
     assert!(stdout.contains("/var/run/qemu-pr-helper.sock"), "{stdout}");
     assert!(stdout.contains("/var/run/qemu-pr-helper.pid"), "{stdout}");
 }
@@ -96,7 +96,7 @@ fn help_lists_every_option_and_the_default_paths() {
 #[test]
 fn version_prints_name_and_version() {
     for flag in ["-V", "--version"] {
-        let (status, stdout, stderr) = run_reservd(&[flag]);
+        let (status, stdout, stderr) = run_to_end(RESERVD, &[flag]);
         assert!(status.success(), "{flag}: {stderr}");
         assert_eq!(
             stdout.lines().next(),
@@ -113,7 +113,7 @@ fn socket_option_serves_the_handshake() {
     let dir = TempDir::new();
     for form in ["-k", "--socket"] {
         let sock = dir.join(&format!("{form}.sock"));
-        let mut p = Proc::reservd(&[form, sock.to_str().unwrap()]);
+        let mut p = Proc::start(RESERVD, &[form, sock.to_str().unwrap()]);
         p.wait_socket(&sock);
         let (mut s, features) = hello(&sock, 0);
         assert_eq!(features, [0, 0, 0, 0], "{form}");
@@ -125,7 +125,7 @@ fn socket_option_serves_the_handshake() {
     }
     // --socket=PATH, as getopt_long accepts it.
     let sock = dir.join("eq.sock");
-    let mut p = Proc::reservd(&[&format!("--socket={}", sock.display())]);
+    let mut p = Proc::start(RESERVD, &[&format!("--socket={}", sock.display())]);
     p.wait_socket(&sock);
     assert_eq!(hello(&sock, 0).1, [0, 0, 0, 0]);
 }
@@ -146,7 +146,10 @@ fn relative_socket_path_is_refused() {
 fn repeated_option_takes_the_last_value() {
     let dir = TempDir::new();
     let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
-    let mut p = Proc::reservd(&["-k", a.to_str().unwrap(), "-k", b.to_str().unwrap()]);
+    let mut p = Proc::start(
+        RESERVD,
+        &["-k", a.to_str().unwrap(), "-k", b.to_str().unwrap()],
+    );
     p.wait_socket(&b);
     assert!(!a.exists(), "the first -k was used");
 }
@@ -222,11 +225,14 @@ fn pidfile_is_written_locked_and_kept_without_daemon() {
     // --pidfile=PATH spelling, on a second instance: refused, and since the
     // pid file is checked before the socket, the first instance's socket
     // (same path) is left alone.
-    let (status, _, stderr) = run_reservd(&[
-        "-k",
-        sock.to_str().unwrap(),
-        &format!("--pidfile={}", pid.display()),
-    ]);
+    let (status, _, stderr) = run_to_end(
+        RESERVD,
+        &[
+            "-k",
+            sock.to_str().unwrap(),
+            &format!("--pidfile={}", pid.display()),
+        ],
+    );
     assert_eq!(status.code(), Some(1));
     assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
     assert!(
@@ -277,12 +283,15 @@ fn pidfile_locked_by_the_launcher_before_exec_is_accepted() {
         .unwrap_or(false)));
     assert_eq!(hello(&sock, 0).1, [0, 0, 0, 0]);
     // And the lock is held by reservd from then on.
-    let (status, _, stderr) = run_reservd(&[
-        "-k",
-        dir.join("t.sock").to_str().unwrap(),
-        "-f",
-        pid.to_str().unwrap(),
-    ]);
+    let (status, _, stderr) = run_to_end(
+        RESERVD,
+        &[
+            "-k",
+            dir.join("t.sock").to_str().unwrap(),
+            "-f",
+            pid.to_str().unwrap(),
+        ],
+    );
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("cannot lock pid file"), "{stderr}");
     let (status, _) = p.stop();
@@ -296,13 +305,16 @@ fn daemon_option_detaches_once_the_socket_exists() {
     let dir = TempDir::new();
     let sock = dir.join("s.sock");
     let pid = dir.join("p.pid");
-    let mut parent = Proc::reservd(&[
-        "-d",
-        "-k",
-        sock.to_str().unwrap(),
-        "-f",
-        pid.to_str().unwrap(),
-    ]);
+    let mut parent = Proc::start(
+        RESERVD,
+        &[
+            "-d",
+            "-k",
+            sock.to_str().unwrap(),
+            "-f",
+            pid.to_str().unwrap(),
+        ],
+    );
     let parent_pid = parent.pid();
     let (status, stdout, stderr) = parent.finish();
     assert!(status.success(), "{stderr}");
@@ -595,7 +607,10 @@ fn verbose_and_quiet_set_the_log_level() {
 fn positional_arguments_are_ignored() {
     let dir = TempDir::new();
     let sock = dir.join("s.sock");
-    let mut p = Proc::reservd(&["FILE", "-k", sock.to_str().unwrap(), "other", "args"]);
+    let mut p = Proc::start(
+        RESERVD,
+        &["FILE", "-k", sock.to_str().unwrap(), "other", "args"],
+    );
     p.wait_socket(&sock);
     assert_eq!(hello(&sock, 0).1, [0, 0, 0, 0]);
     let (status, _) = p.stop();
@@ -610,7 +625,7 @@ fn unknown_option_prints_one_line_and_the_hint() {
         (&["-k"][..], "--socket"),
         (&["--max-connections", "many"][..], "many"),
     ] {
-        let (status, stdout, stderr) = run_reservd(args);
+        let (status, stdout, stderr) = run_to_end(RESERVD, args);
         assert_eq!(status.code(), Some(1), "{args:?}");
         assert_eq!(stdout, "");
         let lines: Vec<&str> = stderr.lines().collect();
@@ -636,7 +651,7 @@ fn sgio_timeout_is_validated_and_applied() {
     drop(p);
     for bad in ["0", "-1", "soon"] {
         let opt = format!("--sgio-timeout={bad}");
-        let (status, _, stderr) = run_reservd(&["-k", sock.to_str().unwrap(), &opt]);
+        let (status, _, stderr) = run_to_end(RESERVD, &["-k", sock.to_str().unwrap(), &opt]);
         assert_eq!(status.code(), Some(1), "{bad}: {stderr}");
         assert!(stderr.contains("--sgio-timeout"), "{stderr}");
     }
@@ -731,7 +746,7 @@ fn enable_cleanup_advertises_and_accepts_the_feature() {
     // CLEANUP (0xFF) on a non-multipath fd: GOOD, no data.
     send_frame(&c, &cdb(&[0xff]), &[f.as_fd()]);
     let out = read_outcome(&mut c);
-    assert_eq!((out.status(), out.len()), (0, 0));
+    assert_eq!((out.status(), out.data_len()), (0, 0));
     assert_eq!(out.sense(), &[0u8; 96][..]);
     // On a read-only fd: INVALID OPERATION CODE, as for PR OUT.
     send_frame(&c, &cdb(&[0xff]), &[ro.as_fd()]);

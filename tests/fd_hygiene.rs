@@ -4,15 +4,12 @@
 //! in this process, so it lives alone in its own test binary: no other
 //! test may open or close files meanwhile.
 
-mod common;
-mod frames;
-
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use common::*;
-use frames::*;
 use reservd_daemon::cdb::{prin_sa, prout_sa};
+use reservd_testkit::frames::*;
+use reservd_testkit::server::*;
 
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()

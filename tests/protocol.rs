@@ -3,9 +3,6 @@
 //! hang), and each test checks what a client observes: the answer bytes,
 //! or the end of the connection with no answer.
 
-mod common;
-mod frames;
-
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, OwnedFd};
@@ -13,15 +10,15 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::*;
-use frames::*;
-use reservd_daemon::backend::emulated::{Emulated, TARGET_PORT};
 use reservd_daemon::cdb::{prin_sa, prout_sa};
 use reservd_daemon::params::{ProutParams, FLAG_SPEC_I_PT};
 use reservd_daemon::prin::{self, parse_read_full_status, parse_read_keys};
 use reservd_daemon::sense::SenseCode;
 use reservd_daemon::server::Config;
 use reservd_daemon::wire::FEATURE_CLEANUP;
+use reservd_testkit::emulated::{Emulated, TARGET_PORT};
+use reservd_testkit::frames::*;
+use reservd_testkit::server::*;
 
 const WE_RO: u8 = 5;
 const EA: u8 = 3;

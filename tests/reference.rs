@@ -10,9 +10,6 @@
 //! exercises framing, validation, fd handling, the read-only rule, the
 //! errno mapping and the response encoding end to end.
 
-mod frames;
-mod support;
-
 use std::io::Write;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -20,9 +17,12 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use frames::*;
 use nix::sys::signal::Signal;
-use support::*;
+use reservd_testkit::frames::*;
+use reservd_testkit::spawn::*;
+
+/// The daemon under test.
+const RESERVD: &str = env!("CARGO_BIN_EXE_reservd");
 
 const HELPER: &str = "/usr/bin/qemu-pr-helper";
 
@@ -42,7 +42,7 @@ impl Pair {
         let h_sock = dir.join("qemu-pr-helper.sock");
         let mut args = vec!["-k", r_sock.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let mut reservd = Proc::reservd(&args);
+        let mut reservd = Proc::start(RESERVD, &args);
         let mut cmd = Command::new(HELPER);
         cmd.arg("-k").arg(&h_sock).args(extra);
         let mut helper = Proc::spawn(cmd);
@@ -104,7 +104,7 @@ fn read_only(dir: &TempDir, name: &str) -> std::fs::File {
 /// fixed-format sense with nothing after byte 17.
 fn assert_enotty_answer(o: &Outcome) {
     assert_eq!(o.status(), 0x02);
-    assert_eq!(o.len(), 0);
+    assert_eq!(o.data_len(), 0);
     assert_eq!(o.sense_code(), (0x0b, 0x00, 0x06));
     let mut want = [0u8; 96];
     want[0] = 0x70;

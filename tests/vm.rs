@@ -18,12 +18,10 @@
 
 #[path = "e2e/conformance.rs"]
 mod conformance;
-mod frames;
 #[path = "e2e/guest.rs"]
 mod guest;
 #[path = "e2e/ops.rs"]
 mod ops;
-mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

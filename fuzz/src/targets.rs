@@ -13,7 +13,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use reservd_client::client::send_with_fds;
-use reservd_daemon::backend::emulated::Emulated;
 use reservd_daemon::cdb::{pad16, transfer_length, PrInCdb, PrOutCdb};
 use reservd_daemon::mpath_xlate;
 use reservd_daemon::params::{parse_transport_ids, ProutParams, TransportId};
@@ -24,6 +23,7 @@ use reservd_daemon::wire::{
     encode_response, Decoder, Event, ResponseHeader, DATA_SIZE, FEATURE_CLEANUP, OP_CLEANUP,
     RESPONSE_HEADER_SIZE,
 };
+use reservd_testkit::emulated::Emulated;
 
 /// Bytes as a stream of events: a control byte (low 5 bits + 1: how many
 /// bytes follow, at most what the decoder wants; bits 5..6: how many fds

@@ -1198,8 +1198,8 @@ fn comparable(cdb: &[u8; 10], r: &Response, base: u32) -> Comparable {
 }
 
 fn oracle_emulated_target_answers_as_lio() -> TestResult {
-    use reservd_daemon::backend::emulated::Emulated;
     use reservd_daemon::backend::{execute, Command as BackendCommand};
+    use reservd_testkit::emulated::Emulated;
     // multipathd's path checker sends TEST UNIT READY on both paths, which
     // would take the unit attentions this sequence checks.
     let _ = Command::new("multipathd").arg("shutdown").output();
@@ -1288,7 +1288,7 @@ fn oracle_emulated_target_answers_as_lio() -> TestResult {
 
 /// Ask QEMU (over QMP) whether its pr-manager-helper object is connected.
 fn qemu_reports_connected(socket: &Path, name: &str) -> TestResult {
-    use crate::support::{qemu, Qmp};
+    use reservd_testkit::spawn::{qemu, Qmp};
     // (a UNIX socket cannot be bound on the 9p log share)
     let qmp = PathBuf::from(format!("/run/{name}.qmp"));
     let _ = std::fs::remove_file(&qmp);

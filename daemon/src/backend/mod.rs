@@ -12,8 +12,6 @@ use crate::sense::{Answer, SenseCode};
 use crate::wire::OP_CLEANUP;
 
 pub mod dm;
-#[cfg(any(test, feature = "emulated"))]
-pub mod emulated;
 pub mod multipath;
 pub mod router;
 pub mod sgio;

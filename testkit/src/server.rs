@@ -2,7 +2,6 @@
 //! on a temporary socket, temporary files standing for disks, and a backend
 //! that holds commands as a hung device would. Raw protocol frames are in
 //! `frames`.
-#![allow(dead_code)]
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -14,11 +13,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::emulated::Emulated;
 use reservd_client::client::{Client, Response};
-use reservd_daemon::backend::emulated::Emulated;
 use reservd_daemon::backend::{BackendError, Command, Nexus, PrBackend};
-use reservd_daemon::sense::{Answer, SenseCode};
 use reservd_daemon::server::{Config, Server, ShutdownHandle};
+use reservd_proto::sense::{Answer, SenseCode};
 
 /// Longest a test waits for anything the server should do at once.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -145,6 +144,12 @@ pub fn set_timeouts(s: &UnixStream) {
 pub struct Disk {
     pub path: PathBuf,
     pub file: File,
+}
+
+impl Default for Disk {
+    fn default() -> Self {
+        Disk::new()
+    }
 }
 
 impl Disk {

@@ -2,16 +2,15 @@
 //! well-behaved client never would, or read an answer byte for byte: CDB and
 //! parameter-list builders, sending with fds attached, and reading the
 //! handshake and answers (or the close that replaces one).
-#![allow(dead_code)]
 
 use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 
 use reservd_client::client::send_with_fds;
-use reservd_daemon::cdb::{prin_sa, prout_sa};
-use reservd_daemon::sense::{SenseCode, SENSE_SIZE};
-use reservd_daemon::wire::RESPONSE_HEADER_SIZE;
+use reservd_proto::cdb::{prin_sa, prout_sa};
+use reservd_proto::sense::{SenseCode, SENSE_SIZE};
+use reservd_proto::wire::RESPONSE_HEADER_SIZE;
 
 pub const PRIN: u8 = 0x5e;
 pub const PROUT: u8 = 0x5f;
@@ -143,7 +142,8 @@ impl Outcome {
         u32::from_be_bytes(self.answer()[0..4].try_into().unwrap())
     }
 
-    pub fn len(&self) -> u32 {
+    /// The answer's data length field.
+    pub fn data_len(&self) -> u32 {
         u32::from_be_bytes(self.answer()[4..8].try_into().unwrap())
     }
 

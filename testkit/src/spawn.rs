@@ -1,7 +1,6 @@
 //! Shared by the tests of the built binary: temporary directories, child
 //! processes that are always killed, bounded waits, connecting to a daemon
 //! and its handshake. Raw protocol frames are in `frames`.
-#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileTypeExt;
@@ -11,9 +10,6 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-/// The binary under test.
-pub const RESERVD: &str = env!("CARGO_BIN_EXE_reservd");
 
 /// How long anything in these tests may take before it counts as hung.
 pub const DEADLINE: Duration = Duration::from_secs(10);
@@ -118,9 +114,9 @@ impl Proc {
         }
     }
 
-    /// Start reservd with `args`.
-    pub fn reservd(args: &[&str]) -> Proc {
-        let mut cmd = Command::new(RESERVD);
+    /// Start `program` (the daemon under test, normally) with `args`.
+    pub fn start(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Proc {
+        let mut cmd = Command::new(program);
         cmd.args(args);
         Proc::spawn(cmd)
     }
@@ -208,9 +204,13 @@ impl Drop for Proc {
     }
 }
 
-/// Run `args` to completion (bounded) and return (status, stdout, stderr).
-pub fn run_reservd(args: &[&str]) -> (ExitStatus, String, String) {
-    Proc::reservd(args).finish()
+/// Run `program` with `args` to completion (bounded) and return (status,
+/// stdout, stderr).
+pub fn run_to_end(
+    program: impl AsRef<std::ffi::OsStr>,
+    args: &[&str],
+) -> (ExitStatus, String, String) {
+    Proc::start(program, args).finish()
 }
 
 /// Whether process `pid` is gone (or a zombie nobody has reaped yet).

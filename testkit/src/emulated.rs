@@ -1,4 +1,4 @@
-//! In-memory SPC-4 persistent reservation target (test builds only).
+//! In-memory SPC-4 persistent reservation target.
 //!
 //! [`Emulated`] keeps the persistent reservation state of every logical unit
 //! it is shown and answers PERSISTENT RESERVE IN and OUT as an SPC-4 device
@@ -103,14 +103,14 @@ use std::io;
 use std::os::fd::BorrowedFd;
 use std::sync::{Mutex, MutexGuard};
 
-use crate::backend::{BackendError, Command, Nexus, PrBackend};
-use crate::cdb::{
+use reservd_daemon::backend::{BackendError, Command, Nexus, PrBackend};
+use reservd_proto::cdb::{
     pr_type, prin_sa, prout_sa, PrOutCdb, PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT,
 };
-use crate::params::{ProutParams, TransportId, BASIC_PARAMS_LEN, FLAG_SPEC_I_PT};
-use crate::prin::{self, Capabilities, FullStatusDescriptor};
-use crate::sense::{Answer, SenseCode, Status};
-use crate::wire::OP_CLEANUP;
+use reservd_proto::params::{ProutParams, TransportId, BASIC_PARAMS_LEN, FLAG_SPEC_I_PT};
+use reservd_proto::prin::{self, Capabilities, FullStatusDescriptor};
+use reservd_proto::sense::{Answer, SenseCode, Status};
+use reservd_proto::wire::OP_CLEANUP;
 
 /// Relative target port identifier of the one target port.
 pub const TARGET_PORT: u16 = 1;
@@ -781,11 +781,11 @@ impl PrBackend for Emulated {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::params::{FLAG_ALL_TG_PT, FLAG_APTPL};
-    use crate::prin::{
+    use reservd_proto::params::{FLAG_ALL_TG_PT, FLAG_APTPL};
+    use reservd_proto::prin::{
         parse_read_full_status, parse_read_keys, parse_read_reservation, parse_report_capabilities,
     };
-    use crate::wire::{encode_response, Request, RESPONSE_HEADER_SIZE};
+    use reservd_proto::wire::{encode_response, Request, RESPONSE_HEADER_SIZE};
     use std::fs::{File, OpenOptions};
     use std::os::fd::AsFd;
     use std::path::PathBuf;
@@ -1532,7 +1532,9 @@ mod tests {
         let order: Vec<_> = l
             .full_status(1)
             .iter()
-            .map(|d| Emulated::initiator_nexus(&crate::prin::descriptor_transport_id(d).unwrap()))
+            .map(|d| {
+                Emulated::initiator_nexus(&reservd_proto::prin::descriptor_transport_id(d).unwrap())
+            })
             .collect();
         assert_eq!(order, vec![Some(1), Some(3), Some(2)]);
         // The registered initiators use the key like any other.
@@ -1856,7 +1858,7 @@ mod tests {
         let l = Lun::new();
         let ro = File::open(&l.disk.path).unwrap();
         let run = |cdb: [u8; 16], params: &[u8]| {
-            crate::backend::execute(
+            reservd_daemon::backend::execute(
                 l.emu.as_ref(),
                 &Command {
                     nexus: 1,
