@@ -42,14 +42,30 @@ impl Client {
         Client::handshake(UnixStream::connect(path)?, 0)
     }
 
+    /// Read the server's feature bytes, then request those of `wanted` it
+    /// offers (asking for more would make it close the connection).
+    pub fn negotiate(stream: UnixStream, wanted: u32) -> io::Result<Client> {
+        Client::handshake_with(stream, |offered| wanted & offered)
+    }
+
     /// Read the server's feature bytes, then request `requested`.
-    pub fn handshake(mut stream: UnixStream, requested: u32) -> io::Result<Client> {
+    pub fn handshake(stream: UnixStream, requested: u32) -> io::Result<Client> {
+        Client::handshake_with(stream, |_| requested)
+    }
+
+    /// Read the server's feature bytes, then request what `request` makes
+    /// of them.
+    fn handshake_with(
+        mut stream: UnixStream,
+        request: impl FnOnce(u32) -> u32,
+    ) -> io::Result<Client> {
         let mut f = [0u8; 4];
         stream.read_exact(&mut f)?;
-        stream.write_all(&requested.to_be_bytes())?;
+        let offered = u32::from_be_bytes(f);
+        stream.write_all(&request(offered).to_be_bytes())?;
         Ok(Client {
             stream,
-            server_features: u32::from_be_bytes(f),
+            server_features: offered,
         })
     }
 

@@ -12,6 +12,7 @@
 
 use std::fs::OpenOptions;
 use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -21,6 +22,7 @@ use reservd_client::client::{Client, Response};
 use reservd_client::report;
 use reservd_daemon::cdb::{prin_sa, prout_sa, PrInCdb, PrOutCdb};
 use reservd_daemon::params::ProutParams;
+use reservd_daemon::wire::{FEATURE_CLEANUP, OP_CLEANUP};
 
 mod check;
 mod cli;
@@ -57,13 +59,36 @@ fn exchange(
     cdb: &[u8],
     params: &[u8],
 ) -> anyhow::Result<Response> {
+    exchange_with(cli, device, write, cdb, params, 0)
+}
+
+/// [`exchange`] on a connection that negotiated `features`, which the
+/// server must offer.
+fn exchange_with(
+    cli: &Cli,
+    device: &PathBuf,
+    write: bool,
+    cdb: &[u8],
+    params: &[u8],
+    features: u32,
+) -> anyhow::Result<Response> {
     let dev = OpenOptions::new()
         .read(true)
         .write(write)
         .open(device)
         .with_context(|| format!("opening {}", device.display()))?;
-    let mut client = Client::connect(&cli.socket)
+    let stream = UnixStream::connect(&cli.socket)
         .with_context(|| format!("connecting to {}", cli.socket.display()))?;
+    let mut client = Client::negotiate(stream, features)
+        .with_context(|| format!("handshake with {}", cli.socket.display()))?;
+    if client.server_features & features != features {
+        bail!(
+            "{} does not offer the features {features:#x} (it offers {:#x}); CLEANUP needs \
+             reservd --enable-cleanup",
+            cli.socket.display(),
+            client.server_features
+        );
+    }
     client
         .execute(cdb, dev.as_fd(), params)
         .context("exchanging the command (the connection was closed?)")
@@ -126,6 +151,10 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             .encode();
             (exchange(cli, device, true, &cdb, &params)?, None)
         }
+        Cmd::Cleanup { device } => (
+            exchange_with(cli, device, true, &[OP_CLEANUP], &[], FEATURE_CLEANUP)?,
+            None,
+        ),
         Cmd::Raw {
             device,
             cdb,
