@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reservd_daemon::backend::{BackendError, Command as PrCommand, Nexus, PrBackend};
-use reservd_daemon::sense::Answer;
 use reservd_daemon::server::Config;
+use reservd_proto::sense::Answer;
 use reservd_testkit::emulated::Emulated;
 use reservd_testkit::frames::*;
 use reservd_testkit::spawn::*;

@@ -10,12 +10,12 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use reservd_daemon::cdb::{prin_sa, prout_sa};
-use reservd_daemon::params::{ProutParams, FLAG_SPEC_I_PT};
-use reservd_daemon::prin::{self, parse_read_full_status, parse_read_keys};
-use reservd_daemon::sense::SenseCode;
 use reservd_daemon::server::Config;
-use reservd_daemon::wire::FEATURE_CLEANUP;
+use reservd_proto::cdb::{prin_sa, prout_sa};
+use reservd_proto::params::{ProutParams, FLAG_SPEC_I_PT};
+use reservd_proto::prin::{self, parse_read_full_status, parse_read_keys};
+use reservd_proto::sense::SenseCode;
+use reservd_proto::wire::FEATURE_CLEANUP;
 use reservd_testkit::emulated::{Emulated, TARGET_PORT};
 use reservd_testkit::frames::*;
 use reservd_testkit::server::*;
@@ -669,7 +669,7 @@ impl reservd_daemon::backend::PrBackend for Failing {
     fn execute(
         &self,
         cmd: &reservd_daemon::backend::Command<'_>,
-    ) -> Result<reservd_daemon::sense::Answer, reservd_daemon::backend::BackendError> {
+    ) -> Result<reservd_proto::sense::Answer, reservd_daemon::backend::BackendError> {
         self.seen.lock().unwrap().push(cmd.nexus);
         if cmd.cdb[15] == HOLD {
             return Err(reservd_daemon::backend::BackendError::Service(

@@ -14,8 +14,6 @@
 //! the `reservd-proto` crate.
 #![deny(unsafe_code)]
 
-pub use reservd_proto::{cdb, mpath_xlate, mpconf, onenexus, params, prin, sense, wire};
-
 pub mod backend;
 pub mod observe;
 pub mod sandbox;

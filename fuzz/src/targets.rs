@@ -13,13 +13,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use reservd_client::client::send_with_fds;
-use reservd_daemon::cdb::{pad16, transfer_length, PrInCdb, PrOutCdb};
-use reservd_daemon::mpath_xlate;
-use reservd_daemon::params::{parse_transport_ids, ProutParams, TransportId};
-use reservd_daemon::prin;
-use reservd_daemon::sense::{Answer, Status};
 use reservd_daemon::server::{Config, Server};
-use reservd_daemon::wire::{
+use reservd_proto::cdb::{pad16, transfer_length, PrInCdb, PrOutCdb};
+use reservd_proto::mpath_xlate;
+use reservd_proto::params::{parse_transport_ids, ProutParams, TransportId};
+use reservd_proto::prin;
+use reservd_proto::sense::{Answer, Status};
+use reservd_proto::wire::{
     encode_response, Decoder, Event, ResponseHeader, DATA_SIZE, FEATURE_CLEANUP, OP_CLEANUP,
     RESPONSE_HEADER_SIZE,
 };
@@ -48,7 +48,7 @@ pub fn wire(data: &[u8]) {
         let (chunk, after) = tail.split_at(n);
         rest = after;
         if chunk.is_empty() {
-            assert!(d.eof() != reservd_daemon::wire::ProtoError::Pipelined);
+            assert!(d.eof() != reservd_proto::wire::ProtoError::Pipelined);
             return;
         }
         match d.feed(chunk, fds) {

@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use reservd_daemon::cdb::{pr_type, prin_sa, prout_sa};
-use reservd_daemon::prin;
 use reservd_daemon::sandbox::seccomp::Mode;
+use reservd_proto::cdb::{pr_type, prin_sa, prout_sa};
+use reservd_proto::prin;
 
 use super::Scenario;
 use super::{

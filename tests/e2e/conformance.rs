@@ -54,10 +54,10 @@ use std::time::{Duration, Instant};
 
 use reservd_client::client::{Client, Response};
 use reservd_daemon::backend::sgio::{sg_io, Transfer};
-use reservd_daemon::cdb::{pr_type, prin_sa, prout_sa, PrInCdb, PrOutCdb};
-use reservd_daemon::params::{ProutParams, TransportId};
-use reservd_daemon::prin;
-use reservd_daemon::sense::SenseCode;
+use reservd_proto::cdb::{pr_type, prin_sa, prout_sa, PrInCdb, PrOutCdb};
+use reservd_proto::params::{ProutParams, TransportId};
+use reservd_proto::prin;
+use reservd_proto::sense::SenseCode;
 
 use crate::guest::{Daemon, Scenario, TestResult};
 

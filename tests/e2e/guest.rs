@@ -9,10 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use reservd_client::client::{Client, Response};
-use reservd_daemon::cdb::{pr_type, prin_sa, prout_sa, PrInCdb, PrOutCdb};
-use reservd_daemon::params::ProutParams;
-use reservd_daemon::prin;
-use reservd_daemon::sense::SenseCode;
+use reservd_proto::cdb::{pr_type, prin_sa, prout_sa, PrInCdb, PrOutCdb};
+use reservd_proto::params::ProutParams;
+use reservd_proto::prin;
+use reservd_proto::sense::SenseCode;
 
 pub type TestResult = Result<(), String>;
 pub type Scenario = (&'static str, fn() -> TestResult);
@@ -722,7 +722,7 @@ fn robust_client_vanishes_mid_command() -> TestResult {
         s.read_exact(&mut hello).map_err(|e| e.to_string())?;
         s.write_all(&[0; 4]).map_err(|e| e.to_string())?;
         let f = open(&dev, i % 2 == 0)?;
-        let cdb = reservd_daemon::cdb::pad16(
+        let cdb = reservd_proto::cdb::pad16(
             &PrInCdb {
                 service_action: prin_sa::READ_KEYS,
                 allocation_length: 8192,
@@ -732,7 +732,7 @@ fn robust_client_vanishes_mid_command() -> TestResult {
         send_with_fds(s.as_fd(), &cdb, &[f.as_fd()]).map_err(|e| e.to_string())?;
         // Gone before the answer (every other time, in the middle of a PR OUT's parameter list).
         if i % 2 == 1 {
-            let cdb = reservd_daemon::cdb::pad16(
+            let cdb = reservd_proto::cdb::pad16(
                 &PrOutCdb {
                     service_action: 0,
                     scope: 0,
@@ -1230,7 +1230,7 @@ fn oracle_emulated_target_answers_as_lio() -> TestResult {
         let lio = c
             .execute(&s.step.cdb, f.as_fd(), &s.step.params)
             .map_err(|e| format!("{}: {e}", s.step.what))?;
-        let cdb16 = reservd_daemon::cdb::pad16(&s.step.cdb);
+        let cdb16 = reservd_proto::cdb::pad16(&s.step.cdb);
         let cmd = BackendCommand {
             nexus: s.nexus as u64 + 1,
             peer: None,

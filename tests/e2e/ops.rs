@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use reservd_daemon::cdb::{prin_sa, prout_sa};
+use reservd_proto::cdb::{prin_sa, prout_sa};
 
 use crate::guest::{
     device_keys, env, expect_good, keys, mp_paths, past_ua, pr_in, pr_out, reset_lun, sg_persist,

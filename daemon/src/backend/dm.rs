@@ -13,7 +13,7 @@
 //! SG_IO.
 //!
 //! For the commands reservd runs on a map's paths itself (see
-//! [`crate::onenexus`]), [`DmControl::map_paths`] reads the map's paths and
+//! [`reservd_proto::onenexus`]), [`DmControl::map_paths`] reads the map's paths and
 //! whether the kernel uses each (the same status), and
 //! [`DmControl::suspend`] / [`DmControl::resume`] suspend the map without
 //! flushing (I/O queues meanwhile) and resume it, as multipath-tools does

@@ -7,9 +7,9 @@
 use std::fmt;
 use std::os::fd::BorrowedFd;
 
-use crate::cdb::PERSISTENT_RESERVE_OUT;
-use crate::sense::{Answer, SenseCode};
-use crate::wire::OP_CLEANUP;
+use reservd_proto::cdb::PERSISTENT_RESERVE_OUT;
+use reservd_proto::sense::{Answer, SenseCode};
+use reservd_proto::wire::OP_CLEANUP;
 
 pub mod dm;
 pub mod multipath;

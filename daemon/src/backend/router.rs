@@ -14,7 +14,7 @@ use super::dm::{DmControl, MapKind};
 use super::multipath::{Loader, Multipath};
 use super::sgio::SgIo;
 use super::{BackendError, Command, PrBackend};
-use crate::sense::Answer;
+use reservd_proto::sense::Answer;
 
 /// Tells whether an fd is a multipath map.
 pub trait MapProbe: Send + Sync {
@@ -109,11 +109,11 @@ mod tests {
     use crate::backend::multipath::multipathd::fake::Fake;
     use crate::backend::multipath::multipathd::Multipathd;
     use crate::backend::multipath::{Diagnostics, MapDevices, Via};
-    use crate::cdb::{pad16, PrInCdb, PrOutCdb};
-    use crate::mpath_xlate::ProutRequest;
-    use crate::onenexus::Fixes;
-    use crate::sense::{mpath_pr, SenseCode, Status};
-    use crate::wire::OP_CLEANUP;
+    use reservd_proto::cdb::{pad16, PrInCdb, PrOutCdb};
+    use reservd_proto::mpath_xlate::ProutRequest;
+    use reservd_proto::onenexus::Fixes;
+    use reservd_proto::sense::{mpath_pr, SenseCode, Status};
+    use reservd_proto::wire::OP_CLEANUP;
     use std::os::fd::AsFd;
     use std::path::PathBuf;
     use std::sync::Mutex;
@@ -166,7 +166,7 @@ mod tests {
     impl PersistLib for FakeLib {
         fn reserve_in(&self, _fd: BorrowedFd<'_>, sa: u8) -> (i32, Vec<u8>) {
             self.calls.lock().unwrap().push(Call::In(sa));
-            let mut r = vec![0u8; crate::mpath_xlate::prin_buffer_size(sa)];
+            let mut r = vec![0u8; reservd_proto::mpath_xlate::prin_buffer_size(sa)];
             r[..self.resp.len()].copy_from_slice(&self.resp);
             (self.code, r)
         }

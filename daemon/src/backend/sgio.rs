@@ -5,9 +5,9 @@
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use super::{BackendError, Command, PrBackend};
-use crate::cdb::{transfer_length, PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT};
-use crate::sense::{failure_answer, Answer, Failure, Status, SENSE_SIZE};
-use crate::wire::{DATA_SIZE, OP_CLEANUP};
+use reservd_proto::cdb::{transfer_length, PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT};
+use reservd_proto::sense::{failure_answer, Answer, Failure, Status, SENSE_SIZE};
+use reservd_proto::wire::{DATA_SIZE, OP_CLEANUP};
 
 const SG_IO: libc::c_ulong = 0x2285;
 const SG_DXFER_NONE: i32 = -1;
@@ -189,7 +189,9 @@ impl PrBackend for SgIo {
             // CLEANUP concerns multipathd only; nothing to do on a plain device.
             OP_CLEANUP => Ok(Answer::status(Status::GOOD)),
             // The wire decoder lets no other opcode through; never forward one.
-            _ => Ok(Answer::check(crate::sense::SenseCode::INVALID_OPCODE)),
+            _ => Ok(Answer::check(
+                reservd_proto::sense::SenseCode::INVALID_OPCODE,
+            )),
         }
     }
 }

@@ -24,9 +24,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::backend::{BackendError, Command, Nexus, Peer, PrBackend};
-use crate::cdb::{prout_sa, PERSISTENT_RESERVE_OUT};
-use crate::sense::Answer;
-use crate::wire::OP_CLEANUP;
+use reservd_proto::cdb::{prout_sa, PERSISTENT_RESERVE_OUT};
+use reservd_proto::sense::Answer;
+use reservd_proto::wire::OP_CLEANUP;
 
 /// Log target of the audit records.
 pub const AUDIT_TARGET: &str = "reservd::audit";
@@ -125,7 +125,7 @@ impl Record {
 
     pub fn status_text(&self) -> String {
         match &self.outcome {
-            Ok((s, _)) => crate::sense::Status(*s).name().replace(' ', "_"),
+            Ok((s, _)) => reservd_proto::sense::Status(*s).name().replace(' ', "_"),
             Err(_) => "CONNECTION_CLOSED".to_string(),
         }
     }
@@ -338,9 +338,9 @@ impl PrBackend for Audited {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cdb::PrOutCdb;
-    use crate::params::ProutParams;
-    use crate::sense::{SenseCode, Status};
+    use reservd_proto::cdb::PrOutCdb;
+    use reservd_proto::params::ProutParams;
+    use reservd_proto::sense::{SenseCode, Status};
     use std::os::fd::AsFd;
 
     fn mp_device() -> DeviceInfo {
@@ -360,7 +360,7 @@ mod tests {
             ..Default::default()
         }
         .encode();
-        let cdb = crate::cdb::pad16(
+        let cdb = reservd_proto::cdb::pad16(
             &PrOutCdb {
                 service_action: sa,
                 scope: 0,
@@ -422,7 +422,7 @@ mod tests {
     #[test]
     fn keys_need_a_parameter_list_and_cleanup_has_no_action() {
         let f = std::fs::File::open("/dev/null").unwrap();
-        let cdb = crate::cdb::pad16(&[OP_CLEANUP]);
+        let cdb = reservd_proto::cdb::pad16(&[OP_CLEANUP]);
         let cmd = Command {
             nexus: 1,
             peer: None,
@@ -559,7 +559,7 @@ mod tests {
             ..Default::default()
         }
         .encode();
-        let prout = crate::cdb::pad16(
+        let prout = reservd_proto::cdb::pad16(
             &PrOutCdb {
                 service_action: prout_sa::RELEASE,
                 scope: 0,
@@ -568,8 +568,8 @@ mod tests {
             }
             .encode(),
         );
-        let prin = crate::cdb::pad16(
-            &crate::cdb::PrInCdb {
+        let prin = reservd_proto::cdb::pad16(
+            &reservd_proto::cdb::PrInCdb {
                 service_action: 0,
                 allocation_length: 8192,
             }

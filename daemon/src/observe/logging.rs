@@ -14,7 +14,7 @@ use std::sync::Arc;
 use log::LevelFilter;
 
 use crate::backend::{BackendError, Command, Nexus, PrBackend};
-use crate::sense::Answer;
+use reservd_proto::sense::Answer;
 
 /// Log target of the `pr_helper_request` event.
 pub const REQUEST_TARGET: &str = "reservd::trace::request";

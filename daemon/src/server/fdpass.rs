@@ -41,7 +41,7 @@ pub fn peek_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Receive
 /// no room for control data, so the kernel drops its own references to the
 /// fds that came with them and installs none here.
 pub fn discard_peeked(sock: BorrowedFd<'_>, n: usize) -> io::Result<()> {
-    let mut buf = [0u8; crate::wire::CDB_SIZE];
+    let mut buf = [0u8; reservd_proto::wire::CDB_SIZE];
     let mut got = 0;
     while got < n {
         match nix::sys::socket::recv(sock.as_raw_fd(), &mut buf[got..n], MsgFlags::empty()) {

@@ -25,7 +25,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use crate::backend::{self, BackendError, Command, Peer, PrBackend};
-use crate::wire::{encode_response, Decoder, Event, ProtoError, Request, DATA_SIZE};
+use reservd_proto::wire::{encode_response, Decoder, Event, ProtoError, Request, DATA_SIZE};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);

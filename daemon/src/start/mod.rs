@@ -15,8 +15,8 @@ use crate::backend;
 use crate::observe::{audit, logging};
 use crate::sandbox::{access, privs, seccomp};
 use crate::server;
-use crate::wire;
 use cli::Cli;
+use reservd_proto::wire;
 
 /// Run the daemon as the command line says. Returns when it has shut down.
 ///

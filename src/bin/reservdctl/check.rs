@@ -12,7 +12,7 @@ use reservd_daemon::backend::dm::DmControl;
 use reservd_daemon::backend::multipath::library::Libmpathpersist;
 use reservd_daemon::backend::multipath::multipathd::Multipathd;
 use reservd_daemon::sandbox::privs;
-use reservd_daemon::{mpconf, wire};
+use reservd_proto::{mpconf, wire};
 
 /// Exit status when a check found a problem.
 pub const EXIT_PROBLEMS: u8 = 5;
@@ -103,7 +103,7 @@ pub fn run(socket: &Path, json: bool) -> u8 {
                     lib.path().unwrap_or(mpath_sys::DEFAULT_LIBRARY),
                     lib.version_string()
                 ));
-                let fixes = reservd_daemon::onenexus::Fixes::for_version(version);
+                let fixes = reservd_proto::onenexus::Fixes::for_version(version);
                 let applied = fixes.describe();
                 if applied.is_empty() {
                     f.ok(format!(

@@ -20,9 +20,9 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use reservd_client::client::{Client, Response};
 use reservd_client::report;
-use reservd_daemon::cdb::{prin_sa, prout_sa, PrInCdb, PrOutCdb};
-use reservd_daemon::params::ProutParams;
-use reservd_daemon::wire::{FEATURE_CLEANUP, OP_CLEANUP};
+use reservd_proto::cdb::{prin_sa, prout_sa, PrInCdb, PrOutCdb};
+use reservd_proto::params::ProutParams;
+use reservd_proto::wire::{FEATURE_CLEANUP, OP_CLEANUP};
 
 mod check;
 mod cli;

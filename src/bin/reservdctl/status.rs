@@ -31,10 +31,10 @@ use reservd_daemon::backend::dm::{DmControl, MapKind};
 use reservd_daemon::backend::multipath::library::{Libmpathpersist, PersistLib};
 use reservd_daemon::backend::multipath::multipathd::Multipathd;
 use reservd_daemon::backend::sgio::{sg_io, Transfer};
-use reservd_daemon::cdb::{prin_sa, prout_sa, PrInCdb};
-use reservd_daemon::mpath_xlate::ProutRequest;
 use reservd_daemon::observe::audit::read_sysfs;
-use reservd_daemon::sense::Status;
+use reservd_proto::cdb::{prin_sa, prout_sa, PrInCdb};
+use reservd_proto::mpath_xlate::ProutRequest;
+use reservd_proto::sense::Status;
 
 /// Exit status of `status` when a usable path lacks a key.
 pub const EXIT_INCONSISTENT: u8 = 5;
@@ -385,7 +385,7 @@ fn mpath_sys_default() -> &'static str {
 }
 
 fn mpath_code_text(code: i32) -> &'static str {
-    use reservd_daemon::sense::mpath_pr;
+    use reservd_proto::sense::mpath_pr;
     match code {
         mpath_pr::SYNTAX_ERROR => "refused: the key differs from multipath.conf's reservation_key",
         mpath_pr::RESERV_CONFLICT => "reservation conflict",

@@ -6,7 +6,7 @@ use std::os::fd::BorrowedFd;
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use reservd_daemon::cdb::PERSISTENT_RESERVE_IN;
+use reservd_proto::cdb::PERSISTENT_RESERVE_IN;
 
 use crate::hdr::{SgIoHdr, SgIovec, SG_IO};
 use crate::route;

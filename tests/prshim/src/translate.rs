@@ -2,9 +2,9 @@
 //! answer back to what the kernel writes into the `sg_io_hdr`. No I/O.
 
 use reservd_client::client::Response;
-use reservd_daemon::cdb::{pad16, transfer_length, PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT};
-use reservd_daemon::sense::{Status, SENSE_SIZE};
-use reservd_daemon::wire::{CDB_SIZE, DATA_SIZE};
+use reservd_proto::cdb::{pad16, transfer_length, PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT};
+use reservd_proto::sense::{Status, SENSE_SIZE};
+use reservd_proto::wire::{CDB_SIZE, DATA_SIZE};
 
 use crate::hdr::{SG_DXFER_FROM_DEV, SG_DXFER_TO_DEV};
 
@@ -188,7 +188,7 @@ pub fn describe(cdb: &[u8; CDB_SIZE], resp: &Response) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reservd_daemon::sense::SenseCode;
+    use reservd_proto::sense::SenseCode;
 
     fn pr_out(sa: u8, len: u16) -> [u8; 10] {
         let mut c = [0u8; 10];

@@ -33,13 +33,15 @@ use std::sync::Mutex;
 use mpath_sys::libloading::Library;
 use mpath_sys::{prin_resp, prout_param_descriptor, transportid, LibMpathPersist};
 
-use crate::mpath_xlate::{prin_buffer_size, ProutRequest, TRANSPORTID_SIZE};
+use reservd_proto::mpath_xlate::{prin_buffer_size, ProutRequest, TRANSPORTID_SIZE};
 
 const _: () = assert!(std::mem::size_of::<transportid>() == TRANSPORTID_SIZE);
 const _: () = assert!(std::mem::align_of::<transportid>() == 1);
-const _: () = assert!(std::mem::size_of::<prin_resp>() == crate::mpath_xlate::PRIN_RESP_SIZE);
 const _: () =
-    assert!(std::mem::size_of::<mpath_sys::prin_fulldescr>() == crate::mpath_xlate::FULLDESCR_SIZE);
+    assert!(std::mem::size_of::<prin_resp>() == reservd_proto::mpath_xlate::PRIN_RESP_SIZE);
+const _: () = assert!(
+    std::mem::size_of::<mpath_sys::prin_fulldescr>() == reservd_proto::mpath_xlate::FULLDESCR_SIZE
+);
 const _: () = assert!(std::mem::align_of::<prout_param_descriptor>() <= 8);
 const _: () = assert!(std::mem::align_of::<prin_resp>() <= 8);
 

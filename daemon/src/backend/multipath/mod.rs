@@ -3,19 +3,19 @@
 //!
 //! - PR IN READ KEYS, READ RESERVATION, REPORT CAPABILITIES and READ FULL
 //!   STATUS run through `mpath_persistent_reserve_in` and are translated
-//!   back to SPC-4 data (see [`crate::mpath_xlate`]); READ KEYS and READ
+//!   back to SPC-4 data (see [`reservd_proto::mpath_xlate`]); READ KEYS and READ
 //!   FULL STATUS then list the map's own registration once
-//!   ([`crate::onenexus`]).
+//!   ([`reservd_proto::onenexus`]).
 //! - PR OUT: reservd first reads multipath-tools' key for the map
 //!   (multipathd's `getprkey`), READ KEYS and READ RESERVATION (SG_IO on
-//!   the map), and [`crate::onenexus::route`] decides how the command runs:
+//!   the map), and [`reservd_proto::onenexus::route`] decides how the command runs:
 //!   answered at once, down one path, through
 //!   `mpath_persistent_reserve_out`, or as a sequence of commands on the
 //!   map's paths where the loaded library would get the map wrong. PR OUT
 //!   commands on maps run one at a time.
-//! - Failures are mapped by [`crate::sense::failure_answer`]; for the four
+//! - Failures are mapped by [`reservd_proto::sense::failure_answer`]; for the four
 //!   classes whose sense the library drops, a TEST UNIT READY on the map
-//!   recovers it (see [`crate::sense::mpath_wants_tur`]); an ILLEGAL
+//!   recovers it (see [`reservd_proto::sense::mpath_wants_tur`]); an ILLEGAL
 //!   REQUEST, which changed nothing, is sent again down one path for the
 //!   device's own sense. A key the library refuses although it is the
 //!   guest's own (a `reservation_key` fixed in multipath.conf) is ILLEGAL
@@ -43,18 +43,20 @@ use super::dm::{block_node, DmControl};
 use super::sgio::{sg_io, SgIo, Transfer};
 use super::{BackendError, Command, PrBackend};
 
-use crate::cdb::{
-    pad16, prin_sa, prout_sa, PrInCdb, PrOutCdb, PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT,
-};
-use crate::mpath_xlate::{
-    prin_data, prin_service_action, prout_request, FullStatusError, ProutRequest, PROUT_HEADER_SIZE,
-};
-use crate::onenexus::{self, Fixes, MapState, Prout, Route};
-use crate::prin;
-use crate::sense::{failure_answer, mpath_pr, mpath_wants_tur, Answer, Failure, SenseCode, Status};
-use crate::wire::OP_CLEANUP;
 use library::{Libmpathpersist, PersistLib};
 use multipathd::{clear_map_keys, Multipathd};
+use reservd_proto::cdb::{
+    pad16, prin_sa, prout_sa, PrInCdb, PrOutCdb, PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT,
+};
+use reservd_proto::mpath_xlate::{
+    prin_data, prin_service_action, prout_request, FullStatusError, ProutRequest, PROUT_HEADER_SIZE,
+};
+use reservd_proto::onenexus::{self, Fixes, MapState, Prout, Route};
+use reservd_proto::prin;
+use reservd_proto::sense::{
+    failure_answer, mpath_pr, mpath_wants_tur, Answer, Failure, SenseCode, Status,
+};
+use reservd_proto::wire::OP_CLEANUP;
 
 /// Where reservd sends a command of its own on a map.
 #[derive(Clone, Copy, Debug)]
@@ -205,7 +207,7 @@ pub fn basic_params(key: u64, sa_key: u64) -> [u8; PROUT_HEADER_SIZE] {
 pub fn prin_cdb(sa: u8) -> [u8; 10] {
     PrInCdb {
         service_action: sa,
-        allocation_length: crate::wire::DATA_SIZE as u16,
+        allocation_length: reservd_proto::wire::DATA_SIZE as u16,
     }
     .encode()
 }
@@ -357,8 +359,8 @@ impl Multipath {
                 "dm-{minor}: a reservation of type {} ({}) has one holder: only the path that \
                  reserves may {} (types 5 to 8 let every registered path of the map do so)",
                 c.pr_type,
-                crate::cdb::pr_type::name(c.pr_type),
-                if c.pr_type == crate::cdb::pr_type::EXCLUSIVE_ACCESS {
+                reservd_proto::cdb::pr_type::name(c.pr_type),
+                if c.pr_type == reservd_proto::cdb::pr_type::EXCLUSIVE_ACCESS {
                     "read or write"
                 } else {
                     "write"
@@ -456,7 +458,7 @@ impl Multipath {
                 refusal = Some(a);
             }
         }
-        let all_registrants = crate::cdb::pr_type::is_all_registrants;
+        let all_registrants = reservd_proto::cdb::pr_type::is_all_registrants;
         let r = match self.reservation(map) {
             Some(None) => return Answer::status(Status::GOOD),
             Some(Some(r)) => r,
@@ -824,7 +826,7 @@ impl Loaded {
         );
         let fixes = Fixes::for_version(lib.version());
         let mut warnings = Vec::new();
-        let key_config = crate::mpconf::diagnose(&read_key_config(), lib.version());
+        let key_config = reservd_proto::mpconf::diagnose(&read_key_config(), lib.version());
         warnings.extend(key_config.iter().cloned());
         let multipathd = Multipathd::from_env();
         let quick = multipathd.clone().with_timeout(Duration::from_secs(2));
@@ -882,10 +884,10 @@ impl Loaded {
 
 /// `reservation_key` settings from /etc/multipath.conf and
 /// /etc/multipath/conf.d/*.conf.
-pub fn read_key_config() -> crate::mpconf::KeyConfig {
-    let mut cfg = crate::mpconf::KeyConfig::default();
+pub fn read_key_config() -> reservd_proto::mpconf::KeyConfig {
+    let mut cfg = reservd_proto::mpconf::KeyConfig::default();
     if let Ok(t) = std::fs::read_to_string("/etc/multipath.conf") {
-        cfg = crate::mpconf::parse(&t);
+        cfg = reservd_proto::mpconf::parse(&t);
     }
     if let Ok(dir) = std::fs::read_dir("/etc/multipath/conf.d") {
         let mut files: Vec<_> = dir
@@ -895,7 +897,7 @@ pub fn read_key_config() -> crate::mpconf::KeyConfig {
         files.sort();
         for f in files {
             if let Ok(t) = std::fs::read_to_string(&f) {
-                cfg.merge(crate::mpconf::parse(&t));
+                cfg.merge(reservd_proto::mpconf::parse(&t));
             }
         }
     }
