@@ -35,7 +35,7 @@ fn main() {
 /// Under systemd, fatal errors carry the journal's error priority, like the
 /// logger's own lines.
 fn error_prefix() -> &'static str {
-    if reservd_daemon::observe::logging::stderr_is_journal() {
+    if reservd_daemon::observe::journal::stderr_is_journal() {
         "<3>"
     } else {
         ""

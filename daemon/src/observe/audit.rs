@@ -19,19 +19,15 @@
 //! journal cannot be reached the text line is logged as usual.
 
 use std::fmt::Write as _;
-use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::journal::{put_journal_field, send_journal, stderr_is_journal, JOURNAL_SOCKET};
+use super::logging::AUDIT_TARGET;
 use crate::backend::{BackendError, Command, Nexus, Peer, PrBackend};
 use reservd_proto::cdb::{prout_sa, PERSISTENT_RESERVE_OUT};
 use reservd_proto::sense::Answer;
 use reservd_proto::wire::OP_CLEANUP;
-
-/// Log target of the audit records.
-pub const AUDIT_TARGET: &str = "reservd::audit";
-/// systemd-journald's native protocol socket.
-pub const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
 
 /// The name of a PR OUT service action.
 pub fn prout_sa_name(sa: u8) -> &'static str {
@@ -198,20 +194,6 @@ impl Record {
     }
 }
 
-/// Append one field: `KEY=value\n`, or for values with a newline the
-/// binary form `KEY\n`, little-endian 64-bit length, value, `\n`.
-pub fn put_journal_field(out: &mut Vec<u8>, key: &str, value: &str) {
-    out.extend_from_slice(key.as_bytes());
-    if value.contains('\n') {
-        out.push(b'\n');
-        out.extend_from_slice(&(value.len() as u64).to_le_bytes());
-    } else {
-        out.push(b'=');
-    }
-    out.extend_from_slice(value.as_bytes());
-    out.push(b'\n');
-}
-
 /// Read what sysfs says about the device behind `fd`.
 pub fn device_info(fd: std::os::fd::BorrowedFd<'_>) -> DeviceInfo {
     let Ok(st) = nix::sys::stat::fstat(fd) else {
@@ -285,8 +267,7 @@ impl Audited {
         Audited {
             inner,
             multipath_active: Box::new(multipath_active),
-            journal: crate::observe::logging::stderr_is_journal()
-                .then(|| PathBuf::from(JOURNAL_SOCKET)),
+            journal: stderr_is_journal().then(|| PathBuf::from(JOURNAL_SOCKET)),
             enabled: log::log_enabled!(target: AUDIT_TARGET, log::Level::Info),
         }
     }
@@ -300,16 +281,6 @@ impl Audited {
         }
         log::info!(target: AUDIT_TARGET, "audit: {}", rec.text());
     }
-}
-
-/// Send one datagram to the journal's socket.
-pub fn send_journal(path: &Path, datagram: &[u8]) -> std::io::Result<()> {
-    let s = UnixDatagram::unbound()?;
-    let n = s.send_to(datagram, path)?;
-    if n != datagram.len() {
-        return Err(std::io::Error::other("short datagram"));
-    }
-    Ok(())
 }
 
 impl PrBackend for Audited {
@@ -342,6 +313,7 @@ mod tests {
     use reservd_proto::params::ProutParams;
     use reservd_proto::sense::{SenseCode, Status};
     use std::os::fd::AsFd;
+    use std::os::unix::net::UnixDatagram;
 
     fn mp_device() -> DeviceInfo {
         DeviceInfo {
@@ -442,49 +414,6 @@ mod tests {
         assert!(r.text().ends_with("peer_pid=- peer_uid=-"));
     }
 
-    fn parse_datagram(d: &[u8]) -> Vec<(String, String)> {
-        let mut out = Vec::new();
-        let mut rest = d;
-        while !rest.is_empty() {
-            let nl = rest.iter().position(|&c| c == b'\n').unwrap();
-            let line = &rest[..nl];
-            if let Some(eq) = line.iter().position(|&c| c == b'=') {
-                out.push((
-                    String::from_utf8(line[..eq].to_vec()).unwrap(),
-                    String::from_utf8(line[eq + 1..].to_vec()).unwrap(),
-                ));
-                rest = &rest[nl + 1..];
-            } else {
-                let n = u64::from_le_bytes(rest[nl + 1..nl + 9].try_into().unwrap()) as usize;
-                out.push((
-                    String::from_utf8(line.to_vec()).unwrap(),
-                    String::from_utf8(rest[nl + 9..nl + 9 + n].to_vec()).unwrap(),
-                ));
-                assert_eq!(rest[nl + 9 + n], b'\n');
-                rest = &rest[nl + 10 + n..];
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn journal_fields_and_binary_values() {
-        let mut v = Vec::new();
-        put_journal_field(&mut v, "A", "x=y");
-        put_journal_field(&mut v, "B", "two\nlines");
-        assert_eq!(&v[..6], b"A=x=y\n");
-        assert_eq!(&v[6..8], b"B\n");
-        assert_eq!(&v[8..16], &9u64.to_le_bytes());
-        assert_eq!(&v[16..], b"two\nlines\n");
-        assert_eq!(
-            parse_datagram(&v),
-            vec![
-                ("A".to_string(), "x=y".to_string()),
-                ("B".to_string(), "two\nlines".to_string())
-            ]
-        );
-    }
-
     /// A fake journal: the record arrives as one datagram with the
     /// structured fields.
     #[test]
@@ -502,7 +431,7 @@ mod tests {
         send_journal(&sock, &rec.journal_datagram()).unwrap();
         let mut buf = vec![0u8; 65536];
         let n = journal.recv(&mut buf).unwrap();
-        let fields = parse_datagram(&buf[..n]);
+        let fields = super::super::journal::parse_datagram(&buf[..n]);
         let get = |k: &str| {
             fields
                 .iter()
@@ -591,7 +520,7 @@ mod tests {
         }
         let mut buf = vec![0u8; 65536];
         let n = journal.recv(&mut buf).unwrap();
-        let fields = parse_datagram(&buf[..n]);
+        let fields = super::super::journal::parse_datagram(&buf[..n]);
         assert!(fields.contains(&("RESERVD_SA".into(), "RELEASE".into())));
         assert!(fields.contains(&("RESERVD_TYPE".into(), "3".into())));
         assert!(fields.contains(&("RESERVD_KEY".into(), "0x77".into())));

@@ -3,18 +3,15 @@
 //! when stderr is connected to the journal.
 //!
 //! Default level: warnings (`-v` info, `-vv` debug, `-vvv` trace, `-q`
-//! errors only). The audit trail ([`crate::observe::audit::AUDIT_TARGET`], one line
+//! errors only). The audit trail ([`AUDIT_TARGET`], one line
 //! per PR OUT) is shown at info level even by default; `-q` silences it,
 //! and `RUST_LOG=reservd::audit=off` does too.
 
 use std::io::Write;
-use std::os::fd::AsRawFd;
-use std::sync::Arc;
 
 use log::LevelFilter;
 
-use crate::backend::{BackendError, Command, Nexus, PrBackend};
-use reservd_proto::sense::Answer;
+use super::journal::stderr_is_journal;
 
 /// Log target of the `pr_helper_request` event.
 pub const REQUEST_TARGET: &str = "reservd::trace::request";
@@ -23,6 +20,8 @@ pub const RESULT_TARGET: &str = "reservd::trace::result";
 /// The event loop's own log: connections opened, commands dispatched,
 /// connections closed and why.
 pub const CONNECTION_TARGET: &str = "reservd_daemon::server";
+/// Log target of the audit records (see [`super::audit`]).
+pub const AUDIT_TARGET: &str = "reservd::audit";
 
 /// Trace events and the log targets they enable (every level).
 pub const TRACE_EVENTS: &[(&str, &str)] = &[
@@ -33,52 +32,6 @@ pub const TRACE_EVENTS: &[(&str, &str)] = &[
     ("pr_manager_execute", REQUEST_TARGET),
     ("pr_manager_run", RESULT_TARGET),
 ];
-
-/// A backend that logs each command and its outcome on the trace targets,
-/// then hands it to the real backend.
-pub struct Traced(pub Arc<dyn PrBackend>);
-
-impl PrBackend for Traced {
-    fn execute(&self, cmd: &Command<'_>) -> Result<Answer, BackendError> {
-        log::trace!(
-            target: REQUEST_TARGET,
-            "pr_helper_request conn={} fd={} cmd={:#04x} service_action={:#04x} params={}",
-            cmd.nexus,
-            cmd.fd.as_raw_fd(),
-            cmd.cdb[0],
-            cmd.cdb[1] & 0x1f,
-            cmd.params.len()
-        );
-        let r = self.0.execute(cmd);
-        if log::log_enabled!(target: RESULT_TARGET, log::Level::Trace) {
-            match &r {
-                Ok(a) => {
-                    let sense = match a.sense_code() {
-                        Some(c) => format!(" sense={:02x}/{:02x}/{:02x}", c.key, c.asc, c.ascq),
-                        None => String::new(),
-                    };
-                    log::trace!(
-                        target: RESULT_TARGET,
-                        "pr_helper_result conn={} status={:#04x}{sense} data={}",
-                        cmd.nexus,
-                        a.status.0,
-                        a.data.len()
-                    );
-                }
-                Err(e) => log::trace!(
-                    target: RESULT_TARGET,
-                    "pr_helper_result conn={} error: {e}",
-                    cmd.nexus
-                ),
-            }
-        }
-        r
-    }
-
-    fn disconnect(&self, nexus: Nexus) {
-        self.0.disconnect(nexus)
-    }
-}
 
 /// A parsed `-T` option.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -158,21 +111,6 @@ pub fn audit_level(verbose: u8) -> LevelFilter {
     level(verbose, false).max(LevelFilter::Info)
 }
 
-/// Whether stderr is the systemd journal (JOURNAL_STREAM names its inode).
-pub fn stderr_is_journal() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(v) = std::env::var("JOURNAL_STREAM") else {
-        return false;
-    };
-    let Some((dev, ino)) = v.split_once(':') else {
-        return false;
-    };
-    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
-        return false;
-    };
-    dev.parse() == Ok(meta.dev()) && ino.parse() == Ok(meta.ino())
-}
-
 /// Install the logger. Returns warnings to log once it is up.
 pub fn init(verbose: u8, quiet: bool, traces: &[String]) -> Result<Vec<String>, String> {
     let mut builder = env_logger::Builder::new();
@@ -199,7 +137,7 @@ pub fn init(verbose: u8, quiet: bool, traces: &[String]) -> Result<Vec<String>, 
     }
     // The audit trail (one line per PR OUT) is on by default; -q hides it.
     if !quiet {
-        builder.filter_module(crate::observe::audit::AUDIT_TARGET, audit_level(verbose));
+        builder.filter_module(AUDIT_TARGET, audit_level(verbose));
     }
     let (targets, unknown) = trace_targets(&patterns);
     for t in targets {

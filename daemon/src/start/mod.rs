@@ -12,7 +12,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::backend;
-use crate::observe::{audit, logging};
+use crate::observe::{audit, journal, logging, trace};
 use crate::sandbox::{access, privs, seccomp};
 use crate::server;
 use cli::Cli;
@@ -195,8 +195,12 @@ fn start(
         Ok(dm) if runs_as_root => Mpath::Later(Arc::new(dm)),
         Ok(dm) => {
             let dm = Arc::new(dm);
-            let loaded =
-                backend::multipath::Loaded::load(Arc::clone(&dm), runs_as_root, cli.sgio_timeout);
+            let loaded = backend::multipath::Loaded::load(
+                Arc::clone(&dm),
+                runs_as_root,
+                cli.sgio_timeout,
+                journal::stderr_is_journal(),
+            );
             Mpath::Now(dm, loaded)
         }
     };
@@ -246,7 +250,12 @@ fn start(
             let timeout = cli.sgio_timeout;
             let probe = Arc::clone(&dm);
             let loader: backend::multipath::Loader = Box::new(move || {
-                let loaded = backend::multipath::Loaded::load(dm, true, timeout);
+                let loaded = backend::multipath::Loaded::load(
+                    dm,
+                    true,
+                    timeout,
+                    journal::stderr_is_journal(),
+                );
                 startup::notify(&format!("STATUS={}", serving_status(&loaded.summary)));
                 if loaded.multipath.is_some() {
                     loaded.log();
@@ -266,7 +275,7 @@ fn start(
     };
     let router = Arc::new(router);
     let active = Arc::clone(&router);
-    let backend = Arc::new(logging::Traced(Arc::new(audit::Audited::new(
+    let backend = Arc::new(trace::Traced(Arc::new(audit::Audited::new(
         move || active.multipath_active(),
         Arc::clone(&router) as Arc<dyn backend::PrBackend>,
     ))));

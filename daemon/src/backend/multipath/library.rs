@@ -129,10 +129,11 @@ impl Libmpathpersist {
     /// into reservd's log when the executable defines `vsyslog` (see
     /// [`super::syslog`]), else (under systemd) to the journal's syslog
     /// socket, rather than onto stderr with a timestamp of their own and
-    /// no level. Call it before the first command.
-    pub fn log_to_syslog(&self) {
+    /// no level. Call it before the first command. `stderr_is_journal`:
+    /// whether reservd's stderr is the journal.
+    pub fn log_to_syslog(&self, stderr_is_journal: bool) {
         let routed = super::syslog::routes_library_messages();
-        if !(routed || crate::observe::logging::stderr_is_journal()) {
+        if !(routed || stderr_is_journal) {
             return;
         }
         if !library_logs_to_syslog() {

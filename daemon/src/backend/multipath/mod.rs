@@ -793,8 +793,14 @@ impl Loaded {
     /// Load and initialise libmpathpersist, and check multipath-tools'
     /// setup. Only with device-mapper present (`dm` opened): libmultipath
     /// exits the process when it cannot reach it. `runs_as_root`: whether
-    /// reservd keeps uid 0.
-    pub fn load(dm: Arc<DmControl>, runs_as_root: bool, sgio_timeout_ms: u32) -> Loaded {
+    /// reservd keeps uid 0; `stderr_is_journal`: whether its stderr is the
+    /// systemd journal (multipath-tools' messages then go to syslog).
+    pub fn load(
+        dm: Arc<DmControl>,
+        runs_as_root: bool,
+        sgio_timeout_ms: u32,
+        stderr_is_journal: bool,
+    ) -> Loaded {
         // libmultipath's verbosity: the levels it formats at all (0
         // errors, 1 warnings, 2 notices, 3 info, 4 debug), as far as
         // reservd's log shows them (see syslog).
@@ -807,7 +813,7 @@ impl Loaded {
         };
         let lib = match Libmpathpersist::load(mpath_sys::DEFAULT_LIBRARY, verbose) {
             Ok(lib) => {
-                lib.log_to_syslog();
+                lib.log_to_syslog(stderr_is_journal);
                 lib
             }
             Err(e) => {
