@@ -4,7 +4,9 @@
 //! order ([`run`]).
 
 pub mod cli;
-pub mod startup;
+pub mod daemonize;
+pub mod listen;
+pub mod pidfile;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -49,7 +51,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let seccomp_mode: seccomp::Mode = cli.seccomp.parse().map_err(anyhow::Error::msg)?;
     let allow = allow_list(&cli.allow_uid, &cli.allow_gid).map_err(anyhow::Error::msg)?;
-    let perms = startup::SocketPerms {
+    let perms = listen::SocketPerms {
         mode: cli.socket_mode,
         group: cli
             .socket_group
@@ -64,13 +66,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         (None, false) => None,
     };
     if let Some(p) = &pidfile_path {
-        startup::check_pidfile_free(p)?;
+        pidfile::check_pidfile_free(p)?;
     }
 
     // Stop signals go to the event loop's signal fd, in every thread.
     server::block_stop_signals().context("blocking signals")?;
 
-    let listener = startup::listen(
+    let listener = listen::listen(
         cli.socket.as_deref(),
         Path::new(cli::DEFAULT_SOCKET),
         perms,
@@ -98,7 +100,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             return Err(e);
         }
     };
-    startup::notify_ready(&status);
+    daemonize::notify_ready(&status);
     if let Some(d) = detached {
         d.ready();
     }
@@ -170,16 +172,16 @@ fn allow_list(uids: &[String], gids: &[String]) -> Result<Option<access::AllowLi
 /// Everything between binding the socket and serving.
 fn start(
     cli: &Cli,
-    listener: &startup::Listener,
+    listener: &listen::Listener,
     pidfile_path: Option<&Path>,
     ids: Ids,
     access: Access,
-    detached: &mut Option<startup::Detached>,
-) -> anyhow::Result<(server::Server, Option<startup::PidFile>, String)> {
+    detached: &mut Option<daemonize::Detached>,
+) -> anyhow::Result<(server::Server, Option<pidfile::PidFile>, String)> {
     if cli.daemon {
-        *detached = Some(startup::daemonize()?);
+        *detached = Some(daemonize::daemonize()?);
     }
-    let pidfile = pidfile_path.map(startup::write_pidfile).transpose()?;
+    let pidfile = pidfile_path.map(pidfile::write_pidfile).transpose()?;
 
     // Device-mapper is opened while still privileged. libmpathpersist is
     // loaded in the background once serving (loading it and the libraries
@@ -256,7 +258,7 @@ fn start(
                     timeout,
                     journal::stderr_is_journal(),
                 );
-                startup::notify(&format!("STATUS={}", serving_status(&loaded.summary)));
+                daemonize::notify(&format!("STATUS={}", serving_status(&loaded.summary)));
                 if loaded.multipath.is_some() {
                     loaded.log();
                 } else {
