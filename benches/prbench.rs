@@ -127,6 +127,7 @@ struct Daemon {
 }
 
 impl Daemon {
+    #[allow(unsafe_code)] // pre_exec, to hide device-mapper from the child
     fn start(opts: &Opts, kind: Kind, hide_dm: bool) -> Daemon {
         let dir = std::env::temp_dir();
         let tag = match kind {
@@ -243,17 +244,9 @@ impl Drop for Daemon {
 }
 
 fn raise_fd_limit() {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write only the rlimit struct we
-    // pass, which lives for the duration of the calls.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
-            r.rlim_cur = r.rlim_max.min(65536);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard.min(65536), hard);
     }
 }
 

@@ -3,6 +3,10 @@
 //! thread, then the real daemon serving under it), `--allow-uid` and
 //! `--allow-gid` checked against the client's credentials, and the mode
 //! and group of the socket reservd creates.
+//!
+//! Raw system calls probe the filter and change credentials in forked
+//! children: this file opts in to `unsafe`, each block with its SAFETY.
+#![allow(unsafe_code)]
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

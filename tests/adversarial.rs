@@ -85,6 +85,7 @@ fn raise_own_nofile(n: u64) -> u64 {
 
 impl Daemon {
     /// Start reservd with the usual service soft limit of 1024 open files.
+    #[allow(unsafe_code)] // pre_exec, to lower the child's open-file limit
     fn start() -> Daemon {
         let dir = TempDir::new();
         let sock = dir.join("reservd.sock");
@@ -331,6 +332,7 @@ fn eof_at_every_offset() {
 }
 
 /// An fd of each kind reservd might be handed instead of a disk.
+#[allow(unsafe_code)] // eventfd, memfd_create and their fds
 fn odd_fds(d: &Daemon) -> Vec<(&'static str, OwnedFd)> {
     let mut v: Vec<(&'static str, OwnedFd)> = Vec::new();
     let (a, b) = UnixStream::pair().unwrap();

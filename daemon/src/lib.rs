@@ -12,7 +12,6 @@
 //!
 //! The pure modules (protocol, SCSI data, libmpathpersist's structures) are
 //! the `reservd-proto` crate.
-#![deny(unsafe_code)]
 
 pub mod backend;
 pub mod observe;

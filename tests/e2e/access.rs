@@ -157,6 +157,7 @@ fn logged_syscalls(pid: u32) -> Result<Vec<String>, String> {
 
 /// The detection below is not vacuous: a call outside the list made under
 /// the "log" filter shows up in the kernel log.
+#[allow(unsafe_code)] // prctl and a raw socket, under the log filter
 fn access_seccomp_log_records_a_refused_call() -> TestResult {
     let pid = std::process::id();
     let r = std::thread::spawn(move || -> Result<i32, String> {

@@ -24,7 +24,6 @@
 //!
 //! `unsafe` lives in [`ffi`], the exported `ioctl` and the accesses to the
 //! caller's memory that the sg_io_hdr points to.
-#![deny(unsafe_code)]
 
 pub mod hdr;
 pub mod route;
