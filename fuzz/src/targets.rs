@@ -16,7 +16,7 @@ use reservd_client::client::send_with_fds;
 use reservd_daemon::server::{Config, Server};
 use reservd_proto::cdb::{pad16, transfer_length, PrInCdb, PrOutCdb};
 use reservd_proto::mpath_xlate;
-use reservd_proto::params::{parse_transport_ids, ProutParams, TransportId};
+use reservd_proto::params::{parse_transport_ids, ProutParams, TransportId, MAX_TRANSPORT_IDS};
 use reservd_proto::prin;
 use reservd_proto::sense::{Answer, Status};
 use reservd_proto::wire::{
@@ -118,7 +118,13 @@ pub fn params(data: &[u8]) {
         assert_eq!(n, enc.len());
     }
     if let Ok(ids) = parse_transport_ids(p) {
-        assert!(ids.len() <= p.len() / 24 + 1);
+        // At most 32, each at least 8 bytes, together the whole list.
+        assert!(ids.len() <= MAX_TRANSPORT_IDS);
+        assert!(ids.iter().all(|(_, b)| b.len() >= 8));
+        assert_eq!(
+            ids.iter().map(|(_, b)| *b).collect::<Vec<_>>().concat(),
+            p[4..]
+        );
     }
 }
 
@@ -130,7 +136,7 @@ pub fn mpath_xlate(data: &[u8]) {
     let c = pad16(c);
     let params = &rest[..rest.len().min(DATA_SIZE)];
     if let Ok(r) = mpath_xlate::prout_request(&c, params) {
-        assert!(r.transport_ids.len() <= mpath_xlate::MX_TIDS);
+        assert!(r.transport_ids.len() <= MAX_TRANSPORT_IDS);
         assert!(params.len() >= mpath_xlate::PROUT_HEADER_SIZE);
     }
     let sa = c[1] & 0x1f;

@@ -5,9 +5,11 @@
 //! action, scope, type, the 24 bytes that begin `struct
 //! prout_param_descriptor`, and one 258-byte `struct transportid` per
 //! TransportID. Every input libmpathpersist (or qemu-pr-helper in front of
-//! it) mishandles is answered here with sense data: more than
-//! [`MX_TIDS`] TransportIDs, truncated or inconsistent lists, iSCSI names
-//! whose length is not a multiple of 4, above [`MAX_ISCSI_LEN`] or without
+//! it) mishandles is answered here with sense data: the TransportIDs are
+//! decoded by [`parse_transport_ids`], which refuses more than
+//! [`crate::params::MAX_TRANSPORT_IDS`], truncated or inconsistent lists,
+//! iSCSI names whose length is not a multiple of 4, above
+//! [`crate::params::MAX_ISCSI_LEN`] or without
 //! a NUL; REGISTER AND MOVE and REPLACE LOST RESERVATION, which the library
 //! cannot express, are INVALID FIELD IN CDB as in qemu-pr-helper.
 //!
@@ -22,18 +24,13 @@
 #![forbid(unsafe_code)]
 
 use crate::cdb::{prin_sa, prout_sa};
-use crate::params::TransportId;
+use crate::params::{parse_transport_ids, TransportId};
 use crate::params::{FLAG_SPEC_I_PT, PROTOCOL_FC, PROTOCOL_ISCSI, PROTOCOL_SAS};
 use crate::prin::{read_full_status, FullStatusDescriptor};
 use crate::sense::SenseCode;
 
-/// `MPATH_MX_TIDS`: the most TransportIDs the library takes.
-pub const MX_TIDS: usize = 32;
 /// `MPATH_MAX_PARAM_LEN`.
 pub const MAX_PARAM_LEN: usize = 8192;
-/// Largest iSCSI name length accepted: libmpathpersist sends only the low
-/// byte of the length field, and the length is a multiple of 4.
-pub const MAX_ISCSI_LEN: usize = 252;
 /// `sizeof(struct transportid)`: format code, protocol id, 256-byte union.
 pub const TRANSPORTID_SIZE: usize = 258;
 /// Size of the basic PR OUT parameter list and of the header of
@@ -135,61 +132,31 @@ pub fn prout_request(cdb: &[u8; 16], params: &[u8]) -> Result<ProutRequest, Sens
     })
 }
 
-/// Walk the TransportID list after the basic parameter list (a BE32
-/// length, then that many bytes) into `struct transportid` records.
+/// The TransportID list after the basic parameter list (a BE32 length,
+/// then that many bytes) as `struct transportid` records.
 fn transport_ids(rest: &[u8]) -> Result<Vec<[u8; TRANSPORTID_SIZE]>, SenseCode> {
-    let Some(len) = rest.get(..4) else {
-        return Err(SenseCode::INVALID_PARAM_LEN);
-    };
-    let len = u32::from_be_bytes(len.try_into().unwrap()) as usize;
-    let body = &rest[4..];
-    if len != body.len() {
-        return Err(SenseCode::INVALID_PARAM);
+    Ok(parse_transport_ids(rest)?
+        .into_iter()
+        .map(|(_, bytes)| transportid(bytes))
+        .collect())
+}
+
+/// The `struct transportid` for the SPC-4 TransportID `t` (as
+/// [`TransportId::parse`] accepted it).
+fn transportid(t: &[u8]) -> [u8; TRANSPORTID_SIZE] {
+    let mut rec = [0u8; TRANSPORTID_SIZE];
+    // The library ORs format_code and protocol_id into byte 0, so the
+    // format code stays in bits 7..6.
+    rec[0] = t[0] & 0xc0;
+    rec[1] = t[0] & 0x0f;
+    match rec[1] {
+        PROTOCOL_FC => rec[2..10].copy_from_slice(&t[8..16]),
+        PROTOCOL_SAS => rec[2..10].copy_from_slice(&t[4..12]),
+        // iSCSI: iscsi_name holds the 2-byte length, then the name (with
+        // whatever follows its NUL).
+        _ => rec[2..t.len()].copy_from_slice(&t[2..]),
     }
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at < len {
-        if out.len() == MX_TIDS {
-            return Err(SenseCode::INVALID_PARAM);
-        }
-        let t = &body[at..];
-        let first = t[0];
-        let mut rec = [0u8; TRANSPORTID_SIZE];
-        // The library ORs format_code and protocol_id into byte 0, so the
-        // format code stays in bits 7..6.
-        rec[0] = first & 0xc0;
-        rec[1] = first & 0x0f;
-        let used = match first & 0xcf {
-            PROTOCOL_FC => {
-                let t = t.get(..24).ok_or(SenseCode::INVALID_PARAM)?;
-                rec[2..10].copy_from_slice(&t[8..16]);
-                24
-            }
-            PROTOCOL_SAS => {
-                let t = t.get(..24).ok_or(SenseCode::INVALID_PARAM)?;
-                rec[2..10].copy_from_slice(&t[4..12]);
-                24
-            }
-            b if b == PROTOCOL_ISCSI || b == 0x40 | PROTOCOL_ISCSI => {
-                let hdr = t.get(..4).ok_or(SenseCode::INVALID_PARAM)?;
-                let n = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
-                if n == 0 || n > MAX_ISCSI_LEN || n % 4 != 0 {
-                    return Err(SenseCode::INVALID_PARAM);
-                }
-                let name = t.get(4..4 + n).ok_or(SenseCode::INVALID_PARAM)?;
-                if !name.contains(&0) {
-                    return Err(SenseCode::INVALID_PARAM);
-                }
-                // iscsi_name holds the 2-byte length, then the name.
-                rec[2..4 + n].copy_from_slice(&t[2..4 + n]);
-                4 + n
-            }
-            _ => return Err(SenseCode::INVALID_PARAM),
-        };
-        out.push(rec);
-        at += used;
-    }
-    Ok(out)
+    rec
 }
 
 /// The PR IN service actions reservd runs through libmpathpersist.

@@ -16,6 +16,13 @@ pub const PROTOCOL_FC: u8 = 0x0;
 pub const PROTOCOL_ISCSI: u8 = 0x5;
 pub const PROTOCOL_SAS: u8 = 0x6;
 
+/// Most TransportIDs a parameter list may name: libmpathpersist's
+/// `MPATH_MX_TIDS` (it aborts on more; qemu-pr-helper passes them on).
+pub const MAX_TRANSPORT_IDS: usize = 32;
+/// Largest iSCSI TransportID ADDITIONAL LENGTH: libmpathpersist sends only
+/// the low byte of the length field, and the length is a multiple of 4.
+pub const MAX_ISCSI_LEN: usize = 252;
+
 /// A TransportID naming an initiator port.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum TransportId {
@@ -38,13 +45,23 @@ impl TransportId {
     }
 
     /// Decode the TransportID at the start of `b`; returns it and its length.
-    /// A TransportID that runs past `b` is INVALID FIELD IN PARAMETER LIST,
-    /// as SPC-4 says of a truncated TransportID (QEMU and LIO agree).
+    ///
+    /// This is the one TransportID parser: the multipath translation, the
+    /// emulated target and reservdctl's renderings all use it, with the
+    /// bounds libmpathpersist needs. Byte 0 holds the FORMAT CODE (bits
+    /// 7..6) and the PROTOCOL IDENTIFIER (bits 3..0; bits 5..4 are not
+    /// looked at). FC
+    /// and SAS (format 00) are 24 bytes; iSCSI (format 00, device name, or
+    /// 01, port identifier) has a 4-byte header whose ADDITIONAL LENGTH is
+    /// a multiple of 4 from 4 to [`MAX_ISCSI_LEN`], and a NUL-terminated
+    /// name in that many bytes. Anything else, and a TransportID that runs
+    /// past `b` (SPC-4 says so of a truncated one; QEMU and LIO agree), is
+    /// INVALID FIELD IN PARAMETER LIST.
     pub fn parse(b: &[u8]) -> Result<(TransportId, usize), SenseCode> {
         let first = *b.first().ok_or(SenseCode::INVALID_PARAM)?;
         let format = first >> 6;
-        match (first & 0x0f, format) {
-            (PROTOCOL_FC, 0) => {
+        match first & 0xcf {
+            PROTOCOL_FC => {
                 let t = b.get(..24).ok_or(SenseCode::INVALID_PARAM)?;
                 Ok((
                     TransportId::Fc {
@@ -53,7 +70,7 @@ impl TransportId {
                     24,
                 ))
             }
-            (PROTOCOL_SAS, 0) => {
+            PROTOCOL_SAS => {
                 let t = b.get(..24).ok_or(SenseCode::INVALID_PARAM)?;
                 Ok((
                     TransportId::Sas {
@@ -62,11 +79,10 @@ impl TransportId {
                     24,
                 ))
             }
-            (PROTOCOL_ISCSI, 0 | 1) => {
+            p if p & 0x0f == PROTOCOL_ISCSI && format <= 1 => {
                 let hdr = b.get(..4).ok_or(SenseCode::INVALID_PARAM)?;
                 let len = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
-                // SPC-4: at least 20 bytes in all, a multiple of 4.
-                if len < 16 || len % 4 != 0 {
+                if len == 0 || len > MAX_ISCSI_LEN || len % 4 != 0 {
                     return Err(SenseCode::INVALID_PARAM);
                 }
                 let body = b.get(4..4 + len).ok_or(SenseCode::INVALID_PARAM)?;
@@ -74,9 +90,6 @@ impl TransportId {
                     .iter()
                     .position(|&c| c == 0)
                     .ok_or(SenseCode::INVALID_PARAM)?;
-                if end == 0 {
-                    return Err(SenseCode::INVALID_PARAM);
-                }
                 Ok((
                     TransportId::Iscsi {
                         format,
@@ -147,7 +160,7 @@ impl ProutParams {
             if tid_len == 0 || BASIC_PARAMS_LEN + tid_len != p.len() {
                 return Err(SenseCode::INVALID_PARAM);
             }
-            let (tid, used) = TransportId::parse(&p[24..])?;
+            let (tid, used) = TransportId::parse(&p[BASIC_PARAMS_LEN..])?;
             if used != tid_len {
                 return Err(SenseCode::INVALID_PARAM);
             }
@@ -176,7 +189,10 @@ impl ProutParams {
             }
             return Ok(out);
         }
-        out.transport_ids = parse_transport_ids(&p[BASIC_PARAMS_LEN..])?;
+        out.transport_ids = parse_transport_ids(&p[BASIC_PARAMS_LEN..])?
+            .into_iter()
+            .map(|(tid, _)| tid)
+            .collect();
         Ok(out)
     }
 
@@ -217,11 +233,13 @@ impl ProutParams {
 }
 
 /// Decode the TransportID list that follows the basic parameter list: a
-/// BE32 length, then that many bytes of TransportIDs. A list too short for
-/// the length field is PARAMETER LIST LENGTH ERROR (as QEMU); a length that
-/// does not match the bytes that follow is INVALID FIELD IN PARAMETER LIST
-/// (as QEMU, for a length beyond the data, and LIO).
-pub fn parse_transport_ids(rest: &[u8]) -> Result<Vec<TransportId>, SenseCode> {
+/// BE32 length, then that many bytes of TransportIDs, at most
+/// [`MAX_TRANSPORT_IDS`] of them; each comes with the bytes it was decoded
+/// from. A list too short for the length field is PARAMETER LIST LENGTH
+/// ERROR (as QEMU); a length that does not match the bytes that follow is
+/// INVALID FIELD IN PARAMETER LIST (as QEMU, for a length beyond the data,
+/// and LIO), and so is a 33rd TransportID.
+pub fn parse_transport_ids(rest: &[u8]) -> Result<Vec<(TransportId, &[u8])>, SenseCode> {
     let hdr = rest.get(..4).ok_or(SenseCode::INVALID_PARAM_LEN)?;
     let len = u32::from_be_bytes(hdr.try_into().unwrap()) as usize;
     let body = &rest[4..];
@@ -231,8 +249,11 @@ pub fn parse_transport_ids(rest: &[u8]) -> Result<Vec<TransportId>, SenseCode> {
     let mut ids = Vec::new();
     let mut at = 0;
     while at < len {
+        if ids.len() == MAX_TRANSPORT_IDS {
+            return Err(SenseCode::INVALID_PARAM);
+        }
         let (tid, used) = TransportId::parse(&body[at..])?;
-        ids.push(tid);
+        ids.push((tid, &body[at..at + used]));
         at += used;
     }
     Ok(ids)
@@ -366,6 +387,45 @@ mod tests {
             TransportId::parse(&[0x06; 23]),
             Err(SenseCode::INVALID_PARAM)
         );
+    }
+
+    #[test]
+    fn the_parameter_list_parser_has_the_librarys_bounds() {
+        let list = |tids: &[Vec<u8>]| {
+            let mut p = basic(0, 1, FLAG_SPEC_I_PT);
+            let body = tids.concat();
+            p.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            p.extend_from_slice(&body);
+            ProutParams::parse(prout_sa::REGISTER, &p)
+        };
+        let sas = |i: u8| TransportId::Sas { address: [i; 8] }.encode();
+        let ids: Vec<Vec<u8>> = (0..33).map(sas).collect();
+        assert_eq!(list(&ids[..32]).unwrap().transport_ids.len(), 32);
+        assert_eq!(list(&ids), Err(SenseCode::INVALID_PARAM));
+        let iscsi = |len: u16, name: &[u8]| {
+            let mut t = vec![0x05, 0];
+            t.extend_from_slice(&len.to_be_bytes());
+            let mut body = name.to_vec();
+            body.resize(len as usize, 0);
+            t.extend_from_slice(&body);
+            t
+        };
+        // 4 to 252 bytes, a multiple of 4, with a NUL.
+        assert_eq!(
+            list(&[iscsi(4, b"iqn")]).unwrap().transport_ids,
+            vec![TransportId::Iscsi {
+                format: 0,
+                name: b"iqn".to_vec()
+            }]
+        );
+        assert!(list(&[iscsi(252, b"iqn.x")]).is_ok());
+        assert_eq!(list(&[iscsi(256, b"iqn.x")]), Err(SenseCode::INVALID_PARAM));
+        assert_eq!(list(&[iscsi(0, b"")]), Err(SenseCode::INVALID_PARAM));
+        assert_eq!(list(&[iscsi(4, b"iqn.")]), Err(SenseCode::INVALID_PARAM));
+        // A format code FC and SAS do not have.
+        let mut t = sas(1);
+        t[0] |= 0x40;
+        assert_eq!(list(&[t]), Err(SenseCode::INVALID_PARAM));
     }
 
     #[test]

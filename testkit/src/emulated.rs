@@ -40,7 +40,9 @@
 //!    allowed in the presence of persistent reservations, as LIO applies it);
 //! 4. the parameter list: shorter than 24 bytes is PARAMETER LIST LENGTH
 //!    ERROR, SPEC_I_PT with a service action other than REGISTER is INVALID
-//!    FIELD IN PARAMETER LIST, then [`ProutParams::parse`];
+//!    FIELD IN PARAMETER LIST, then [`ProutParams::parse`], whose
+//!    TransportIDs are those of reservd's one TransportID parser
+//!    ([`TransportId::parse`], the one the multipath translation uses);
 //! 5. the service action itself; undefined ones (including REPLACE LOST
 //!    RESERVATION) are INVALID FIELD IN CDB.
 //!
@@ -93,6 +95,11 @@
 //!   removes the caller;
 //! - a registered nexus that re-registers without ALL_TG_PT keeps its
 //!   registration's ALL_TG_PT; LIO answers INVALID FIELD IN CDB;
+//! - TransportIDs have the bounds libmpathpersist needs (reservd's one
+//!   parser): more than 32 in a list, an iSCSI ADDITIONAL LENGTH above 252
+//!   or not a multiple of 4, or an iSCSI name without a NUL within that
+//!   length are INVALID FIELD IN PARAMETER LIST; LIO sets none of these
+//!   limits (it reads an iSCSI name up to its NUL);
 //! - allocation lengths below 8 (6 for REPORT CAPABILITIES) are not errors,
 //!   and READ FULL STATUS reports every descriptor in its ADDITIONAL LENGTH;
 //!   LIO answers INVALID FIELD IN CDB, and counts only the descriptors that
