@@ -13,10 +13,11 @@ use reservd_daemon::backend::multipath::{
 use reservd_daemon::backend::Command;
 use reservd_proto::cdb::prout_sa::*;
 use reservd_proto::cdb::{pad16, prin_sa};
+use reservd_proto::mpath;
 use reservd_proto::mpath_xlate::prout_request;
 use reservd_proto::onenexus::Fixes;
 use reservd_proto::prin;
-use reservd_proto::sense::{mpath_pr, Answer, SenseCode, Status};
+use reservd_proto::sense::{Answer, SenseCode, Status};
 use reservd_testkit::sim::{SimMap, NODE2};
 
 const K: u64 = 0xaaaa;
@@ -89,7 +90,7 @@ fn release_by_a_non_holder_keeps_the_other_nodes_reservation() {
     let m = multipath(&sim, Fixes::ALL);
     two_nodes(&m, &sim);
     let req = prout_request(&pad16(&prout_cdb(RELEASE, 0, 5)), &basic_params(K, 0)).unwrap();
-    assert_eq!(sim.reserve_out(sim.lu.as_fd(), &req), mpath_pr::SUCCESS);
+    assert_eq!(sim.reserve_out(sim.lu.as_fd(), &req), mpath::SUCCESS);
     assert_eq!(sim.reservation(NODE2), None, "the library keeps it?");
     // With it.
     let sim = SimMap::new(2);

@@ -8,6 +8,7 @@
 //!   parameter lists and TransportIDs, PR IN data;
 //! - [`sense`]: status, sense data, the [`sense::Answer`] to a command, and
 //!   the one map from failures below SCSI to answers;
+//! - [`mpath`]: libmpathpersist's return codes and their answers;
 //! - [`mpath_xlate`]: SPC-4 bytes to and from libmpathpersist's structures;
 //! - [`onenexus`]: how a PR OUT on a multipath map runs so that the map
 //!   answers as one I_T nexus;
@@ -15,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cdb;
+pub mod mpath;
 pub mod mpath_xlate;
 pub mod mpconf;
 pub mod onenexus;

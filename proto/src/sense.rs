@@ -154,7 +154,8 @@ impl Answer {
 }
 
 /// Why a command failed below the SCSI layer. [`failure_answer`] is the one
-/// place that turns these into SCSI answers.
+/// place that turns these into SCSI answers (libmpathpersist's return
+/// codes: [`crate::mpath::answer`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failure {
     /// A system call failed with this errno (SG_IO itself, or opening a path).
@@ -163,49 +164,6 @@ pub enum Failure {
     HostStatus(u16),
     /// The SCSI midlayer's driver status flagged a timeout.
     DriverTimeout,
-    /// libmpathpersist returned this `MPATH_PR_*` code.
-    Mpath(i32),
-}
-
-/// libmpathpersist's return codes (`MPATH_PR_*` in `mpath_persist.h`;
-/// 16 and 17 exist from multipath-tools 0.12 and 0.13, "internal only").
-pub mod mpath_pr {
-    pub const SKIP: i32 = -1;
-    pub const SUCCESS: i32 = 0;
-    pub const SYNTAX_ERROR: i32 = 1;
-    pub const SENSE_NOT_READY: i32 = 2;
-    pub const SENSE_MEDIUM_ERROR: i32 = 3;
-    pub const SENSE_HARDWARE_ERROR: i32 = 4;
-    pub const ILLEGAL_REQ: i32 = 5;
-    pub const SENSE_UNIT_ATTENTION: i32 = 6;
-    pub const SENSE_INVALID_OP: i32 = 7;
-    pub const SENSE_ABORTED_COMMAND: i32 = 8;
-    pub const NO_SENSE: i32 = 9;
-    pub const SENSE_MALFORMED: i32 = 10;
-    pub const RESERV_CONFLICT: i32 = 11;
-    pub const FILE_ERROR: i32 = 12;
-    pub const DMMP_ERROR: i32 = 13;
-    pub const THREAD_ERROR: i32 = 14;
-    pub const OTHER: i32 = 15;
-    pub const RETRYABLE_ERROR: i32 = 16;
-    pub const SUCCESS_UNREGISTER: i32 = 17;
-}
-
-/// Whether a libmpathpersist failure hides sense data worth recovering:
-/// for NOT READY, MEDIUM ERROR, HARDWARE ERROR and ABORTED COMMAND the
-/// library keeps only the sense key. reservd then sends TEST UNIT READY
-/// to the map, as qemu-pr-helper does, and answers with its status and
-/// sense if it is not GOOD (a NOT READY's ASC/ASCQ, such as "ALUA state
-/// transition", tells the guest whether to retry); otherwise with the
-/// generic sense of [`failure_answer`].
-pub fn mpath_wants_tur(code: i32) -> bool {
-    matches!(
-        code,
-        mpath_pr::SENSE_NOT_READY
-            | mpath_pr::SENSE_MEDIUM_ERROR
-            | mpath_pr::SENSE_HARDWARE_ERROR
-            | mpath_pr::SENSE_ABORTED_COMMAND
-    )
 }
 
 /// Map a failure below the SCSI layer to the answer the guest sees.
@@ -243,28 +201,6 @@ pub fn failure_answer(failure: Failure) -> Answer {
             _ => Answer::check(SenseCode::LUN_COMM_FAILURE),
         },
         Failure::DriverTimeout => Answer::status(Status::BUSY),
-        // qemu-pr-helper's table (mpath_reconstruct_sense).
-        Failure::Mpath(code) => match code {
-            mpath_pr::SUCCESS => Answer::status(Status::GOOD),
-            mpath_pr::SENSE_NOT_READY => Answer::check(SenseCode::NOT_READY),
-            mpath_pr::SENSE_MEDIUM_ERROR => Answer::check(SenseCode::READ_ERROR),
-            mpath_pr::SENSE_HARDWARE_ERROR => Answer::check(SenseCode::TARGET_FAILURE),
-            mpath_pr::SENSE_ABORTED_COMMAND => Answer::check(SenseCode::IO_ERROR),
-            // The device's UNIT ATTENTION was consumed by the library's
-            // retries: report a heavyweight one.
-            mpath_pr::SENSE_UNIT_ATTENTION => Answer::check(SenseCode::SCSI_BUS_RESET),
-            mpath_pr::SENSE_INVALID_OP => Answer::check(SenseCode::INVALID_OPCODE),
-            // Any ILLEGAL REQUEST; the ASC is lost. reservd has already
-            // checked the CDB, so the parameter list is the likelier culprit.
-            mpath_pr::ILLEGAL_REQ => Answer::check(SenseCode::INVALID_PARAM),
-            mpath_pr::NO_SENSE => Answer::check(SenseCode::NO_SENSE),
-            mpath_pr::RESERV_CONFLICT => Answer::status(Status::RESERVATION_CONFLICT),
-            // SYNTAX_ERROR (reservation_key mismatch or missing), MALFORMED,
-            // FILE_ERROR, DMMP_ERROR (no usable path, multipathd
-            // unreachable), THREAD_ERROR, OTHER, the internal 16 and 17,
-            // and raw negative values (0.9.4 returns -1 when SG_IO fails).
-            _ => Answer::check(SenseCode::LUN_COMM_FAILURE),
-        },
     }
 }
 
@@ -341,56 +277,6 @@ mod tests {
             failure_answer(Failure::Errno(libc_errno::ENOSPC)),
             Answer::check(SenseCode::SPACE_ALLOC_FAILED)
         );
-    }
-
-    #[test]
-    fn mpath_return_code_table() {
-        use mpath_pr::*;
-        let cases: &[(i32, Answer)] = &[
-            (SUCCESS, Answer::status(Status::GOOD)),
-            (SYNTAX_ERROR, Answer::check(SenseCode::LUN_COMM_FAILURE)),
-            (SENSE_NOT_READY, Answer::check(SenseCode::NOT_READY)),
-            (SENSE_MEDIUM_ERROR, Answer::check(SenseCode::READ_ERROR)),
-            (
-                SENSE_HARDWARE_ERROR,
-                Answer::check(SenseCode::TARGET_FAILURE),
-            ),
-            (ILLEGAL_REQ, Answer::check(SenseCode::INVALID_PARAM)),
-            (
-                SENSE_UNIT_ATTENTION,
-                Answer::check(SenseCode::SCSI_BUS_RESET),
-            ),
-            (SENSE_INVALID_OP, Answer::check(SenseCode::INVALID_OPCODE)),
-            (SENSE_ABORTED_COMMAND, Answer::check(SenseCode::IO_ERROR)),
-            (NO_SENSE, Answer::check(SenseCode::NO_SENSE)),
-            (SENSE_MALFORMED, Answer::check(SenseCode::LUN_COMM_FAILURE)),
-            (
-                RESERV_CONFLICT,
-                Answer::status(Status::RESERVATION_CONFLICT),
-            ),
-            (FILE_ERROR, Answer::check(SenseCode::LUN_COMM_FAILURE)),
-            (DMMP_ERROR, Answer::check(SenseCode::LUN_COMM_FAILURE)),
-            (THREAD_ERROR, Answer::check(SenseCode::LUN_COMM_FAILURE)),
-            (OTHER, Answer::check(SenseCode::LUN_COMM_FAILURE)),
-            (RETRYABLE_ERROR, Answer::check(SenseCode::LUN_COMM_FAILURE)),
-            (
-                SUCCESS_UNREGISTER,
-                Answer::check(SenseCode::LUN_COMM_FAILURE),
-            ),
-            (SKIP, Answer::check(SenseCode::LUN_COMM_FAILURE)),
-            (-22, Answer::check(SenseCode::LUN_COMM_FAILURE)),
-            (1000, Answer::check(SenseCode::LUN_COMM_FAILURE)),
-        ];
-        for (code, want) in cases {
-            assert_eq!(&failure_answer(Failure::Mpath(*code)), want, "code {code}");
-        }
-        // Reservation conflicts carry no sense.
-        assert!(failure_answer(Failure::Mpath(RESERV_CONFLICT))
-            .sense
-            .iter()
-            .all(|&b| b == 0));
-        let tur: Vec<i32> = (-1..=17).filter(|&c| mpath_wants_tur(c)).collect();
-        assert_eq!(tur, vec![2, 3, 4, 8]);
     }
 
     #[test]

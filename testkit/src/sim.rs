@@ -13,10 +13,11 @@ use reservd_daemon::backend::multipath::library::PersistLib;
 use reservd_daemon::backend::multipath::{basic_params, prin_cdb, prout_cdb, MapDevices, Via};
 use reservd_daemon::backend::{Command, Nexus, PrBackend};
 use reservd_proto::cdb::{pad16, prin_sa, prout_sa, PERSISTENT_RESERVE_OUT};
+use reservd_proto::mpath;
 use reservd_proto::mpath_xlate::{prin_buffer_size, ProutRequest};
 use reservd_proto::onenexus::Prout;
 use reservd_proto::prin;
-use reservd_proto::sense::{failure_answer, mpath_pr, Answer, Failure, Status};
+use reservd_proto::sense::{failure_answer, Answer, Failure, Status};
 
 use crate::emulated::Emulated;
 
@@ -172,13 +173,13 @@ impl SimMap {
 
 fn to_code(a: &Answer) -> i32 {
     match a.status {
-        Status::GOOD => mpath_pr::SUCCESS,
-        Status::RESERVATION_CONFLICT => mpath_pr::RESERV_CONFLICT,
+        Status::GOOD => mpath::SUCCESS,
+        Status::RESERVATION_CONFLICT => mpath::RESERV_CONFLICT,
         _ => match a.sense_code().map(|s| s.key) {
-            Some(0x05) => mpath_pr::ILLEGAL_REQ,
-            Some(0x06) => mpath_pr::SENSE_UNIT_ATTENTION,
-            Some(0x02) => mpath_pr::SENSE_NOT_READY,
-            _ => mpath_pr::OTHER,
+            Some(0x05) => mpath::ILLEGAL_REQ,
+            Some(0x06) => mpath::SENSE_UNIT_ATTENTION,
+            Some(0x02) => mpath::SENSE_NOT_READY,
+            _ => mpath::OTHER,
         },
     }
 }
@@ -257,10 +258,10 @@ impl PersistLib for SimMap {
     fn reserve_in(&self, _fd: BorrowedFd<'_>, sa: u8) -> (i32, Vec<u8>) {
         let mut resp = vec![0u8; prin_buffer_size(sa)];
         let Some(nexus) = self.first_active() else {
-            return (mpath_pr::DMMP_ERROR, resp);
+            return (mpath::DMMP_ERROR, resp);
         };
         if sa != prin_sa::READ_KEYS && sa != prin_sa::READ_RESERVATION {
-            return (mpath_pr::OTHER, resp);
+            return (mpath::OTHER, resp);
         }
         let a = self.send(nexus, &prin_cdb(sa), &[]);
         if !good(&a) {
@@ -272,7 +273,7 @@ impl PersistLib for SimMap {
         resp[0..4].copy_from_slice(&gen.to_ne_bytes());
         resp[4..8].copy_from_slice(&len.to_ne_bytes());
         resp[8..a.data.len()].copy_from_slice(&a.data[8..]);
-        (mpath_pr::SUCCESS, resp)
+        (mpath::SUCCESS, resp)
     }
 
     /// multipath-tools 0.9.4's `do_mpath_persistent_reserve_out`, with
@@ -294,19 +295,19 @@ impl PersistLib for SimMap {
             && (c.sa_key != 0 || c.service_action != prout_sa::REGISTER_AND_IGNORE)
         {
             self.note("lib: configured reservation key doesn't match".into());
-            return mpath_pr::SYNTAX_ERROR;
+            return mpath::SYNTAX_ERROR;
         }
         drop(prkey);
         let active = self.active();
         if active.is_empty() {
-            return mpath_pr::DMMP_ERROR;
+            return mpath::DMMP_ERROR;
         }
         let code = match c.service_action {
             prout_sa::REGISTER | prout_sa::REGISTER_AND_IGNORE => {
-                let mut status = mpath_pr::SUCCESS;
+                let mut status = mpath::SUCCESS;
                 for (_, n) in &active {
                     let r = self.lib_out(*n, c.service_action, c.scope, c.pr_type, &params);
-                    if status == mpath_pr::SUCCESS {
+                    if status == mpath::SUCCESS {
                         status = r;
                     }
                 }
@@ -328,11 +329,11 @@ impl PersistLib for SimMap {
                         self.lib_out(*n, prout_sa::REGISTER, 0, 0, &basic_params(0, rk));
                     }
                 }
-                mpath_pr::SUCCESS
+                mpath::SUCCESS
             }
             _ => self.lib_out(active[0].1, c.service_action, c.scope, c.pr_type, &params),
         };
-        if code == mpath_pr::SUCCESS {
+        if code == mpath::SUCCESS {
             let mut prkey = self.prkey.lock().unwrap();
             match c.service_action {
                 prout_sa::REGISTER | prout_sa::REGISTER_AND_IGNORE if c.sa_key == 0 => {

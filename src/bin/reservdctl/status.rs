@@ -385,12 +385,12 @@ fn mpath_sys_default() -> &'static str {
 }
 
 fn mpath_code_text(code: i32) -> &'static str {
-    use reservd_proto::sense::mpath_pr;
+    use reservd_proto::mpath;
     match code {
-        mpath_pr::SYNTAX_ERROR => "refused: the key differs from multipath.conf's reservation_key",
-        mpath_pr::RESERV_CONFLICT => "reservation conflict",
-        mpath_pr::FILE_ERROR => "a path device could not be opened",
-        mpath_pr::DMMP_ERROR => "no usable path, or multipathd refused the key",
+        mpath::SYNTAX_ERROR => "refused: the key differs from multipath.conf's reservation_key",
+        mpath::RESERV_CONFLICT => "reservation conflict",
+        mpath::FILE_ERROR => "a path device could not be opened",
+        mpath::DMMP_ERROR => "no usable path, or multipathd refused the key",
         _ => "see libmpathpersist's MPATH_PR_* codes",
     }
 }

@@ -45,6 +45,54 @@ const _: () = assert!(
 const _: () = assert!(std::mem::align_of::<prout_param_descriptor>() <= 8);
 const _: () = assert!(std::mem::align_of::<prin_resp>() <= 8);
 
+// The header's return codes and limits are reservd-proto's (mpath and the
+// TransportID parser); 16 and 17, which only newer headers define, are
+// reservd-proto's alone.
+const _: () = {
+    use reservd_proto::mpath;
+    assert!(mpath_sys::MPATH_PR_SKIP == mpath::SKIP);
+    let codes = [
+        (mpath_sys::MPATH_PR_SUCCESS, mpath::SUCCESS),
+        (mpath_sys::MPATH_PR_SYNTAX_ERROR, mpath::SYNTAX_ERROR),
+        (mpath_sys::MPATH_PR_SENSE_NOT_READY, mpath::SENSE_NOT_READY),
+        (
+            mpath_sys::MPATH_PR_SENSE_MEDIUM_ERROR,
+            mpath::SENSE_MEDIUM_ERROR,
+        ),
+        (
+            mpath_sys::MPATH_PR_SENSE_HARDWARE_ERROR,
+            mpath::SENSE_HARDWARE_ERROR,
+        ),
+        (mpath_sys::MPATH_PR_ILLEGAL_REQ, mpath::ILLEGAL_REQ),
+        (
+            mpath_sys::MPATH_PR_SENSE_UNIT_ATTENTION,
+            mpath::SENSE_UNIT_ATTENTION,
+        ),
+        (
+            mpath_sys::MPATH_PR_SENSE_INVALID_OP,
+            mpath::SENSE_INVALID_OP,
+        ),
+        (
+            mpath_sys::MPATH_PR_SENSE_ABORTED_COMMAND,
+            mpath::SENSE_ABORTED_COMMAND,
+        ),
+        (mpath_sys::MPATH_PR_NO_SENSE, mpath::NO_SENSE),
+        (mpath_sys::MPATH_PR_SENSE_MALFORMED, mpath::SENSE_MALFORMED),
+        (mpath_sys::MPATH_PR_RESERV_CONFLICT, mpath::RESERV_CONFLICT),
+        (mpath_sys::MPATH_PR_FILE_ERROR, mpath::FILE_ERROR),
+        (mpath_sys::MPATH_PR_DMMP_ERROR, mpath::DMMP_ERROR),
+        (mpath_sys::MPATH_PR_THREAD_ERROR, mpath::THREAD_ERROR),
+        (mpath_sys::MPATH_PR_OTHER, mpath::OTHER),
+    ];
+    let mut i = 0;
+    while i < codes.len() {
+        assert!(codes[i].0 as i32 == codes[i].1);
+        i += 1;
+    }
+    assert!(mpath_sys::MPATH_MX_TIDS as usize == reservd_proto::params::MAX_TRANSPORT_IDS);
+    assert!(mpath_sys::MPATH_MAX_PARAM_LEN as usize == reservd_proto::mpath_xlate::MAX_PARAM_LEN);
+};
+
 /// The PR IN allocation length reservd sets.
 pub const MX_ALLOC_LEN: c_uint = 8192;
 

@@ -13,9 +13,9 @@
 //!   `mpath_persistent_reserve_out`, or as a sequence of commands on the
 //!   map's paths where the loaded library would get the map wrong. PR OUT
 //!   commands on maps run one at a time.
-//! - Failures are mapped by [`reservd_proto::sense::failure_answer`]; for the four
-//!   classes whose sense the library drops, a TEST UNIT READY on the map
-//!   recovers it (see [`reservd_proto::sense::mpath_wants_tur`]); an ILLEGAL
+//! - The library's return codes are mapped by [`reservd_proto::mpath::answer`];
+//!   for the four classes whose sense the library drops, a TEST UNIT READY
+//!   on the map recovers it (see [`reservd_proto::mpath::wants_tur`]); an ILLEGAL
 //!   REQUEST, which changed nothing, is sent again down one path for the
 //!   device's own sense. A key the library refuses although it is the
 //!   guest's own (a `reservation_key` fixed in multipath.conf) is ILLEGAL
@@ -48,14 +48,13 @@ use multipathd::{clear_map_keys, Multipathd};
 use reservd_proto::cdb::{
     pad16, prin_sa, prout_sa, PrInCdb, PrOutCdb, PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT,
 };
+use reservd_proto::mpath;
 use reservd_proto::mpath_xlate::{
     prin_data, prin_service_action, prout_request, FullStatusError, ProutRequest, PROUT_HEADER_SIZE,
 };
 use reservd_proto::onenexus::{self, Fixes, MapState, Prout, Route};
 use reservd_proto::prin;
-use reservd_proto::sense::{
-    failure_answer, mpath_pr, mpath_wants_tur, Answer, Failure, SenseCode, Status,
-};
+use reservd_proto::sense::{failure_answer, Answer, Failure, SenseCode, Status};
 use reservd_proto::wire::OP_CLEANUP;
 
 /// Where reservd sends a command of its own on a map.
@@ -263,7 +262,7 @@ impl Multipath {
         };
         let (code, resp) = self.lib.reserve_in(cmd.fd, sa);
         log::debug!("dm-{minor}: PR IN service action {sa}: libmpathpersist returned {code}");
-        if code != mpath_pr::SUCCESS {
+        if code != mpath::SUCCESS {
             return self.failure(cmd.fd, code, minor, None);
         }
         let data = match prin_data(sa, &resp) {
@@ -427,7 +426,7 @@ impl Multipath {
     fn release_on_paths(&self, map: BorrowedFd<'_>, c: &Prout, minor: u32) -> Answer {
         let paths = self.active_paths(map, minor);
         if paths.is_empty() {
-            return failure_answer(Failure::Mpath(mpath_pr::DMMP_ERROR));
+            return mpath::answer(mpath::DMMP_ERROR);
         }
         let cdb = prout_cdb(prout_sa::RELEASE, c.scope, c.pr_type);
         let params = basic_params(c.key, 0);
@@ -538,14 +537,14 @@ impl Multipath {
     ) -> Answer {
         let paths = self.active_paths(map, minor);
         if paths.is_empty() {
-            return failure_answer(Failure::Mpath(mpath_pr::DMMP_ERROR));
+            return mpath::answer(mpath::DMMP_ERROR);
         }
         if let Err(e) = self.devices.suspend(map) {
             log::error!(
                 "dm-{minor}: cannot suspend the map ({e}): refusing a command that would leave \
                  its other paths without the map's key meanwhile"
             );
-            return failure_answer(Failure::Mpath(mpath_pr::DMMP_ERROR));
+            return mpath::answer(mpath::DMMP_ERROR);
         }
         struct Resume<'a, 'b> {
             devices: &'a dyn MapDevices,
@@ -654,7 +653,7 @@ impl Multipath {
             req.service_action,
             req.pr_type
         );
-        if code == mpath_pr::SUCCESS {
+        if code == mpath::SUCCESS {
             Answer::status(Status::GOOD)
         } else {
             self.failure(fd, code, minor, Some(req))
@@ -685,7 +684,7 @@ impl Multipath {
         req: Option<&ProutRequest>,
     ) -> Answer {
         match code {
-            mpath_pr::SYNTAX_ERROR => {
+            mpath::SYNTAX_ERROR => {
                 let why = if self.diagnostics.key_config.is_empty() {
                     "the command's keys differ from the reservation_key multipath-tools has for \
                      this map (multipath.conf, or /etc/multipath/prkeys with 'reservation_key file')"
@@ -706,7 +705,7 @@ impl Multipath {
                 }
                 log::warn!("dm-{minor}: libmpathpersist refused the command: {why}");
             }
-            mpath_pr::DMMP_ERROR => {
+            mpath::DMMP_ERROR => {
                 let quick = self.multipathd.clone().with_timeout(Duration::from_secs(2));
                 match quick.connect() {
                     Err(e) => log::warn!(
@@ -719,14 +718,14 @@ impl Multipath {
                     ),
                 }
             }
-            mpath_pr::FILE_ERROR if self.diagnostics.non_root => log::warn!(
+            mpath::FILE_ERROR if self.diagnostics.non_root => log::warn!(
                 "dm-{minor}: libmpathpersist could not open a path device: reservd runs as a \
                  non-root user (-u)"
             ),
             // ILLEGAL REQUEST changed nothing: the device says what was
             // wrong when the command goes down one path (the library keeps
             // only the sense key).
-            mpath_pr::ILLEGAL_REQ => {
+            mpath::ILLEGAL_REQ => {
                 if let Some(req) = req {
                     let (cdb, params) = encode_prout(req);
                     let a = self.run(Via::Map(fd), &cdb, &params);
@@ -737,13 +736,13 @@ impl Multipath {
             }
             _ => {}
         }
-        if mpath_wants_tur(code) {
+        if mpath::wants_tur(code) {
             let tur = sg_io(fd, &TEST_UNIT_READY, Transfer::None, self.tur_timeout_ms);
             if tur.answer.status != Status::GOOD {
                 return tur.answer;
             }
         }
-        failure_answer(Failure::Mpath(code))
+        mpath::answer(code)
     }
 }
 
