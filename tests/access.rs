@@ -73,59 +73,60 @@ fn probe(mode: Mode) -> Probe {
         .spawn()
         .unwrap();
     let other_pid = other.id() as libc::c_long;
-    let p = std::thread::spawn(move || {
-        // SAFETY: prctl with integer arguments; NO_NEW_PRIVS is per thread.
-        let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
-        assert_eq!(r, 0);
-        seccomp::install_this_thread(mode, pid).unwrap();
-        let close = |r: Result<i32, i32>| {
-            if let Ok(fd) = r {
-                // SAFETY: fd was just returned by socket() and is closed once.
-                unsafe { libc::close(fd) };
+    let p =
+        std::thread::spawn(move || {
+            // SAFETY: prctl with integer arguments; NO_NEW_PRIVS is per thread.
+            let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+            assert_eq!(r, 0);
+            seccomp::install_this_thread(mode, pid).unwrap();
+            let close = |r: Result<i32, i32>| {
+                if let Ok(fd) = r {
+                    // SAFETY: fd was just returned by socket() and is closed once.
+                    unsafe { libc::close(fd) };
+                }
+                r
+            };
+            let mut size: u64 = 0;
+            let mut hdr = [0u8; 88];
+            // SAFETY: socket() with integer arguments.
+            let socket_inet =
+                close(errno_result(
+                    unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) } as libc::c_long,
+                ));
+            // SAFETY: as above.
+            let socket_unix =
+                close(errno_result(
+                    unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) } as libc::c_long,
+                ));
+            // SAFETY: BLKGETSIZE64 writes a u64 to `size`; fd is open.
+            let blkgetsize64 =
+                errno_result(
+                    unsafe { libc::ioctl(fd, 0x8008_1272_u32 as _, &mut size as *mut u64) }
+                        as libc::c_long,
+                );
+            // SAFETY: a regular file answers SG_IO with ENOTTY before reading
+            // the header; `hdr` is as large as sg_io_hdr anyway.
+            let sg_io = errno_result(unsafe {
+                libc::ioctl(fd, reservd_proto::sg::SG_IO as _, hdr.as_mut_ptr())
+            } as libc::c_long);
+            // SAFETY: signal 0 only checks that the target exists.
+            let tgkill_other =
+                errno_result(unsafe { libc::syscall(libc::SYS_tgkill, other_pid, other_pid, 0) });
+            // SAFETY: setuid to the current uid changes nothing when allowed.
+            let setuid = errno_result(unsafe {
+                libc::syscall(libc::SYS_setuid, libc::getuid() as libc::c_long)
+            });
+            Probe {
+                socket_inet,
+                socket_unix,
+                blkgetsize64,
+                sg_io,
+                tgkill_other,
+                setuid,
             }
-            r
-        };
-        let mut size: u64 = 0;
-        let mut hdr = [0u8; 88];
-        // SAFETY: socket() with integer arguments.
-        let socket_inet =
-            close(errno_result(
-                unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) } as libc::c_long,
-            ));
-        // SAFETY: as above.
-        let socket_unix =
-            close(errno_result(
-                unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) } as libc::c_long,
-            ));
-        // SAFETY: BLKGETSIZE64 writes a u64 to `size`; fd is open.
-        let blkgetsize64 =
-            errno_result(
-                unsafe { libc::ioctl(fd, 0x8008_1272_u32 as _, &mut size as *mut u64) }
-                    as libc::c_long,
-            );
-        // SAFETY: a regular file answers SG_IO with ENOTTY before reading
-        // the header; `hdr` is as large as sg_io_hdr anyway.
-        let sg_io = errno_result(
-            unsafe { libc::ioctl(fd, seccomp::SG_IO as _, hdr.as_mut_ptr()) } as libc::c_long,
-        );
-        // SAFETY: signal 0 only checks that the target exists.
-        let tgkill_other =
-            errno_result(unsafe { libc::syscall(libc::SYS_tgkill, other_pid, other_pid, 0) });
-        // SAFETY: setuid to the current uid changes nothing when allowed.
-        let setuid = errno_result(unsafe {
-            libc::syscall(libc::SYS_setuid, libc::getuid() as libc::c_long)
-        });
-        Probe {
-            socket_inet,
-            socket_unix,
-            blkgetsize64,
-            sg_io,
-            tgkill_other,
-            setuid,
-        }
-    })
-    .join()
-    .unwrap();
+        })
+        .join()
+        .unwrap();
     let _ = other.kill();
     let _ = other.wait();
     p

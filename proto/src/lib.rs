@@ -8,6 +8,7 @@
 //!   parameter lists and TransportIDs, PR IN data;
 //! - [`sense`]: status, sense data, the [`sense::Answer`] to a command, and
 //!   the one map from failures below SCSI to answers;
+//! - [`sg`]: Linux's SG_IO interface (request numbers, `struct sg_io_hdr`);
 //! - [`mpath`]: libmpathpersist's return codes and their answers;
 //! - [`mpath_xlate`]: SPC-4 bytes to and from libmpathpersist's structures;
 //! - [`onenexus`]: how a PR OUT on a multipath map runs so that the map
@@ -23,4 +24,5 @@ pub mod onenexus;
 pub mod params;
 pub mod prin;
 pub mod sense;
+pub mod sg;
 pub mod wire;

@@ -7,41 +7,10 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use super::{BackendError, Command, PrBackend};
 use reservd_proto::cdb::{transfer_length, PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT};
 use reservd_proto::sense::{failure_answer, Answer, Failure, Status, SENSE_SIZE};
+use reservd_proto::sg::{
+    SgIoHdr, DRIVER_TIMEOUT_MASK, SG_DXFER_FROM_DEV, SG_DXFER_NONE, SG_DXFER_TO_DEV, SG_IO,
+};
 use reservd_proto::wire::{DATA_SIZE, OP_CLEANUP};
-
-const SG_IO: libc::c_ulong = 0x2285;
-const SG_DXFER_NONE: i32 = -1;
-const SG_DXFER_TO_DEV: i32 = -2;
-const SG_DXFER_FROM_DEV: i32 = -3;
-/// `SG_ERR_DRIVER_TIMEOUT`, used as a mask the way QEMU does.
-const DRIVER_TIMEOUT_MASK: u16 = 0x06;
-
-/// `struct sg_io_hdr` from `<scsi/sg.h>`.
-#[repr(C)]
-struct SgIoHdr {
-    interface_id: i32,
-    dxfer_direction: i32,
-    cmd_len: u8,
-    mx_sb_len: u8,
-    iovec_count: u16,
-    dxfer_len: u32,
-    dxferp: *mut libc::c_void,
-    cmdp: *const u8,
-    sbp: *mut u8,
-    timeout: u32,
-    flags: u32,
-    pack_id: i32,
-    usr_ptr: *mut libc::c_void,
-    status: u8,
-    masked_status: u8,
-    msg_status: u8,
-    sb_len_wr: u8,
-    host_status: u16,
-    driver_status: u16,
-    resid: i32,
-    duration: u32,
-    info: u32,
-}
 
 /// Data direction of one SG_IO call.
 pub enum Transfer<'a> {

@@ -39,7 +39,9 @@
 
 use std::collections::BTreeMap;
 
+use crate::backend::dm;
 use anyhow::Context;
+use reservd_proto::sg;
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
@@ -78,35 +80,27 @@ impl std::str::FromStr for Mode {
     }
 }
 
-/// `SG_IO` (scsi/sg.h).
-pub const SG_IO: u64 = 0x2285;
-/// `SG_GET_VERSION_NUM`: sg3_utils-style callers check the sg driver first.
-pub const SG_GET_VERSION_NUM: u64 = 0x2282;
-
-/// `_IOWR(0xfd, nr, struct dm_ioctl)`, struct dm_ioctl being 312 bytes.
-const fn dm(nr: u64) -> u64 {
-    0xc138_fd00 | nr
-}
 /// The device-mapper ioctls reservd lets through: those that only read,
 /// reservd's own (DM_VERSION, DM_TABLE_STATUS) and libdevmapper's for
 /// libmpathpersist (listing the maps, their status, tables and
 /// dependencies, target versions), and DM_DEV_SUSPEND, which suspends and
 /// resumes a map (never loads or removes one).
 pub const DM_IOCTLS: &[(u64, &str)] = &[
-    (dm(0), "DM_VERSION"),
-    (dm(2), "DM_LIST_DEVICES"),
-    (dm(6), "DM_DEV_SUSPEND"),
-    (dm(7), "DM_DEV_STATUS"),
-    (dm(11), "DM_TABLE_DEPS"),
-    (dm(12), "DM_TABLE_STATUS"),
-    (dm(13), "DM_LIST_VERSIONS"),
-    (dm(17), "DM_GET_TARGET_VERSION"),
+    (dm::DM_VERSION, "DM_VERSION"),
+    (dm::DM_LIST_DEVICES, "DM_LIST_DEVICES"),
+    (dm::DM_DEV_SUSPEND, "DM_DEV_SUSPEND"),
+    (dm::DM_DEV_STATUS, "DM_DEV_STATUS"),
+    (dm::DM_TABLE_DEPS, "DM_TABLE_DEPS"),
+    (dm::DM_TABLE_STATUS, "DM_TABLE_STATUS"),
+    (dm::DM_LIST_VERSIONS, "DM_LIST_VERSIONS"),
+    (dm::DM_GET_TARGET_VERSION, "DM_GET_TARGET_VERSION"),
 ];
 
 /// Every ioctl request reservd lets through.
 pub const IOCTLS: &[(u64, &str)] = &[
-    (SG_IO, "SG_IO"),
-    (SG_GET_VERSION_NUM, "SG_GET_VERSION_NUM"),
+    (sg::SG_IO, "SG_IO"),
+    // sg3_utils-style callers (libmultipath's path checks) ask first.
+    (sg::SG_GET_VERSION_NUM, "SG_GET_VERSION_NUM"),
     // std's set_nonblocking and close-on-exec, isatty for the logger
     // (asm-generic numbers: x86_64, aarch64, riscv64).
     (0x5421, "FIONBIO"),

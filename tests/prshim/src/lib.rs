@@ -25,7 +25,6 @@
 //! `unsafe` lives in [`ffi`], the exported `ioctl` and the accesses to the
 //! caller's memory that the sg_io_hdr points to.
 
-pub mod hdr;
 pub mod route;
 pub mod translate;
 

@@ -6,7 +6,7 @@ use reservd_proto::cdb::{pad16, transfer_length, PERSISTENT_RESERVE_IN, PERSISTE
 use reservd_proto::sense::{Status, SENSE_SIZE};
 use reservd_proto::wire::{CDB_SIZE, DATA_SIZE};
 
-use crate::hdr::{SG_DXFER_FROM_DEV, SG_DXFER_TO_DEV};
+use reservd_proto::sg::{SG_DXFER_FROM_DEV, SG_DXFER_TO_DEV};
 
 /// `DRIVER_SENSE`: the kernel's driver status when sense came back.
 pub const DRIVER_SENSE: u16 = 0x08;

@@ -1,11 +1,25 @@
-//! The SG_IO request and `struct sg_io_hdr`, as `<scsi/sg.h>` defines them.
+//! Linux's SG_IO interface as `<scsi/sg.h>` defines it: the ioctl request
+//! numbers and `struct sg_io_hdr`. Declarations only: the daemon's SG_IO
+//! backend issues the ioctl, its seccomp filter lets these requests
+//! through, and the test preload library (prshim) interposes on them.
+
+use core::ffi::c_void;
 
 /// `SG_IO`, the ioctl request number.
-pub const SG_IO: libc::c_ulong = 0x2285;
+pub const SG_IO: u64 = 0x2285;
+/// `SG_GET_VERSION_NUM`: sg3_utils-style callers (libmultipath's path
+/// checks) ask the sg driver's version first.
+pub const SG_GET_VERSION_NUM: u64 = 0x2282;
+
+/// `SG_DXFER_NONE`: no data.
+pub const SG_DXFER_NONE: i32 = -1;
 /// `SG_DXFER_TO_DEV`: data goes to the device (PR OUT's parameter list).
 pub const SG_DXFER_TO_DEV: i32 = -2;
 /// `SG_DXFER_FROM_DEV`: data comes from the device (PR IN's answer).
 pub const SG_DXFER_FROM_DEV: i32 = -3;
+/// `SG_ERR_DRIVER_TIMEOUT` in `driver_status`, used as a mask the way QEMU
+/// does.
+pub const DRIVER_TIMEOUT_MASK: u16 = 0x06;
 
 /// `struct sg_io_hdr` (interface id 'S').
 #[repr(C)]
@@ -19,13 +33,13 @@ pub struct SgIoHdr {
     /// that `dxferp` points to.
     pub iovec_count: u16,
     pub dxfer_len: u32,
-    pub dxferp: *mut libc::c_void,
+    pub dxferp: *mut c_void,
     pub cmdp: *const u8,
     pub sbp: *mut u8,
     pub timeout: u32,
     pub flags: u32,
     pub pack_id: i32,
-    pub usr_ptr: *mut libc::c_void,
+    pub usr_ptr: *mut c_void,
     pub status: u8,
     pub masked_status: u8,
     pub msg_status: u8,
@@ -41,8 +55,8 @@ pub struct SgIoHdr {
 #[repr(C)]
 #[derive(Debug)]
 pub struct SgIovec {
-    pub iov_base: *mut libc::c_void,
-    pub iov_len: libc::size_t,
+    pub iov_base: *mut c_void,
+    pub iov_len: usize,
 }
 
 #[cfg(test)]
