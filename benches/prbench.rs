@@ -363,13 +363,13 @@ fn via<'a>(client: &'a mut Client, disk: &'a File) -> impl FnMut() + 'a {
 fn raw_sg_io(disk: &File) -> impl FnMut() + '_ {
     let mut buf = vec![0u8; 8192];
     move || {
-        let r = sg_io(
+        let (answer, _) = sg_io(
             disk.as_fd(),
             &READ_KEYS,
             Transfer::FromDevice(&mut buf),
             30_000,
         );
-        assert_eq!(r.answer.status.0, 0, "raw READ KEYS failed");
+        assert_eq!(answer.status.0, 0, "raw READ KEYS failed");
     }
 }
 
@@ -422,7 +422,7 @@ fn start_both(opts: &Opts, disk: &File, status: u8, what: &str) -> (Daemon, Daem
     let q = Daemon::start(opts, Kind::Qemu, false);
     for d in [&r, &q] {
         let a = d.client().execute(&READ_KEYS, disk.as_fd(), &[]).unwrap();
-        assert_eq!(a.status, status, "READ KEYS on {what}: {a:?}");
+        assert_eq!(a.status.0, status, "READ KEYS on {what}: {a:?}");
     }
     (r, q)
 }
@@ -455,7 +455,7 @@ fn first_map_answer(opts: &Opts, kind: Kind, map: &File, n: usize) -> Duration {
             let d = Daemon::start(opts, kind, false);
             let a = d.client().execute(&READ_KEYS, map.as_fd(), &[]).unwrap();
             let t = d.spawned.elapsed();
-            assert_eq!(a.status, 0, "READ KEYS on the map: {a:?}");
+            assert_eq!(a.status.0, 0, "READ KEYS on the map: {a:?}");
             t
         })
         .collect();
@@ -697,7 +697,7 @@ fn spawn_read_keys(fd: &File) -> std::thread::JoinHandle<u8> {
             Transfer::FromDevice(&mut buf),
             30_000,
         )
-        .answer
+        .0
         .status
         .0
     })

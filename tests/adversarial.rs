@@ -669,7 +669,7 @@ fn a_hung_device_holds_only_its_own_clients() {
     gate.open();
     for s in hung.iter_mut() {
         let a = read_answer(s).expect("an answer after the device returns");
-        assert_eq!(a.status, 0);
+        assert_eq!(a.status.0, 0);
     }
     server.assert_serves();
 }
@@ -706,7 +706,7 @@ fn a_panicking_command_closes_only_its_connection() {
         let a = other
             .execute(&cdb_in(0, 8192), disk.fd(), &[])
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
-        assert_eq!(a.status, 0);
+        assert_eq!(a.status.0, 0);
         server.assert_serves();
     }
 }
@@ -737,7 +737,7 @@ fn unfinished_frames_time_out_idle_connections_do_not() {
     // An idle connection after a handshake, and one after a complete command.
     let mut idle = server.client();
     let r = idle.execute(&cdb_in(0, 8192), disk.fd(), &[]).unwrap();
-    assert_eq!(r.status, 0);
+    assert_eq!(r.status.0, 0);
     let idle2 = server.ready();
 
     for mut s in stalled {
@@ -759,10 +759,10 @@ fn unfinished_frames_time_out_idle_connections_do_not() {
     // Twice the timeout later, the idle ones still work.
     std::thread::sleep(Duration::from_millis(300));
     let r = idle.execute(&cdb_in(0, 8192), disk.fd(), &[]).unwrap();
-    assert_eq!(r.status, 0);
+    assert_eq!(r.status.0, 0);
     let mut idle2 = idle2;
     send_frame(&idle2, &cdb_in(0, 8192), &[disk.fd()]);
-    assert_eq!(read_answer(&mut idle2).unwrap().status, 0);
+    assert_eq!(read_answer(&mut idle2).unwrap().status.0, 0);
     server.assert_serves();
 }
 
@@ -804,9 +804,9 @@ fn hung_commands_beyond_the_cap_queue_without_stalling_the_loop() {
     // The device comes back: everything queued is answered.
     gate.open();
     reservd_testkit::server::set_timeouts(&waiting);
-    assert_eq!(read_answer(&mut waiting).unwrap().status, 0);
+    assert_eq!(read_answer(&mut waiting).unwrap().status.0, 0);
     for s in hung.iter_mut() {
-        assert_eq!(read_answer(s).unwrap().status, 0);
+        assert_eq!(read_answer(s).unwrap().status.0, 0);
     }
     server.assert_serves();
 }

@@ -44,7 +44,7 @@ fn no_fd_outlives_its_request_or_connection() {
         let r = c
             .execute(&cdb_in(prin_sa::READ_FULL_STATUS, 8192), disk.fd(), &[])
             .unwrap();
-        assert_eq!(r.status, 0);
+        assert_eq!(r.status.0, 0);
         let r = c
             .execute(
                 &cdb_out(prout_sa::REGISTER_AND_IGNORE, 0, 24),
@@ -52,7 +52,7 @@ fn no_fd_outlives_its_request_or_connection() {
                 &params(0, i, 0),
             )
             .unwrap();
-        assert_eq!(r.status, 0);
+        assert_eq!(r.status.0, 0);
         // CHECK CONDITION answers: read-only fd, bad service action.
         let r = c
             .execute(
@@ -61,9 +61,9 @@ fn no_fd_outlives_its_request_or_connection() {
                 &params(0, i, 0),
             )
             .unwrap();
-        assert_eq!(r.status, 2);
+        assert_eq!(r.status.0, 2);
         let r = c.execute(&cdb_in(0x1f, 8192), disk.fd(), &[]).unwrap();
-        assert_eq!(r.status, 2);
+        assert_eq!(r.status.0, 2);
     }
     // Every fd was closed before its answer was sent.
     assert_eq!(open_fds(), before);

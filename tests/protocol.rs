@@ -46,7 +46,7 @@ fn server_speaks_first_with_its_features() {
     op[0] = 0xff;
     send(&s, &op, &[disk.fd()]).unwrap();
     let a = read_answer(&mut s).unwrap();
-    assert_eq!((a.status, a.size), (0, 0));
+    assert_eq!((a.status.0, a.data.len()), (0, 0));
     assert!(a.sense.iter().all(|&b| b == 0));
 }
 
@@ -157,7 +157,7 @@ fn transfer_lengths_above_8192_close_the_connection() {
     let mut s = server.ready();
     send(&s, &cdb_in(0, 8192), &[disk.fd()]).unwrap();
     let a = read_answer(&mut s).unwrap();
-    assert_eq!((a.status, a.size), (0, 8));
+    assert_eq!((a.status.0, a.data.len()), (0, 8));
     send(&s, &cdb_out(prout_sa::REGISTER, 0, 8192), &[disk.fd()]).unwrap();
     send(&s, &[0u8; 8192], &[]).unwrap();
     let a = read_answer(&mut s).unwrap();
@@ -258,18 +258,18 @@ fn response_sizes() {
     };
     // Allocation length 0: GOOD without data.
     let a = ask(cdb_in(0, 0), &[]);
-    assert_eq!((a.status, a.size, a.data.len()), (0, 0, 0));
+    assert_eq!((a.status.0, a.data.len()), (0, 0));
     // 8: the header only, with the full ADDITIONAL LENGTH.
     let a = ask(cdb_in(0, 8), &[]);
-    assert_eq!((a.status, a.size), (0, 8));
+    assert_eq!((a.status.0, a.data.len()), (0, 8));
     assert_eq!(a.data, [0, 0, 0, 2, 0, 0, 0, 16]);
     // Inside a key.
     let a = ask(cdb_in(0, 20), &[]);
-    assert_eq!(a.size, 20);
+    assert_eq!(a.data.len(), 20);
     assert_eq!(parse_read_keys(&a.data).unwrap(), (2, vec![0xa], true));
     // More than there is: exactly the data.
     let a = ask(cdb_in(0, 8192), &[]);
-    assert_eq!(a.size, 24);
+    assert_eq!(a.data.len(), 24);
     assert_eq!(
         parse_read_keys(&a.data).unwrap(),
         (2, vec![0xa, 0xb], false)
@@ -279,10 +279,10 @@ fn response_sizes() {
         cdb_out(prout_sa::REGISTER_AND_IGNORE, 0, 24),
         &params(0, 0xc, 0),
     );
-    assert_eq!((a.status, a.size), (0, 0));
+    assert_eq!((a.status.0, a.data.len()), (0, 0));
     // CHECK CONDITION: no data; 18 bytes of fixed sense, then zeros.
     let a = ask(cdb_in(0x1f, 8192), &[]);
-    assert_eq!((a.status, a.size), (2, 0));
+    assert_eq!((a.status.0, a.data.len()), (2, 0));
     assert_eq!(
         a.sense[..18],
         [0x70, 0, 0x05, 0, 0, 0, 0, 0x0a, 0, 0, 0, 0, 0x24, 0x00, 0, 0, 0, 0]
@@ -290,7 +290,7 @@ fn response_sizes() {
     assert!(a.sense[18..].iter().all(|&b| b == 0));
     // RESERVATION CONFLICT: no data, no sense.
     let a = ask(cdb_out(prout_sa::REGISTER, 0, 24), &params(7, 7, 0));
-    assert_eq!((a.status, a.size), (0x18, 0));
+    assert_eq!((a.status.0, a.data.len()), (0x18, 0));
     assert!(a.sense.iter().all(|&b| b == 0));
 }
 
@@ -362,11 +362,15 @@ fn spc4_sequence_across_two_connections() {
     // A reserves; B conflicts.
     assert_good(&out(&mut a, prout_sa::RESERVE, WE_RO, &params(ka, 0, 0)));
     assert_eq!(
-        out(&mut b, prout_sa::RESERVE, WE_RO, &params(kb, 0, 0)).status,
+        out(&mut b, prout_sa::RESERVE, WE_RO, &params(kb, 0, 0))
+            .status
+            .0,
         0x18
     );
     assert_eq!(
-        out(&mut b, prout_sa::RESERVE, EA, &params(kb, 0, 0)).status,
+        out(&mut b, prout_sa::RESERVE, EA, &params(kb, 0, 0))
+            .status
+            .0,
         0x18
     );
     let r = inq(&mut b, prin_sa::READ_RESERVATION);
@@ -391,7 +395,9 @@ fn spc4_sequence_across_two_connections() {
     let r = inq(&mut a, prin_sa::READ_KEYS);
     assert_eq!(parse_read_keys(&r.data).unwrap(), (3, vec![kb], false));
     assert_eq!(
-        out(&mut a, prout_sa::RESERVE, EA, &params(ka, 0, 0)).status,
+        out(&mut a, prout_sa::RESERVE, EA, &params(ka, 0, 0))
+            .status
+            .0,
         0x18
     );
 
@@ -458,7 +464,7 @@ fn a_hung_request_does_not_delay_other_connections() {
 
     gate.open();
     let a = read_answer(&mut hung).unwrap();
-    assert_eq!((a.status, a.data.len()), (0, 8));
+    assert_eq!((a.status.0, a.data.len()), (0, 8));
 }
 
 /// What the client has sent that the server has not read yet: the kernel's
@@ -494,7 +500,7 @@ fn a_pr_in_request_is_read_when_its_answer_is_ready() {
     );
     gate.open();
     let a = read_answer(&mut s).unwrap();
-    assert_eq!((a.status, a.data.len()), (0, 8));
+    assert_eq!((a.status.0, a.data.len()), (0, 8));
     assert_eq!(unread_by_server(&s), 0, "PR IN not read once answered");
 
     let (gate, _open, server) = gated_server(test_config());
@@ -505,11 +511,11 @@ fn a_pr_in_request_is_read_when_its_answer_is_ready() {
     gate.wait_for_held(1);
     assert_eq!(unread_by_server(&s), 0, "PR OUT left unread while it runs");
     gate.open();
-    assert_eq!(read_answer(&mut s).unwrap().status, 0);
+    assert_eq!(read_answer(&mut s).unwrap().status.0, 0);
     // The connection goes on, and sees the registration.
     send(&s, &cdb_in(prin_sa::READ_KEYS, 8192), &[disk.fd()]).unwrap();
     let a = read_answer(&mut s).unwrap();
-    assert_eq!(a.status, 0);
+    assert_eq!(a.status.0, 0);
     assert_eq!(parse_read_keys(&a.data).unwrap().1, vec![0x1234]);
 }
 
@@ -579,7 +585,7 @@ fn shutdown_answers_the_command_in_flight_and_closes_the_rest() {
 
     gate.open();
     let a = read_answer(&mut busy).expect("the command in flight is answered");
-    assert_eq!((a.status, a.data.len()), (0, 8));
+    assert_eq!((a.status.0, a.data.len()), (0, 8));
     assert_closed(&mut busy);
     server.join().unwrap();
     assert!(UnixStream::connect(&server.path).is_err());
@@ -762,7 +768,7 @@ fn a_client_that_does_not_read_is_not_read() {
     s.set_nonblocking(false).unwrap();
     for _ in 0..sent {
         let a = read_answer(&mut s).unwrap();
-        assert_eq!((a.status, a.size), (0, 8));
+        assert_eq!((a.status.0, a.data.len()), (0, 8));
     }
     // Nothing more: the next request gets the next answer.
     send(

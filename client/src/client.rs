@@ -8,28 +8,10 @@ use std::path::Path;
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use reservd_proto::cdb::{pad16, transfer_length, PERSISTENT_RESERVE_IN};
-use reservd_proto::sense::{SenseCode, SENSE_SIZE};
+use reservd_proto::sense::Answer;
+use reservd_proto::wire::{decode_response_header, DATA_SIZE, RESPONSE_HEADER_SIZE};
 
-use reservd_proto::wire::{ResponseHeader, DATA_SIZE, RESPONSE_HEADER_SIZE};
-
-/// One answer from the helper.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Response {
-    pub status: u8,
-    pub sense: [u8; SENSE_SIZE],
-    pub data: Vec<u8>,
-}
-
-impl Response {
-    pub fn sense_code(&self) -> Option<SenseCode> {
-        if self.status == 0x02 {
-            SenseCode::parse(&self.sense)
-        } else {
-            None
-        }
-    }
-}
-
+/// A connection to reservd (or any qemu-pr-helper) after its handshake.
 pub struct Client {
     stream: UnixStream,
     /// Features the server offered.
@@ -76,12 +58,7 @@ impl Client {
     /// Send `cdb` (padded to 16 bytes) with `fd`, then `params`, and read
     /// the answer. Refuses (InvalidData) an answer larger than the CDB's
     /// allocation length, which would make QEMU abort.
-    pub fn execute(
-        &mut self,
-        cdb: &[u8],
-        fd: BorrowedFd<'_>,
-        params: &[u8],
-    ) -> io::Result<Response> {
+    pub fn execute(&mut self, cdb: &[u8], fd: BorrowedFd<'_>, params: &[u8]) -> io::Result<Answer> {
         let cdb = pad16(cdb);
         let mut sent = 0;
         while sent < cdb.len() {
@@ -91,28 +68,21 @@ impl Client {
         self.stream.write_all(params)?;
         let mut hdr = [0u8; RESPONSE_HEADER_SIZE];
         self.stream.read_exact(&mut hdr)?;
-        let h = ResponseHeader::parse(&hdr);
+        let (mut answer, len) = decode_response_header(&hdr);
         let max = if cdb[0] == PERSISTENT_RESERVE_IN {
             transfer_length(&cdb).min(DATA_SIZE)
         } else {
             0
         };
-        if h.len as usize > max {
+        if len > max {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!(
-                    "answer of {} bytes for an allocation length of {max}",
-                    h.len
-                ),
+                format!("answer of {len} bytes for an allocation length of {max}"),
             ));
         }
-        let mut data = vec![0u8; h.len as usize];
-        self.stream.read_exact(&mut data)?;
-        Ok(Response {
-            status: h.status as u8,
-            sense: h.sense,
-            data,
-        })
+        answer.data = vec![0u8; len];
+        self.stream.read_exact(&mut answer.data)?;
+        Ok(answer)
     }
 }
 

@@ -6,7 +6,7 @@ use std::fmt::Write;
 use reservd_proto::cdb::{pr_type, prin_sa};
 use reservd_proto::params::TransportId;
 use reservd_proto::prin;
-use reservd_proto::sense::{SenseCode, Status};
+use reservd_proto::sense::{Answer, SenseCode, Status};
 
 /// Escape a string for a JSON string literal.
 pub fn json_str(s: &str) -> String {
@@ -191,8 +191,8 @@ pub fn prin_json(sa: u8, data: &[u8]) -> Result<String, prin::Truncated> {
 }
 
 /// One line describing an answer's status and sense.
-pub fn answer_text(status: u8, sense: &[u8]) -> String {
-    match (Status(status), SenseCode::parse(sense)) {
+pub fn answer_text(a: &Answer) -> String {
+    match (a.status, SenseCode::parse(&a.sense)) {
         (Status::CHECK_CONDITION, Some(c)) => format!(
             "CHECK CONDITION, sense key 0x{:x} ASC 0x{:02x} ASCQ 0x{:02x} ({})",
             c.key,
@@ -200,7 +200,7 @@ pub fn answer_text(status: u8, sense: &[u8]) -> String {
             c.ascq,
             sense_name(c)
         ),
-        (s, _) => status_name(s.0).to_string(),
+        (s, _) => s.name().to_string(),
     }
 }
 
@@ -269,10 +269,12 @@ mod tests {
 
     #[test]
     fn answers() {
-        assert_eq!(answer_text(0x18, &[0; 96]), "RESERVATION CONFLICT");
-        let s = SenseCode::INVALID_FIELD.fixed();
         assert_eq!(
-            answer_text(2, &s),
+            answer_text(&Answer::status(Status::RESERVATION_CONFLICT)),
+            "RESERVATION CONFLICT"
+        );
+        assert_eq!(
+            answer_text(&Answer::check(SenseCode::INVALID_FIELD)),
             "CHECK CONDITION, sense key 0x5 ASC 0x24 ASCQ 0x00 (invalid field in CDB)"
         );
         assert_eq!(json_str("a\"b\\c\n"), r#""a\"b\\c\n""#);

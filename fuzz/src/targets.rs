@@ -20,8 +20,8 @@ use reservd_proto::params::{parse_transport_ids, ProutParams, TransportId, MAX_T
 use reservd_proto::prin;
 use reservd_proto::sense::{Answer, Status};
 use reservd_proto::wire::{
-    encode_response, Decoder, Event, ResponseHeader, DATA_SIZE, FEATURE_CLEANUP, OP_CLEANUP,
-    RESPONSE_HEADER_SIZE,
+    decode_response_header, encode_response, Decoder, Event, DATA_SIZE, FEATURE_CLEANUP,
+    OP_CLEANUP, RESPONSE_HEADER_SIZE,
 };
 use reservd_testkit::emulated::Emulated;
 
@@ -73,11 +73,12 @@ pub fn wire(data: &[u8]) {
                     answer.status = Status::CHECK_CONDITION;
                 }
                 let out = encode_response(&req, &answer);
-                let hdr = ResponseHeader::parse(out[..RESPONSE_HEADER_SIZE].try_into().unwrap());
-                assert_eq!(out.len(), RESPONSE_HEADER_SIZE + hdr.len as usize);
-                assert!(hdr.len as usize <= req.max_response_len());
+                let (_, len) =
+                    decode_response_header(out[..RESPONSE_HEADER_SIZE].try_into().unwrap());
+                assert_eq!(out.len(), RESPONSE_HEADER_SIZE + len);
+                assert!(len <= req.max_response_len());
                 if answer.status != Status::GOOD {
-                    assert_eq!(hdr.len, 0);
+                    assert_eq!(len, 0);
                 }
             }
         }
@@ -263,7 +264,7 @@ pub fn server(data: &[u8]) {
     s.read_exact(&mut hello).unwrap();
     let mut hdr = [0u8; RESPONSE_HEADER_SIZE];
     s.read_exact(&mut hdr).expect("a new client is answered");
-    assert_eq!(ResponseHeader::parse(&hdr).status, 0);
+    assert_eq!(decode_response_header(&hdr).0.status, Status::GOOD);
 }
 
 fn connect(addr: &SocketAddr) -> UnixStream {
@@ -294,14 +295,15 @@ fn check_answers(s: &mut UnixStream) {
     let mut at = 4;
     while at < all.len() {
         assert!(at + RESPONSE_HEADER_SIZE <= all.len(), "cut answer header");
-        let hdr = ResponseHeader::parse(all[at..at + RESPONSE_HEADER_SIZE].try_into().unwrap());
-        assert!(hdr.len as usize <= DATA_SIZE);
+        let (answer, len) =
+            decode_response_header(all[at..at + RESPONSE_HEADER_SIZE].try_into().unwrap());
+        assert!(len <= DATA_SIZE);
         assert!(
-            hdr.len == 0 || hdr.status == 0,
+            len == 0 || answer.status == Status::GOOD,
             "data with status {}",
-            hdr.status
+            answer.status.0
         );
-        at += RESPONSE_HEADER_SIZE + hdr.len as usize;
+        at += RESPONSE_HEADER_SIZE + len;
         assert!(at <= all.len(), "cut answer data");
     }
 }

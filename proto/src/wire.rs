@@ -327,24 +327,20 @@ pub fn encode_response(req: &Request, answer: &Answer) -> Vec<u8> {
     out
 }
 
-/// A decoded response header, for clients.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ResponseHeader {
-    pub status: i32,
-    pub len: u32,
-    pub sense: [u8; SENSE_SIZE],
-}
-
-impl ResponseHeader {
-    pub fn parse(b: &[u8; RESPONSE_HEADER_SIZE]) -> ResponseHeader {
-        let mut sense = [0u8; SENSE_SIZE];
-        sense.copy_from_slice(&b[8..]);
-        ResponseHeader {
-            status: i32::from_be_bytes([b[0], b[1], b[2], b[3]]),
-            len: u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
-            sense,
-        }
-    }
+/// Decode a response header, for clients: the answer it carries (its
+/// data still to be read) and the number of data bytes that follow. The
+/// status is the low byte of the 32-bit field, as QEMU reads it.
+pub fn decode_response_header(b: &[u8; RESPONSE_HEADER_SIZE]) -> (Answer, usize) {
+    let mut sense = [0u8; SENSE_SIZE];
+    sense.copy_from_slice(&b[8..]);
+    let status = i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    let len = u32::from_be_bytes([b[4], b[5], b[6], b[7]]);
+    let answer = Answer {
+        status: Status(status as u8),
+        sense,
+        data: Vec::new(),
+    };
+    (answer, len as usize)
 }
 
 #[cfg(test)]
@@ -555,8 +551,9 @@ mod tests {
         assert_eq!(r.len(), 104);
         assert_eq!(&r[..8], &[0, 0, 0, 2, 0, 0, 0, 0]);
         assert_eq!(&r[8..26], &SenseCode::INVALID_FIELD.fixed());
-        let hdr = ResponseHeader::parse(r[..104].try_into().unwrap());
-        assert_eq!(hdr.status, 2);
-        assert_eq!(hdr.len, 0);
+        let (a, len) = decode_response_header(r[..104].try_into().unwrap());
+        assert_eq!(a.status.0, 2);
+        assert_eq!(len, 0);
+        assert_eq!(a.sense_code(), Some(SenseCode::INVALID_FIELD));
     }
 }

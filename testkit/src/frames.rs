@@ -9,8 +9,8 @@ use std::os::unix::net::UnixStream;
 
 use reservd_client::client::send_with_fds;
 use reservd_proto::cdb::{prin_sa, prout_sa};
-use reservd_proto::sense::{SenseCode, SENSE_SIZE};
-use reservd_proto::wire::RESPONSE_HEADER_SIZE;
+use reservd_proto::sense::Answer;
+use reservd_proto::wire::{decode_response_header, RESPONSE_HEADER_SIZE};
 
 pub const PRIN: u8 = 0x5e;
 pub const PROUT: u8 = 0x5f;
@@ -179,36 +179,18 @@ pub fn read_outcome(s: &mut UnixStream) -> Outcome {
     Outcome::Answer(all)
 }
 
-/// An answer, its fields parsed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RawAnswer {
-    pub status: i32,
-    pub size: u32,
-    pub sense: [u8; SENSE_SIZE],
-    pub data: Vec<u8>,
-}
-
-impl RawAnswer {
-    pub fn sense_code(&self) -> Option<SenseCode> {
-        if self.status == 2 {
-            SenseCode::parse(&self.sense)
-        } else {
-            None
-        }
-    }
-}
-
 /// Read one answer, or `None` if the server closed the connection before
 /// sending a byte of one.
-pub fn read_answer(s: &mut UnixStream) -> Option<RawAnswer> {
+pub fn read_answer(s: &mut UnixStream) -> Option<Answer> {
     match read_outcome(s) {
         Outcome::Closed => None,
-        Outcome::Answer(b) => Some(RawAnswer {
-            status: i32::from_be_bytes(b[0..4].try_into().unwrap()),
-            size: u32::from_be_bytes(b[4..8].try_into().unwrap()),
-            sense: b[8..RESPONSE_HEADER_SIZE].try_into().unwrap(),
-            data: b[RESPONSE_HEADER_SIZE..].to_vec(),
-        }),
+        Outcome::Answer(b) => {
+            let (mut answer, len) =
+                decode_response_header(b[..RESPONSE_HEADER_SIZE].try_into().unwrap());
+            answer.data = b[RESPONSE_HEADER_SIZE..].to_vec();
+            assert_eq!(answer.data.len(), len);
+            Some(answer)
+        }
     }
 }
 

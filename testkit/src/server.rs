@@ -14,10 +14,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::emulated::Emulated;
-use reservd_client::client::{Client, Response};
+use reservd_client::client::Client;
 use reservd_daemon::backend::{BackendError, Command, Nexus, PrBackend};
 use reservd_daemon::server::{Config, Server, ShutdownHandle};
-use reservd_proto::sense::{Answer, SenseCode};
+use reservd_proto::sense::{Answer, SenseCode, Status};
 
 /// Longest a test waits for anything the server should do at once.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -120,7 +120,7 @@ impl TestServer {
         let r = c
             .execute(&crate::frames::cdb_in(0, 8192), disk.fd(), &[])
             .expect("a new client is served");
-        assert_eq!(r.status, 0);
+        assert_eq!(r.status, Status::GOOD);
         assert_eq!(r.data.len(), 8);
     }
 }
@@ -182,13 +182,13 @@ impl Drop for Disk {
 
 /// A GOOD response, as the client saw it.
 #[track_caller]
-pub fn assert_good(r: &Response) {
-    assert_eq!(r.status, 0, "{r:?}");
+pub fn assert_good(r: &Answer) {
+    assert_eq!(r.status, Status::GOOD, "{r:?}");
 }
 
 #[track_caller]
-pub fn assert_check(r: &Response, code: SenseCode) {
-    assert_eq!(r.status, 2, "{r:?}");
+pub fn assert_check(r: &Answer, code: SenseCode) {
+    assert_eq!(r.status, Status::CHECK_CONDITION, "{r:?}");
     assert_eq!(r.sense_code(), Some(code), "{r:?}");
     assert_eq!(r.sense[..18], code.fixed());
     assert!(r.sense[18..].iter().all(|&b| b == 0));

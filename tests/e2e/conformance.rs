@@ -52,12 +52,12 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use reservd_client::client::{Client, Response};
+use reservd_client::client::Client;
 use reservd_daemon::backend::sgio::{sg_io, Transfer};
 use reservd_proto::cdb::{pr_type, prin_sa, prout_sa, PrInCdb, PrOutCdb};
 use reservd_proto::params::{ProutParams, TransportId};
 use reservd_proto::prin;
-use reservd_proto::sense::SenseCode;
+use reservd_proto::sense::{Answer, SenseCode};
 
 use crate::guest::{Daemon, Scenario, TestResult};
 
@@ -935,12 +935,12 @@ fn sg_cmd(f: &File, cdb: &[u8], io: Io<'_>) -> Reply {
             Transfer::FromDevice(&mut buf)
         }
     };
-    let r = sg_io(f.as_fd(), cdb, xfer, SG_TIMEOUT_MS);
-    buf.truncate(r.transferred);
+    let (answer, transferred) = sg_io(f.as_fd(), cdb, xfer, SG_TIMEOUT_MS);
+    buf.truncate(transferred);
     Reply {
-        status: r.answer.status.0,
-        sense: r.answer.sense_code(),
-        data: if r.answer.status.0 == GOOD {
+        status: answer.status.0,
+        sense: answer.sense_code(),
+        data: if answer.status.0 == GOOD {
             buf
         } else {
             Vec::new()
@@ -1015,7 +1015,7 @@ fn sg_pr(f: &File, cmd: Cmd) -> Result<Reply, String> {
 fn helper_pr(c: &mut Client, dev: &File, cmd: Cmd) -> Result<Reply, String> {
     let (cdb, params) = encode(cmd);
     past_ua(|| {
-        let r: Response = c
+        let r: Answer = c
             .execute(&cdb, dev.as_fd(), &params)
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
@@ -1024,7 +1024,7 @@ fn helper_pr(c: &mut Client, dev: &File, cmd: Cmd) -> Result<Reply, String> {
                 _ => format!("the helper closed the connection or failed: {e}"),
             })?;
         Ok(Reply {
-            status: r.status,
+            status: r.status.0,
             sense: r.sense_code(),
             data: r.data,
         })

@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use reservd_client::client::{Client, Response};
+use reservd_client::client::Client;
 use reservd_proto::cdb::{pr_type, prin_sa, prout_sa, PrInCdb, PrOutCdb};
 use reservd_proto::params::ProutParams;
 use reservd_proto::prin;
-use reservd_proto::sense::SenseCode;
+use reservd_proto::sense::{Answer, SenseCode, Status};
 
 pub type TestResult = Result<(), String>;
 pub type Scenario = (&'static str, fn() -> TestResult);
@@ -248,7 +248,7 @@ fn open(dev: &Path, write: bool) -> Result<File, String> {
 }
 
 /// PR IN through reservd on `dev` (opened read-only, as for a reader).
-pub fn pr_in(c: &mut Client, dev: &Path, sa: u8, alloc: u16) -> Result<Response, String> {
+pub fn pr_in(c: &mut Client, dev: &Path, sa: u8, alloc: u16) -> Result<Answer, String> {
     let f = open(dev, false)?;
     let cdb = PrInCdb {
         service_action: sa,
@@ -266,7 +266,7 @@ pub fn pr_out(
     sa: u8,
     ty: u8,
     p: &ProutParams,
-) -> Result<Response, String> {
+) -> Result<Answer, String> {
     let f = open(dev, true)?;
     let params = p.encode();
     let cdb = PrOutCdb {
@@ -288,11 +288,11 @@ pub fn keys(k: u64, sa: u64) -> ProutParams {
     }
 }
 
-pub fn expect_good(r: &Response, what: &str) -> TestResult {
-    if r.status != 0 {
+pub fn expect_good(r: &Answer, what: &str) -> TestResult {
+    if r.status != Status::GOOD {
         return Err(format!(
             "{what}: {}",
-            reservd_client::report::answer_text(r.status, &r.sense)
+            reservd_client::report::answer_text(r)
         ));
     }
     Ok(())
@@ -300,7 +300,7 @@ pub fn expect_good(r: &Response, what: &str) -> TestResult {
 
 /// Run a command a few times while it answers with a unit attention, as an
 /// initiator does; returns the first other answer.
-pub fn past_ua(mut f: impl FnMut() -> Result<Response, String>) -> Result<Response, String> {
+pub fn past_ua(mut f: impl FnMut() -> Result<Answer, String>) -> Result<Answer, String> {
     for _ in 0..4 {
         let r = f()?;
         match r.sense_code() {
@@ -396,7 +396,7 @@ fn sgio_register_and_read_keys() -> TestResult {
 
     // REGISTER with a wrong key: conflict, nothing changes.
     let r = pr_out(&mut c, &dev, prout_sa::REGISTER, 0, &keys(0x9999, 0x2222))?;
-    check_eq!(r.status, 0x18, "REGISTER with a wrong key");
+    check_eq!(r.status.0, 0x18, "REGISTER with a wrong key");
     check_eq!(
         device_keys(&dev)?,
         vec![0x1111],
@@ -467,7 +467,7 @@ fn sgio_every_reservation_type() -> TestResult {
         // CONFLICT) and leaves the reservation; with the right type it works.
         let other = if ty == 1 { 3 } else { 1 };
         let r = pr_out(&mut c, &dev, prout_sa::RELEASE, other, &keys(0xabc, 0))?;
-        check!(r.status != 0, "RELEASE with the wrong type was GOOD");
+        check!(r.status.0 != 0, "RELEASE with the wrong type was GOOD");
         check!(
             device_reservation(&dev)?.is_some(),
             "RELEASE with the wrong type released"
@@ -601,7 +601,7 @@ fn sgio_two_initiators_conflict_preempt_clear() -> TestResult {
     )?;
     // An unregistered initiator gets RESERVATION CONFLICT.
     let r = pr_out(&mut c, &p2, prout_sa::RESERVE, 1, &keys(0xb, 0))?;
-    check_eq!(r.status, 0x18, "RESERVE from an unregistered initiator");
+    check_eq!(r.status.0, 0x18, "RESERVE from an unregistered initiator");
     expect_good(
         &pr_out(&mut c, &p2, prout_sa::REGISTER, 0, &keys(0, 0xb))?,
         "REGISTER on path 2",
@@ -611,7 +611,9 @@ fn sgio_two_initiators_conflict_preempt_clear() -> TestResult {
     check_eq!(k, vec![0xa, 0xb], "keys seen on path 2");
     // A registered non-holder still cannot reserve.
     check_eq!(
-        pr_out(&mut c, &p2, prout_sa::RESERVE, 1, &keys(0xb, 0))?.status,
+        pr_out(&mut c, &p2, prout_sa::RESERVE, 1, &keys(0xb, 0))?
+            .status
+            .0,
         0x18,
         "RESERVE by a non-holder"
     );
@@ -625,7 +627,7 @@ fn sgio_two_initiators_conflict_preempt_clear() -> TestResult {
     check_eq!(res.0, 0xb, "holder after PREEMPT");
     // Path 1 hears about it with a unit attention, then sees the new state.
     let r = pr_in(&mut c, &p1, prin_sa::READ_KEYS, 8192)?;
-    if r.status == 0x02 {
+    if r.status.0 == 0x02 {
         check_eq!(
             r.sense_code(),
             Some(SenseCode::REGISTRATIONS_PREEMPTED),
@@ -633,7 +635,7 @@ fn sgio_two_initiators_conflict_preempt_clear() -> TestResult {
         );
     }
     let r = past_ua(|| pr_out(&mut c, &p1, prout_sa::RESERVE, 1, &keys(0xa, 0)))?;
-    check_eq!(r.status, 0x18, "RESERVE by the preempted initiator");
+    check_eq!(r.status.0, 0x18, "RESERVE by the preempted initiator");
     // Path 1 registers again and preempts back. (PREEMPT AND ABORT cannot
     // be exercised on this target: Linux 6.1's LIO deadlocks in it, waiting
     // in core_tmr_lun_reset for the very work item that runs the command.)
@@ -775,7 +777,7 @@ fn robust_path_offline() -> TestResult {
         let r = c
             .execute(&cdb, f1.as_fd(), &[])
             .map_err(|e| format!("PR IN on an offline path: {e}"))?;
-        check!(r.status != 0, "GOOD from an offline path");
+        check!(r.status.0 != 0, "GOOD from an offline path");
         check!(
             t.elapsed() < Duration::from_secs(10),
             "the answer took {:?}",
@@ -939,7 +941,7 @@ pub fn normalize_generation(cdb: &[u8; 10], data: &mut [u8], base: u32) {
 
 /// Run `steps` through the helper at `socket` on `dev`; answers with
 /// generations relative to the LUN's generation at the start.
-pub fn run_sequence(socket: &Path, dev: &Path, steps: &[Step]) -> Result<Vec<Response>, String> {
+pub fn run_sequence(socket: &Path, dev: &Path, steps: &[Step]) -> Result<Vec<Answer>, String> {
     let mut c =
         Client::connect(socket).map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
     let base = {
@@ -1173,11 +1175,12 @@ struct Comparable {
     data: String,
 }
 
-fn comparable(cdb: &[u8; 10], r: &Response, base: u32) -> Comparable {
+fn comparable(cdb: &[u8; 10], r: &Answer, base: u32) -> Comparable {
     let sense = r.sense_code().map(|c| (c.key, c.asc, c.ascq));
     let mut data = r.data.clone();
     normalize_generation(cdb, &mut data, base);
-    let data = if cdb[0] == 0x5e && (cdb[1] & 0x1f) == prin_sa::READ_FULL_STATUS && r.status == 0 {
+    let data = if cdb[0] == 0x5e && (cdb[1] & 0x1f) == prin_sa::READ_FULL_STATUS && r.status.0 == 0
+    {
         match prin::parse_read_full_status(&data) {
             Ok((g, d)) => format!(
                 "generation {g}: {:?}",
@@ -1191,7 +1194,7 @@ fn comparable(cdb: &[u8; 10], r: &Response, base: u32) -> Comparable {
         report_hex(&data)
     };
     Comparable {
-        status: r.status,
+        status: r.status.0,
         sense,
         data,
     }
@@ -1239,8 +1242,8 @@ fn oracle_emulated_target_answers_as_lio() -> TestResult {
             params: &s.step.params,
         };
         let ans = execute(&emu, &cmd).map_err(|e| format!("{}: emulated: {e}", s.step.what))?;
-        let ours = Response {
-            status: ans.status.0,
+        let ours = Answer {
+            status: ans.status,
             sense: ans.sense,
             data: {
                 let mut d = ans.data;

@@ -563,7 +563,11 @@ fn ops_audit_trail() -> TestResult {
     }
     // A refused command on the single-path disk (SG_IO backend).
     let r = pr_out(&mut c, &sp, prout_sa::REGISTER, 0, &keys(0x5ad, 0x5ae))?;
-    check!(r.status == 0x18, "REGISTER with a wrong key: {}", r.status);
+    check!(
+        r.status.0 == 0x18,
+        "REGISTER with a wrong key: {}",
+        r.status.0
+    );
 
     let lines = audit_lines(&d.log, 5)?;
     for l in &lines {

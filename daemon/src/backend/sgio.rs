@@ -19,16 +19,16 @@ pub enum Transfer<'a> {
     FromDevice(&'a mut [u8]),
 }
 
-/// What the device (or the kernel) made of one SG_IO call.
-pub struct SgResult {
-    pub answer: Answer,
-    /// Bytes actually transferred from the device.
-    pub transferred: usize,
-}
-
 /// Issue one SCSI command with SG_IO and turn the result into an answer,
-/// following qemu-pr-helper's status rules.
-pub fn sg_io(fd: BorrowedFd<'_>, cdb: &[u8], xfer: Transfer<'_>, timeout_ms: u32) -> SgResult {
+/// following qemu-pr-helper's status rules. Returns the answer (without
+/// data) and how many bytes the device transferred into a
+/// [`Transfer::FromDevice`] buffer (0 unless GOOD).
+pub fn sg_io(
+    fd: BorrowedFd<'_>,
+    cdb: &[u8],
+    xfer: Transfer<'_>,
+    timeout_ms: u32,
+) -> (Answer, usize) {
     let mut sense = [0u8; SENSE_SIZE];
     let (dir, ptr, len) = match xfer {
         Transfer::None => (SG_DXFER_NONE, std::ptr::null_mut(), 0usize),
@@ -72,22 +72,13 @@ pub fn sg_io(fd: BorrowedFd<'_>, cdb: &[u8], xfer: Transfer<'_>, timeout_ms: u32
         let errno = std::io::Error::last_os_error()
             .raw_os_error()
             .unwrap_or(libc::EIO);
-        return SgResult {
-            answer: failure_answer(Failure::Errno(errno)),
-            transferred: 0,
-        };
+        return (failure_answer(Failure::Errno(errno)), 0);
     }
     if hdr.host_status != 0 {
-        return SgResult {
-            answer: failure_answer(Failure::HostStatus(hdr.host_status)),
-            transferred: 0,
-        };
+        return (failure_answer(Failure::HostStatus(hdr.host_status)), 0);
     }
     if hdr.driver_status & DRIVER_TIMEOUT_MASK != 0 {
-        return SgResult {
-            answer: failure_answer(Failure::DriverTimeout),
-            transferred: 0,
-        };
+        return (failure_answer(Failure::DriverTimeout), 0);
     }
     let status = Status(hdr.status);
     if status != Status::GOOD {
@@ -97,16 +88,10 @@ pub fn sg_io(fd: BorrowedFd<'_>, cdb: &[u8], xfer: Transfer<'_>, timeout_ms: u32
         } else {
             Answer::status(status)
         };
-        return SgResult {
-            answer,
-            transferred: 0,
-        };
+        return (answer, 0);
     }
     let transferred = len.saturating_sub(hdr.resid.max(0) as usize);
-    SgResult {
-        answer: Answer::good(Vec::new()),
-        transferred,
-    }
+    (Answer::good(Vec::new()), transferred)
 }
 
 /// The SG_IO backend.
@@ -135,12 +120,12 @@ impl PrBackend for SgIo {
                 // The device sends at most the allocation length.
                 let len = transfer_length(cmd.cdb).min(DATA_SIZE);
                 Ok(with_zeroed_buffer(len, |buf| {
-                    let r = sg_io(cmd.fd, cdb, Transfer::FromDevice(buf), self.timeout_ms);
-                    let mut answer = r.answer;
+                    let (mut answer, transferred) =
+                        sg_io(cmd.fd, cdb, Transfer::FromDevice(buf), self.timeout_ms);
                     if answer.status == Status::GOOD {
-                        answer.data = buf[..r.transferred].to_vec();
+                        answer.data = buf[..transferred].to_vec();
                         // The kernel's count: the device wrote no further.
-                        (answer, r.transferred)
+                        (answer, transferred)
                     } else {
                         // Whatever happened, it may have written anywhere.
                         (answer, len)
@@ -153,7 +138,7 @@ impl PrBackend for SgIo {
                 } else {
                     Transfer::ToDevice(cmd.params)
                 };
-                Ok(sg_io(cmd.fd, cdb, xfer, self.timeout_ms).answer)
+                Ok(sg_io(cmd.fd, cdb, xfer, self.timeout_ms).0)
             }
             // CLEANUP concerns multipathd only; nothing to do on a plain device.
             OP_CLEANUP => Ok(Answer::status(Status::GOOD)),

@@ -18,10 +18,11 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use reservd_client::client::{Client, Response};
+use reservd_client::client::Client;
 use reservd_client::report;
 use reservd_proto::cdb::{prin_sa, prout_sa, PrInCdb, PrOutCdb};
 use reservd_proto::params::ProutParams;
+use reservd_proto::sense::{Answer, Status};
 use reservd_proto::wire::{FEATURE_CLEANUP, OP_CLEANUP};
 
 mod check;
@@ -58,7 +59,7 @@ fn exchange(
     write: bool,
     cdb: &[u8],
     params: &[u8],
-) -> anyhow::Result<Response> {
+) -> anyhow::Result<Answer> {
     exchange_with(cli, device, write, cdb, params, 0)
 }
 
@@ -71,7 +72,7 @@ fn exchange_with(
     cdb: &[u8],
     params: &[u8],
     features: u32,
-) -> anyhow::Result<Response> {
+) -> anyhow::Result<Answer> {
     let dev = OpenOptions::new()
         .read(true)
         .write(write)
@@ -170,43 +171,43 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             if cli.json {
                 println!(
                     "{{\"status\":{},\"sense\":{},\"data\":{}}}",
-                    resp.status,
+                    resp.status.0,
                     report::json_str(&report::hex(&resp.sense)),
                     report::json_str(&report::hex(&resp.data))
                 );
             } else {
                 println!(
                     "status 0x{:02x} {}",
-                    resp.status,
-                    report::answer_text(resp.status, &resp.sense)
+                    resp.status.0,
+                    report::answer_text(&resp)
                 );
                 println!("sense {}", report::hex(&resp.sense));
                 println!("data {}", report::hex(&resp.data));
             }
-            return Ok(exit_code(resp.status));
+            return Ok(exit_code(resp.status.0));
         }
     };
     if cli.json {
-        let body = match (prin, resp.status) {
+        let body = match (prin, resp.status.0) {
             (Some(sa), 0) => report::prin_json(sa, &resp.data).unwrap_or_else(|_| "null".into()),
             _ => "null".into(),
         };
         println!(
             "{{\"status\":{},\"status_text\":{},\"sense\":{},\"result\":{}}}",
-            resp.status,
-            report::json_str(&report::answer_text(resp.status, &resp.sense)),
+            resp.status.0,
+            report::json_str(&report::answer_text(&resp)),
             report::json_str(&report::hex(&resp.sense[..18])),
             body
         );
-    } else if resp.status != 0 {
-        println!("{}", report::answer_text(resp.status, &resp.sense));
+    } else if resp.status != Status::GOOD {
+        println!("{}", report::answer_text(&resp));
     } else if let Some(sa) = prin {
         match report::prin_text(sa, &resp.data) {
             Ok(t) => print!("{t}"),
             Err(_) => println!("  truncated data: {}", report::hex(&resp.data)),
         }
     }
-    Ok(exit_code(resp.status))
+    Ok(exit_code(resp.status.0))
 }
 
 fn exit_code(status: u8) -> ExitCode {

@@ -75,15 +75,15 @@ fn prin(fd: BorrowedFd<'_>, sa: u8) -> Result<Vec<u8>, String> {
     .encode();
     for _ in 0..4 {
         let mut buf = vec![0u8; 8192];
-        let r = sg_io(fd, &cdb, Transfer::FromDevice(&mut buf), SG_TIMEOUT_MS);
-        if r.answer.status == Status::GOOD {
-            buf.truncate(r.transferred);
+        let (answer, transferred) = sg_io(fd, &cdb, Transfer::FromDevice(&mut buf), SG_TIMEOUT_MS);
+        if answer.status == Status::GOOD {
+            buf.truncate(transferred);
             return Ok(buf);
         }
-        if r.answer.sense_code().is_some_and(|c| c.key == 0x06) {
+        if answer.sense_code().is_some_and(|c| c.key == 0x06) {
             continue;
         }
-        return Err(report::answer_text(r.answer.status.0, &r.answer.sense));
+        return Err(report::answer_text(&answer));
     }
     Err("unit attentions kept coming".into())
 }

@@ -737,9 +737,9 @@ impl Multipath {
             _ => {}
         }
         if mpath::wants_tur(code) {
-            let tur = sg_io(fd, &TEST_UNIT_READY, Transfer::None, self.tur_timeout_ms);
-            if tur.answer.status != Status::GOOD {
-                return tur.answer;
+            let (tur, _) = sg_io(fd, &TEST_UNIT_READY, Transfer::None, self.tur_timeout_ms);
+            if tur.status != Status::GOOD {
+                return tur;
             }
         }
         mpath::answer(code)
