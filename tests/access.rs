@@ -34,7 +34,7 @@ fn read_keys_on_a_file(sock: &Path, dir: &TempDir) {
     let (mut c, _) = hello(sock, 0);
     let f = regular_file(dir, "disk.img");
     send_frame(&c, &read_keys(0x2000), &[f.as_fd()]);
-    let out = read_outcome(&mut c);
+    let out = read_reply(&mut c);
     assert_eq!(out.status(), 0x02);
     assert_eq!(out.sense_code(), (0x0b, 0x00, 0x06));
 }

@@ -122,11 +122,11 @@ impl Daemon {
             let (mut s, _) = hello(&d.sock, 0);
             let f = regular_file(&d.dir, "warm");
             send_frame(&s, &read_keys(8192), &[f.as_fd()]);
-            read_outcome(&mut s).answer();
+            read_reply(&mut s).answer();
             let mut big = register(8192).to_vec();
             big.extend(vec![0u8; 8192]);
             send_frame(&s, &big, &[f.as_fd()]);
-            read_outcome(&mut s).answer();
+            read_reply(&mut s).answer();
         }
         d.base_fds = d.settled_fds(None);
         d.base_rss = rss_kb(d.pid());
@@ -152,7 +152,7 @@ impl Daemon {
         let mut s = self.client();
         let f = self.disk();
         send_frame(&s, &read_keys(0x2000), &[f.as_fd()]);
-        let o = read_outcome(&mut s);
+        let o = read_reply(&mut s);
         assert_eq!(o.status(), 2, "{o:?}");
         assert_eq!(o.sense_code(), (0x0b, 0x00, 0x06));
         assert_eq!(o.data_len(), 0);
@@ -211,14 +211,14 @@ impl Daemon {
 fn expect_closed(d: &Daemon, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
     let mut s = d.client();
     send_frame(&s, bytes, fds);
-    assert_eq!(read_outcome(&mut s), Outcome::Closed, "{bytes:02x?}");
+    assert_eq!(read_reply(&mut s), Reply::Closed, "{bytes:02x?}");
 }
 
 /// A frame the daemon must answer with CHECK CONDITION (the connection stays).
 #[track_caller]
-fn expect_check(s: &mut UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Outcome {
+fn expect_check(s: &mut UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Reply {
     send_frame(s, bytes, fds);
-    let o = read_outcome(s);
+    let o = read_reply(s);
     assert_eq!(o.status(), 2, "{o:?}");
     assert_eq!(o.data_len(), 0);
     o
@@ -250,7 +250,7 @@ fn malformed_frames_close_only_their_connection() {
         let mut s = connect(&d.sock);
         read_features(&mut s);
         s.write_all(&requested.to_be_bytes()).unwrap();
-        assert_eq!(read_outcome(&mut s), Outcome::Closed);
+        assert_eq!(read_reply(&mut s), Reply::Closed);
         d.assert_healthy(&format!("handshake {requested:#x}"));
     }
     // An fd with the handshake.
@@ -258,7 +258,7 @@ fn malformed_frames_close_only_their_connection() {
         let mut s = connect(&d.sock);
         read_features(&mut s);
         send_frame(&s, &[0, 0, 0, 0], &[fd]);
-        assert_eq!(read_outcome(&mut s), Outcome::Closed);
+        assert_eq!(read_reply(&mut s), Reply::Closed);
         d.assert_healthy("fd with the handshake");
     }
     // No fd, two fds, ten fds with a CDB.
@@ -276,7 +276,7 @@ fn malformed_frames_close_only_their_connection() {
         let mut s = d.client();
         send_frame(&s, &register(24), &[fd]);
         send_frame(&s, &register_params(1), &[fd]);
-        assert_eq!(read_outcome(&mut s), Outcome::Closed);
+        assert_eq!(read_reply(&mut s), Reply::Closed);
         d.assert_healthy("fd with the parameter list");
     }
     // Opcodes other than PR IN/OUT (0xFF: CLEANUP was not negotiated).
@@ -308,7 +308,7 @@ fn eof_at_every_offset() {
         read_features(&mut s);
         s.write_all(&[0u8; 4][..cut]).unwrap();
         s.shutdown(Shutdown::Write).unwrap();
-        assert_eq!(read_outcome(&mut s), Outcome::Closed);
+        assert_eq!(read_reply(&mut s), Reply::Closed);
         d.assert_healthy(&format!("EOF after {cut} handshake bytes"));
     }
     // The CDB and the parameter list of a REGISTER.
@@ -318,7 +318,7 @@ fn eof_at_every_offset() {
         let fds = [disk.as_fd()];
         send_frame(&s, &whole[..cut], if cut > 0 { &fds } else { &[] });
         s.shutdown(Shutdown::Write).unwrap();
-        assert_eq!(read_outcome(&mut s), Outcome::Closed, "cut at {cut}");
+        assert_eq!(read_reply(&mut s), Reply::Closed, "cut at {cut}");
         d.assert_healthy(&format!("EOF after {cut} request bytes"));
     }
     // And the same cuts with the peer gone altogether (no half-close).
@@ -398,7 +398,7 @@ fn fd_games_are_answered_not_fatal() {
         let f = d.disk();
         send_frame(&s, &read_keys(8192), &[f.as_fd()]);
         drop(f);
-        let o = read_outcome(&mut s);
+        let o = read_reply(&mut s);
         assert_eq!(o.sense_code(), (0x0b, 0x00, 0x06));
         drop(s);
         d.assert_healthy("fd closed by the client after sending");
@@ -446,7 +446,7 @@ fn slow_and_stalled_clients_do_not_hold_others() {
                 d.assert_serves();
             }
         }
-        let o = read_outcome(&mut s);
+        let o = read_reply(&mut s);
         assert_eq!(o.sense_code(), (0x0b, 0x00, 0x06));
         drop(s);
         d.assert_healthy("a byte at a time");
@@ -488,8 +488,8 @@ fn slow_and_stalled_clients_do_not_hold_others() {
         two.extend(read_keys(8192));
         send_frame(&s, &two, &[disk.as_fd()]);
         // The first is answered; the second has no fd and closes the connection.
-        let _ = read_outcome(&mut s);
-        assert_eq!(read_outcome(&mut s), Outcome::Closed);
+        let _ = read_reply(&mut s);
+        assert_eq!(read_reply(&mut s), Reply::Closed);
         d.assert_healthy("pipelined request without its fd");
     }
     // A client that never reads its answers.
@@ -531,7 +531,7 @@ fn a_thousand_connections_held_open() {
         // the connections').
         for s in conns.iter_mut() {
             send_frame(s, &read_keys(8192), &[disk.as_fd()]);
-            assert_eq!(read_outcome(s).sense_code(), (0x0b, 0x00, 0x06));
+            assert_eq!(read_reply(s).sense_code(), (0x0b, 0x00, 0x06));
         }
         let fds = d.settled_fds(Some(d.base_fds + N));
         assert_eq!(fds, d.base_fds + N);
@@ -560,7 +560,7 @@ fn a_thousand_connections_held_open() {
         send_frame(s, &read_keys(8192), &[disk.as_fd()]);
     }
     for s in conns.iter_mut() {
-        assert_eq!(read_outcome(s).sense_code(), (0x0b, 0x00, 0x06));
+        assert_eq!(read_reply(s).sense_code(), (0x0b, 0x00, 0x06));
     }
     eprintln!(
         "burst of {N}: VmRSS {} kB, {} threads",

@@ -55,10 +55,10 @@ fn serve(sock: &Path, extra: &[&str]) -> Proc {
 
 /// One PR IN READ KEYS with a read-write regular file as the "disk": SG_IO
 /// fails with ENOTTY, which is CHECK CONDITION, ABORTED COMMAND/00/06.
-fn read_keys_on_a_file(stream: &mut UnixStream, dir: &TempDir) -> Outcome {
+fn read_keys_on_a_file(stream: &mut UnixStream, dir: &TempDir) -> Reply {
     let f = regular_file(dir, "disk.img");
     send_frame(stream, &read_keys(0x2000), &[f.as_fd()]);
-    read_outcome(stream)
+    read_reply(stream)
 }
 
 // ---------------------------------------------------------------- -h, -V
@@ -745,12 +745,12 @@ fn enable_cleanup_advertises_and_accepts_the_feature() {
     assert_eq!(features, [0, 0, 0, 1]);
     // CLEANUP (0xFF) on a non-multipath fd: GOOD, no data.
     send_frame(&c, &cdb(&[0xff]), &[f.as_fd()]);
-    let out = read_outcome(&mut c);
+    let out = read_reply(&mut c);
     assert_eq!((out.status(), out.data_len()), (0, 0));
     assert_eq!(out.sense(), &[0u8; 96][..]);
     // On a read-only fd: INVALID OPERATION CODE, as for PR OUT.
     send_frame(&c, &cdb(&[0xff]), &[ro.as_fd()]);
-    assert_eq!(read_outcome(&mut c).sense_code(), (0x05, 0x20, 0x00));
+    assert_eq!(read_reply(&mut c).sense_code(), (0x05, 0x20, 0x00));
     // PR commands still work on the same connection.
     assert_eq!(read_keys_on_a_file(&mut c, &dir).status(), 0x02);
     // A client asking for nothing (released QEMU) is served as well.
@@ -764,10 +764,10 @@ fn enable_cleanup_advertises_and_accepts_the_feature() {
     let _p = serve(&sock, &[]);
     let (mut c, features) = hello(&sock, 1);
     assert_eq!(features, [0, 0, 0, 0]);
-    assert_eq!(read_outcome(&mut c), Outcome::Closed);
+    assert_eq!(read_reply(&mut c), Reply::Closed);
     let (mut c, _) = hello(&sock, 0);
     send_frame(&c, &cdb(&[0xff]), &[f.as_fd()]);
-    assert_eq!(read_outcome(&mut c), Outcome::Closed);
+    assert_eq!(read_reply(&mut c), Reply::Closed);
 }
 
 // --------------------------------------------------------------- signals
@@ -788,8 +788,8 @@ fn stop_signal_exits_cleanly(sig: Signal) {
     assert_eq!(status.code(), Some(0), "{sig}: {}", p.stderr());
     assert!(t0.elapsed() < Duration::from_secs(3));
     assert!(!sock.exists(), "{sig}: socket not removed");
-    assert_eq!(read_outcome(&mut idle), Outcome::Closed, "{sig}");
-    assert_eq!(read_outcome(&mut used), Outcome::Closed, "{sig}");
+    assert_eq!(read_reply(&mut idle), Reply::Closed, "{sig}");
+    assert_eq!(read_reply(&mut used), Reply::Closed, "{sig}");
 }
 
 #[test]

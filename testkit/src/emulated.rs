@@ -221,8 +221,6 @@ enum Refusal {
     Check(SenseCode),
 }
 
-type Outcome = Result<(), Refusal>;
-
 fn conflict() -> Answer {
     Answer::status(Status::RESERVATION_CONFLICT)
 }
@@ -307,7 +305,7 @@ impl Lu {
     }
 
     /// The nexus must be registered with `key`.
-    fn check_key(&self, nexus: Nexus, key: u64) -> Outcome {
+    fn check_key(&self, nexus: Nexus, key: u64) -> Result<(), Refusal> {
         match self.key_of(nexus) {
             Some(k) if k == key => Ok(()),
             _ => Err(Refusal::Conflict),
@@ -455,7 +453,7 @@ impl Lu {
         p: &ProutParams,
         ignore_key: bool,
         ctx: &Ctx<'_>,
-    ) -> Outcome {
+    ) -> Result<(), Refusal> {
         match self.key_of(nexus) {
             None => {
                 if !ignore_key && p.key != 0 {
@@ -529,7 +527,7 @@ impl Lu {
         }
     }
 
-    fn reserve(&mut self, nexus: Nexus, c: &PrOutCdb, p: &ProutParams) -> Outcome {
+    fn reserve(&mut self, nexus: Nexus, c: &PrOutCdb, p: &ProutParams) -> Result<(), Refusal> {
         if !pr_type::is_valid(c.pr_type) {
             return Err(Refusal::Check(SenseCode::INVALID_FIELD));
         }
@@ -548,7 +546,7 @@ impl Lu {
         }
     }
 
-    fn release(&mut self, nexus: Nexus, c: &PrOutCdb, p: &ProutParams) -> Outcome {
+    fn release(&mut self, nexus: Nexus, c: &PrOutCdb, p: &ProutParams) -> Result<(), Refusal> {
         self.check_key(nexus, p.key)?;
         if c.scope != LU_SCOPE {
             return Err(Refusal::Check(SenseCode::INVALID_FIELD));
@@ -567,7 +565,7 @@ impl Lu {
         Ok(())
     }
 
-    fn clear(&mut self, nexus: Nexus, p: &ProutParams) -> Outcome {
+    fn clear(&mut self, nexus: Nexus, p: &ProutParams) -> Result<(), Refusal> {
         self.check_key(nexus, p.key)?;
         self.unit_attention_to_registrants(nexus, SenseCode::RESERVATIONS_PREEMPTED);
         self.registrations.clear();
@@ -580,7 +578,7 @@ impl Lu {
 
     /// PREEMPT and PREEMPT AND ABORT (no task is ever pending, so there is
     /// nothing to abort).
-    fn preempt(&mut self, nexus: Nexus, c: &PrOutCdb, p: &ProutParams) -> Outcome {
+    fn preempt(&mut self, nexus: Nexus, c: &PrOutCdb, p: &ProutParams) -> Result<(), Refusal> {
         if !pr_type::is_valid(c.pr_type) {
             return Err(Refusal::Check(SenseCode::INVALID_FIELD));
         }
@@ -643,7 +641,12 @@ impl Lu {
         Ok(())
     }
 
-    fn register_and_move(&mut self, nexus: Nexus, p: &ProutParams, ctx: &Ctx<'_>) -> Outcome {
+    fn register_and_move(
+        &mut self,
+        nexus: Nexus,
+        p: &ProutParams,
+        ctx: &Ctx<'_>,
+    ) -> Result<(), Refusal> {
         self.check_key(nexus, p.key)?;
         if p.sa_key == 0 || p.relative_target_port != TARGET_PORT {
             return Err(Refusal::Check(SenseCode::INVALID_PARAM));

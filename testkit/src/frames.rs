@@ -123,18 +123,18 @@ pub fn read_hello(s: &mut UnixStream) -> u32 {
 
 /// What the server did with one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Reply {
     /// The full answer: 104-byte header, then the payload.
-    Answer(Vec<u8>),
+    Answered(Vec<u8>),
     /// The connection was closed with nothing sent.
     Closed,
 }
 
-impl Outcome {
+impl Reply {
     pub fn answer(&self) -> &[u8] {
         match self {
-            Outcome::Answer(b) => b,
-            Outcome::Closed => panic!("expected an answer, the connection was closed"),
+            Reply::Answered(b) => b,
+            Reply::Closed => panic!("expected an answer, the connection was closed"),
         }
     }
 
@@ -160,10 +160,10 @@ impl Outcome {
 }
 
 /// Read one answer, or observe the close. An answer cut short panics.
-pub fn read_outcome(s: &mut UnixStream) -> Outcome {
+pub fn read_reply(s: &mut UnixStream) -> Reply {
     let hdr = read_up_to(s, RESPONSE_HEADER_SIZE);
     if hdr.is_empty() {
-        return Outcome::Closed;
+        return Reply::Closed;
     }
     assert_eq!(
         hdr.len(),
@@ -176,15 +176,15 @@ pub fn read_outcome(s: &mut UnixStream) -> Outcome {
     assert_eq!(data.len(), len, "answer payload cut short");
     let mut all = hdr;
     all.extend(data);
-    Outcome::Answer(all)
+    Reply::Answered(all)
 }
 
 /// Read one answer, or `None` if the server closed the connection before
 /// sending a byte of one.
 pub fn read_answer(s: &mut UnixStream) -> Option<Answer> {
-    match read_outcome(s) {
-        Outcome::Closed => None,
-        Outcome::Answer(b) => {
+    match read_reply(s) {
+        Reply::Closed => None,
+        Reply::Answered(b) => {
             let (mut answer, len) =
                 decode_response_header(b[..RESPONSE_HEADER_SIZE].try_into().unwrap());
             answer.data = b[RESPONSE_HEADER_SIZE..].to_vec();

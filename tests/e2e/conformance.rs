@@ -1387,18 +1387,18 @@ impl View {
 // ---- access probes ----------------------------------------------------------------------------
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Outcome {
+enum IoStatus {
     Good,
     Conflict,
     Other(u8, Option<(u8, u8, u8)>),
 }
 
-impl Outcome {
+impl IoStatus {
     fn text(self) -> String {
         match self {
-            Outcome::Good => "ok".into(),
-            Outcome::Conflict => "RC".into(),
-            Outcome::Other(s, sense) => status_text(s, sense),
+            IoStatus::Good => "ok".into(),
+            IoStatus::Conflict => "RC".into(),
+            IoStatus::Other(s, sense) => status_text(s, sense),
         }
     }
 }
@@ -1406,8 +1406,8 @@ impl Outcome {
 /// A WRITE and a READ through one nexus.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Rw {
-    write: Outcome,
-    read: Outcome,
+    write: IoStatus,
+    read: IoStatus,
 }
 
 impl Rw {
@@ -1438,11 +1438,11 @@ impl Access {
     }
 }
 
-fn outcome(r: &Reply) -> Outcome {
+fn io_status(r: &Reply) -> IoStatus {
     match r.status {
-        GOOD => Outcome::Good,
-        CONFLICT => Outcome::Conflict,
-        s => Outcome::Other(s, r.sense.map(|c| (c.key, c.asc, c.ascq))),
+        GOOD => IoStatus::Good,
+        CONFLICT => IoStatus::Conflict,
+        s => IoStatus::Other(s, r.sense.map(|c| (c.key, c.asc, c.ascq))),
     }
 }
 
@@ -1454,8 +1454,8 @@ fn probe_nexus(lu: &Lu, n: &Nexus) -> Result<Rw, String> {
     let w = past_ua(|| Ok(sg_cmd(&n.sg, &write, Io::Out(&block))))?;
     let r = past_ua(|| Ok(sg_cmd(&n.sg, &read, Io::In(lu.block_len))))?;
     Ok(Rw {
-        write: outcome(&w),
-        read: outcome(&r),
+        write: io_status(&w),
+        read: io_status(&r),
     })
 }
 

@@ -26,7 +26,7 @@ use super::journal::{put_journal_field, send_journal, stderr_is_journal, JOURNAL
 use super::logging::AUDIT_TARGET;
 use crate::backend::{BackendError, Command, Nexus, Peer, PrBackend};
 use reservd_proto::cdb::{prout_sa, PERSISTENT_RESERVE_OUT};
-use reservd_proto::sense::Answer;
+use reservd_proto::sense::{Answer, SenseCode, Status};
 use reservd_proto::wire::OP_CLEANUP;
 
 /// The name of a PR OUT service action.
@@ -57,9 +57,6 @@ pub struct DeviceInfo {
     pub multipath: bool,
 }
 
-/// Status byte and sense (key, ASC, ASCQ), or why there was no answer.
-pub type Outcome = Result<(u8, Option<(u8, u8, u8)>), String>;
-
 /// One audit record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
@@ -71,8 +68,9 @@ pub struct Record {
     /// parameter list holds them.
     pub key: Option<u64>,
     pub sa_key: Option<u64>,
-    /// Status byte and sense (key, ASC, ASCQ), or the transport failure.
-    pub outcome: Outcome,
+    /// The answer's status and sense code, or why there was no answer
+    /// (the connection was closed).
+    pub answer: Result<(Status, Option<SenseCode>), String>,
     pub backend: &'static str,
     pub peer: Option<Peer>,
 }
@@ -106,8 +104,8 @@ impl Record {
             pr_type,
             key: word(0),
             sa_key: word(8),
-            outcome: match result {
-                Ok(a) => Ok((a.status.0, a.sense_code().map(|c| (c.key, c.asc, c.ascq)))),
+            answer: match result {
+                Ok(a) => Ok((a.status, a.sense_code())),
                 Err(e) => Err(e.to_string()),
             },
             backend,
@@ -120,15 +118,15 @@ impl Record {
     }
 
     pub fn status_text(&self) -> String {
-        match &self.outcome {
-            Ok((s, _)) => reservd_proto::sense::Status(*s).name().replace(' ', "_"),
+        match &self.answer {
+            Ok((s, _)) => s.name().replace(' ', "_"),
             Err(_) => "CONNECTION_CLOSED".to_string(),
         }
     }
 
     pub fn sense_text(&self) -> String {
-        match &self.outcome {
-            Ok((_, Some((k, a, q)))) => format!("{k:02x}/{a:02x}/{q:02x}"),
+        match &self.answer {
+            Ok((_, Some(c))) => format!("{:02x}/{:02x}/{:02x}", c.key, c.asc, c.ascq),
             Ok((_, None)) => "-".to_string(),
             Err(e) => e.clone(),
         }
@@ -311,7 +309,6 @@ mod tests {
     use super::*;
     use reservd_proto::cdb::PrOutCdb;
     use reservd_proto::params::ProutParams;
-    use reservd_proto::sense::{SenseCode, Status};
     use std::os::fd::AsFd;
     use std::os::unix::net::UnixDatagram;
 

@@ -116,11 +116,11 @@ struct Conn {
 struct Completion {
     key: usize,
     id: u64,
-    outcome: Outcome,
+    ended: Ended,
 }
 
 /// How a command ended.
-enum Outcome {
+enum Ended {
     /// The answer was sent, but for `unsent` (the socket was full).
     Answered { unsent: Vec<u8> },
     /// Writing the answer failed: the client is gone.
@@ -596,22 +596,22 @@ impl Server {
             .unwrap_or_else(|p| Err(BackendError::Panicked(panic_message(p.as_ref()))));
             // The client's fd is closed after every request.
             drop(fd);
-            let outcome = match result {
+            let ended = match result {
                 Ok(answer) => {
                     let bytes = encode_response(&request, &answer);
                     let discarded = fdpass::discard_peeked(stream.as_fd(), peeked);
                     match discarded.and_then(|()| write_some(&stream, &bytes)) {
-                        Ok(n) => Outcome::Answered {
+                        Ok(n) => Ended::Answered {
                             unsent: bytes[n..].to_vec(),
                         },
-                        Err(e) => Outcome::WriteFailed(e),
+                        Err(e) => Ended::WriteFailed(e),
                     }
                 }
-                Err(e) => Outcome::Failed(e),
+                Err(e) => Ended::Failed(e),
             };
             drop(stream);
             // The crew wakes the loop if another thread has it.
-            let _ = tx.send(Completion { key, id, outcome });
+            let _ = tx.send(Completion { key, id, ended });
         }));
     }
 
@@ -625,8 +625,8 @@ impl Server {
             };
             // The command is over, whatever its result.
             conn.state = ConnState::Reading;
-            match c.outcome {
-                Outcome::Answered { unsent } => {
+            match c.ended {
+                Ended::Answered { unsent } => {
                     conn.out.extend(unsent);
                     conn.decoder.complete();
                     self.flush(c.key);
@@ -636,11 +636,11 @@ impl Server {
                         self.on_readable(c.key);
                     }
                 }
-                Outcome::WriteFailed(e) => {
+                Ended::WriteFailed(e) => {
                     log::debug!("connection {}: write failed: {e}", conn.id);
                     self.close(c.key, None);
                 }
-                Outcome::Failed(e) => {
+                Ended::Failed(e) => {
                     // A panic is a bug in reservd: louder than a transport failure.
                     let level = match e {
                         BackendError::Panicked(_) => log::Level::Error,
