@@ -21,7 +21,10 @@
 
 use std::fmt::Write;
 
-use crate::report::{self, json_str};
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::report::{self, Key, PrinJson};
 use reservd_proto::cdb::prin_sa;
 use reservd_proto::prin::{self, FullStatusDescriptor};
 
@@ -377,80 +380,128 @@ pub fn text(s: &MapStatus, v: &Verdict) -> String {
     o
 }
 
-fn opt_json(s: Option<&str>) -> String {
-    s.map_or_else(|| "null".into(), json_str)
+/// `reservdctl status --json`: the whole view, in this field order.
+#[derive(Serialize)]
+struct StatusJson<'a> {
+    device: &'a str,
+    map: Option<&'a str>,
+    kernel_name: &'a str,
+    wwid: Option<&'a str>,
+    /// `true`, or why multipathd could not be asked.
+    multipathd: Reachable<'a>,
+    multipathd_key: Option<Key>,
+    paths: Vec<PathJson<'a>>,
+    verdict: VerdictJson<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Reachable<'a> {
+    Yes(bool),
+    No(&'a str),
+}
+
+#[derive(Serialize)]
+struct PathJson<'a> {
+    name: &'a str,
+    devno: &'a str,
+    state: Option<&'a str>,
+    multipathd: Option<&'a str>,
+    relative_target_port: Option<u16>,
+    usable: bool,
+    read_keys: Option<PrinJson>,
+    read_reservation: Option<PrinJson>,
+    error: Option<&'a str>,
+    own_keys: Option<Vec<Key>>,
+}
+
+#[derive(Serialize)]
+struct VerdictJson<'a> {
+    consistent: bool,
+    keys: Vec<Key>,
+    missing: Vec<MissingJson<'a>>,
+    unknown: Vec<UnknownJson<'a>>,
+    not_counted: &'a [String],
+}
+
+#[derive(Serialize)]
+struct MissingJson<'a> {
+    path: &'a str,
+    key: Key,
+}
+
+#[derive(Serialize)]
+struct UnknownJson<'a> {
+    path: &'a str,
+    reason: &'a str,
+}
+
+fn keys(ks: &[u64]) -> Vec<Key> {
+    ks.iter().copied().map(Key).collect()
 }
 
 /// The JSON report.
 pub fn json(s: &MapStatus, v: &Verdict) -> String {
-    let key = |k: u64| json_str(&format!("0x{k:x}"));
-    let keys = |ks: &[u64]| {
-        format!(
-            "[{}]",
-            ks.iter().map(|&k| key(k)).collect::<Vec<_>>().join(",")
-        )
-    };
-    let paths: Vec<String> = s
+    let paths = s
         .paths
         .iter()
         .map(|p| {
-            let (rk, rr, err) = match &p.read {
+            let (read_keys, read_reservation, error) = match &p.read {
                 Ok(r) => (
-                    report::prin_json(prin_sa::READ_KEYS, &r.read_keys)
-                        .unwrap_or_else(|_| "null".into()),
-                    report::prin_json(prin_sa::READ_RESERVATION, &r.read_reservation)
-                        .unwrap_or_else(|_| "null".into()),
-                    "null".to_string(),
+                    report::prin_json(prin_sa::READ_KEYS, &r.read_keys).ok(),
+                    report::prin_json(prin_sa::READ_RESERVATION, &r.read_reservation).ok(),
+                    None,
                 ),
-                Err(e) => ("null".into(), "null".into(), json_str(e)),
+                Err(e) => (None, None, Some(e.as_str())),
             };
-            format!(
-                "{{\"name\":{},\"devno\":{},\"state\":{},\"multipathd\":{},\"relative_target_port\":{},\"usable\":{},\"read_keys\":{rk},\"read_reservation\":{rr},\"error\":{err},\"own_keys\":{}}}",
-                json_str(&p.name),
-                json_str(&p.devno),
-                opt_json(p.sysfs_state.as_deref()),
-                opt_json(p.multipathd.as_deref()),
-                p.target_port.map_or("null".into(), |t| t.to_string()),
-                p.usable(),
-                p.own_keys().map_or("null".into(), |k| keys(&k)),
-            )
+            PathJson {
+                name: &p.name,
+                devno: &p.devno,
+                state: p.sysfs_state.as_deref(),
+                multipathd: p.multipathd.as_deref(),
+                relative_target_port: p.target_port,
+                usable: p.usable(),
+                read_keys,
+                read_reservation,
+                error,
+                own_keys: p.own_keys().ok().map(|k| keys(&k)),
+            }
         })
         .collect();
-    let mpd_key = match &s.multipathd_key {
-        Some(Ok(Some(k))) => key(*k),
-        _ => "null".into(),
-    };
-    let missing: Vec<String> = v
-        .missing
-        .iter()
-        .map(|m| format!("{{\"path\":{},\"key\":{}}}", json_str(&m.path), key(m.key)))
-        .collect();
-    let unknown: Vec<String> = v
-        .unknown
-        .iter()
-        .map(|(p, e)| format!("{{\"path\":{},\"reason\":{}}}", json_str(p), json_str(e)))
-        .collect();
-    format!(
-        "{{\"device\":{},\"map\":{},\"kernel_name\":{},\"wwid\":{},\"multipathd\":{},\"multipathd_key\":{mpd_key},\"paths\":[{}],\"verdict\":{{\"consistent\":{},\"keys\":{},\"missing\":[{}],\"unknown\":[{}],\"not_counted\":[{}]}}}}",
-        json_str(&s.device),
-        opt_json(s.map.as_deref()),
-        json_str(&s.kernel_name),
-        opt_json(s.wwid.as_deref()),
-        match &s.multipathd {
-            Ok(()) => "true".to_string(),
-            Err(e) => json_str(e),
+    let doc = StatusJson {
+        device: &s.device,
+        map: s.map.as_deref(),
+        kernel_name: &s.kernel_name,
+        wwid: s.wwid.as_deref(),
+        multipathd: match &s.multipathd {
+            Ok(()) => Reachable::Yes(true),
+            Err(e) => Reachable::No(e),
         },
-        paths.join(","),
-        v.consistent(),
-        keys(&v.keys),
-        missing.join(","),
-        unknown.join(","),
-        v.skipped
-            .iter()
-            .map(|p| json_str(p))
-            .collect::<Vec<_>>()
-            .join(","),
-    )
+        multipathd_key: match &s.multipathd_key {
+            Some(Ok(Some(k))) => Some(Key(*k)),
+            _ => None,
+        },
+        paths,
+        verdict: VerdictJson {
+            consistent: v.consistent(),
+            keys: keys(&v.keys),
+            missing: v
+                .missing
+                .iter()
+                .map(|m| MissingJson {
+                    path: &m.path,
+                    key: Key(m.key),
+                })
+                .collect(),
+            unknown: v
+                .unknown
+                .iter()
+                .map(|(p, e)| UnknownJson { path: p, reason: e })
+                .collect(),
+            not_counted: &v.skipped,
+        },
+    };
+    serde_json::to_string(&doc).expect("the report serializes")
 }
 
 /// What `reservdctl status --repair` does for a key a path lacks.
@@ -469,24 +520,42 @@ pub struct RepairPlan {
 /// status after (`null` when nothing was done). `before` and `after` are
 /// [`json`] documents.
 pub fn repair_json(before: &str, plan: Option<&RepairPlan>, after: Option<&str>) -> String {
-    let repair = match plan {
-        None => "{\"needed\":false}".to_string(),
-        Some(p) => format!(
-            "{{\"needed\":true,\"map\":{},\"key\":{},\"aptpl\":{},\"paths\":[{}]}}",
-            json_str(&p.map_dev),
-            json_str(&format!("0x{:x}", p.key)),
-            p.aptpl,
-            p.paths
-                .iter()
-                .map(|x| json_str(x))
-                .collect::<Vec<_>>()
-                .join(",")
-        ),
+    #[derive(Serialize)]
+    struct Doc<'a> {
+        before: &'a RawValue,
+        repair: Repair<'a>,
+        after: Option<&'a RawValue>,
+    }
+    #[derive(Serialize)]
+    struct Repair<'a> {
+        needed: bool,
+        #[serde(flatten)]
+        plan: Option<PlanJson<'a>>,
+    }
+    #[derive(Serialize)]
+    struct PlanJson<'a> {
+        map: &'a str,
+        key: Key,
+        aptpl: bool,
+        paths: &'a [String],
+    }
+    fn raw(d: &str) -> &RawValue {
+        serde_json::from_str(d).expect("a status document is JSON")
+    }
+    let doc = Doc {
+        before: raw(before),
+        repair: Repair {
+            needed: plan.is_some(),
+            plan: plan.map(|p| PlanJson {
+                map: &p.map_dev,
+                key: Key(p.key),
+                aptpl: p.aptpl,
+                paths: &p.paths,
+            }),
+        },
+        after: after.map(raw),
     };
-    format!(
-        "{{\"before\":{before},\"repair\":{repair},\"after\":{}}}",
-        after.unwrap_or("null")
-    )
+    serde_json::to_string(&doc).expect("the repair document serializes")
 }
 
 #[cfg(test)]

@@ -3,28 +3,23 @@
 
 use std::fmt::Write;
 
+use serde::{Serialize, Serializer};
+
 use reservd_proto::cdb::{pr_type, prin_sa};
 use reservd_proto::params::TransportId;
 use reservd_proto::prin;
 use reservd_proto::sense::{Answer, SenseCode, Status};
 
-/// Escape a string for a JSON string literal.
-pub fn json_str(s: &str) -> String {
-    let mut o = String::with_capacity(s.len() + 2);
-    o.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            '\n' => o.push_str("\\n"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(o, "\\u{:04x}", c as u32);
-            }
-            c => o.push(c),
-        }
+/// A 64-bit reservation key as reservd's JSON shows it: a string of hex
+/// digits after `0x` (`"0x1234"`), since JSON numbers lose precision above
+/// 2^53.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Key(pub u64);
+
+impl Serialize for Key {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("0x{:x}", self.0))
     }
-    o.push('"');
-    o
 }
 
 pub fn hex(b: &[u8]) -> String {
@@ -140,53 +135,115 @@ pub fn prin_text(sa: u8, data: &[u8]) -> Result<String, prin::Truncated> {
     Ok(o)
 }
 
-/// Render PR IN data as one JSON object (without the answer fields).
-pub fn prin_json(sa: u8, data: &[u8]) -> Result<String, prin::Truncated> {
+/// PR IN data as one JSON object (without the answer's fields): serialized
+/// by serde_json in the field order given here.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum PrinJson {
+    ReadKeys {
+        generation: u32,
+        keys: Vec<Key>,
+        truncated: bool,
+    },
+    ReadReservation {
+        generation: u32,
+        reservation: Option<ReservationJson>,
+    },
+    Capabilities {
+        crh: bool,
+        sip_c: bool,
+        atp_c: bool,
+        ptpl_c: bool,
+        tmv: bool,
+        allow_commands: u8,
+        ptpl_a: bool,
+        type_mask: u16,
+    },
+    FullStatus {
+        generation: u32,
+        descriptors: Vec<DescriptorJson>,
+    },
+    /// Data of a service action reservd does not decode, in hex.
+    Other { data: String },
+}
+
+/// A reservation in [`PrinJson::ReadReservation`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ReservationJson {
+    pub key: Key,
+    pub scope: u8,
+    #[serde(rename = "type")]
+    pub pr_type: u8,
+}
+
+/// A READ FULL STATUS descriptor in [`PrinJson::FullStatus`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DescriptorJson {
+    pub key: Key,
+    pub all_tg_pt: bool,
+    pub holder: bool,
+    pub scope: u8,
+    #[serde(rename = "type")]
+    pub pr_type: u8,
+    pub relative_target_port: u16,
+    /// The TransportID's bytes, in hex.
+    pub transport_id: String,
+}
+
+/// PR IN data of service action `sa` as JSON.
+pub fn prin_json(sa: u8, data: &[u8]) -> Result<PrinJson, prin::Truncated> {
     Ok(match sa {
         prin_sa::READ_KEYS => {
-            let (g, keys, more) = prin::parse_read_keys(data)?;
-            let k: Vec<String> = keys.iter().map(|k| json_str(&format!("0x{k:x}"))).collect();
-            format!(
-                "{{\"generation\":{g},\"keys\":[{}],\"truncated\":{more}}}",
-                k.join(",")
-            )
+            let (generation, keys, truncated) = prin::parse_read_keys(data)?;
+            PrinJson::ReadKeys {
+                generation,
+                keys: keys.into_iter().map(Key).collect(),
+                truncated,
+            }
         }
-        prin_sa::READ_RESERVATION => match prin::parse_read_reservation(data)? {
-            (g, None) => format!("{{\"generation\":{g},\"reservation\":null}}"),
-            (g, Some(r)) => format!(
-                "{{\"generation\":{g},\"reservation\":{{\"key\":{},\"scope\":{},\"type\":{}}}}}",
-                json_str(&format!("0x{:x}", r.key)),
-                r.scope,
-                r.pr_type
-            ),
-        },
+        prin_sa::READ_RESERVATION => {
+            let (generation, r) = prin::parse_read_reservation(data)?;
+            PrinJson::ReadReservation {
+                generation,
+                reservation: r.map(|r| ReservationJson {
+                    key: Key(r.key),
+                    scope: r.scope,
+                    pr_type: r.pr_type,
+                }),
+            }
+        }
         prin_sa::REPORT_CAPABILITIES => {
             let c = prin::parse_report_capabilities(data)?;
-            format!(
-                "{{\"crh\":{},\"sip_c\":{},\"atp_c\":{},\"ptpl_c\":{},\"tmv\":{},\"allow_commands\":{},\"ptpl_a\":{},\"type_mask\":{}}}",
-                c.crh, c.sip_c, c.atp_c, c.ptpl_c, c.tmv, c.allow_commands, c.ptpl_a, c.type_mask
-            )
+            PrinJson::Capabilities {
+                crh: c.crh,
+                sip_c: c.sip_c,
+                atp_c: c.atp_c,
+                ptpl_c: c.ptpl_c,
+                tmv: c.tmv,
+                allow_commands: c.allow_commands,
+                ptpl_a: c.ptpl_a,
+                type_mask: c.type_mask,
+            }
         }
         prin_sa::READ_FULL_STATUS => {
-            let (g, descs) = prin::parse_read_full_status(data)?;
-            let d: Vec<String> = descs
-                .iter()
-                .map(|d| {
-                    format!(
-                        "{{\"key\":{},\"all_tg_pt\":{},\"holder\":{},\"scope\":{},\"type\":{},\"relative_target_port\":{},\"transport_id\":{}}}",
-                        json_str(&format!("0x{:x}", d.key)),
-                        d.all_tg_pt,
-                        d.reservation_holder,
-                        d.scope,
-                        d.pr_type,
-                        d.relative_target_port,
-                        json_str(&hex(&d.transport_id))
-                    )
-                })
-                .collect();
-            format!("{{\"generation\":{g},\"descriptors\":[{}]}}", d.join(","))
+            let (generation, descs) = prin::parse_read_full_status(data)?;
+            PrinJson::FullStatus {
+                generation,
+                descriptors: descs
+                    .iter()
+                    .map(|d| DescriptorJson {
+                        key: Key(d.key),
+                        all_tg_pt: d.all_tg_pt,
+                        holder: d.reservation_holder,
+                        scope: d.scope,
+                        pr_type: d.pr_type,
+                        relative_target_port: d.relative_target_port,
+                        transport_id: hex(&d.transport_id),
+                    })
+                    .collect(),
+            }
         }
-        _ => format!("{{\"data\":{}}}", json_str(&hex(data))),
+        _ => PrinJson::Other { data: hex(data) },
     })
 }
 
@@ -241,7 +298,7 @@ mod tests {
         assert!(t.contains("PR generation=0x2, 2 registered reservation key(s) follow:"));
         assert!(t.contains("    0x1234\n    0xabcdef\n"));
         assert_eq!(
-            prin_json(prin_sa::READ_KEYS, &d).unwrap(),
+            serde_json::to_string(&prin_json(prin_sa::READ_KEYS, &d).unwrap()).unwrap(),
             r#"{"generation":2,"keys":["0x1234","0xabcdef"],"truncated":false}"#
         );
         let none = prin_text(prin_sa::READ_KEYS, &read_keys(0, &[])).unwrap();
@@ -262,7 +319,7 @@ mod tests {
         assert!(t.contains("Key=0x99"));
         assert!(t.contains("Write Exclusive, registrants only"));
         assert_eq!(
-            prin_json(prin_sa::READ_RESERVATION, &d).unwrap(),
+            serde_json::to_string(&prin_json(prin_sa::READ_RESERVATION, &d).unwrap()).unwrap(),
             r#"{"generation":5,"reservation":{"key":"0x99","scope":0,"type":5}}"#
         );
     }
@@ -277,6 +334,13 @@ mod tests {
             answer_text(&Answer::check(SenseCode::INVALID_FIELD)),
             "CHECK CONDITION, sense key 0x5 ASC 0x24 ASCQ 0x00 (invalid field in CDB)"
         );
-        assert_eq!(json_str("a\"b\\c\n"), r#""a\"b\\c\n""#);
+        assert_eq!(
+            serde_json::to_string("a\"b\\c\n").unwrap(),
+            r#""a\"b\\c\n""#
+        );
+        assert_eq!(
+            serde_json::to_string(&Key(u64::MAX)).unwrap(),
+            r#""0xffffffffffffffff""#
+        );
     }
 }

@@ -19,11 +19,12 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::Parser;
 use reservd_client::client::Client;
-use reservd_client::report;
+use reservd_client::report::{self, PrinJson};
 use reservd_proto::cdb::{prin_sa, prout_sa, PrInCdb, PrOutCdb};
 use reservd_proto::params::ProutParams;
 use reservd_proto::sense::{Answer, Status};
 use reservd_proto::wire::{FEATURE_CLEANUP, OP_CLEANUP};
+use serde::Serialize;
 
 mod check;
 mod cli;
@@ -169,12 +170,18 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             let data = parse_hex(data)?;
             let resp = exchange(cli, device, !read_only, &cdb, &data)?;
             if cli.json {
-                println!(
-                    "{{\"status\":{},\"sense\":{},\"data\":{}}}",
-                    resp.status.0,
-                    report::json_str(&report::hex(&resp.sense)),
-                    report::json_str(&report::hex(&resp.data))
-                );
+                /// `raw --json`: the answer as it came, in hex.
+                #[derive(Serialize)]
+                struct Raw {
+                    status: u8,
+                    sense: String,
+                    data: String,
+                }
+                print_json(&Raw {
+                    status: resp.status.0,
+                    sense: report::hex(&resp.sense),
+                    data: report::hex(&resp.data),
+                });
             } else {
                 println!(
                     "status 0x{:02x} {}",
@@ -188,17 +195,26 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
     };
     if cli.json {
-        let body = match (prin, resp.status.0) {
-            (Some(sa), 0) => report::prin_json(sa, &resp.data).unwrap_or_else(|_| "null".into()),
-            _ => "null".into(),
+        /// `in`, `out` and `cleanup --json`: the answer, and PR IN data
+        /// decoded (null when there is none, or it is truncated).
+        #[derive(Serialize)]
+        struct Reply {
+            status: u8,
+            status_text: String,
+            /// The fixed-format sense's 18 bytes, in hex.
+            sense: String,
+            result: Option<PrinJson>,
+        }
+        let result = match prin {
+            Some(sa) if resp.status == Status::GOOD => report::prin_json(sa, &resp.data).ok(),
+            _ => None,
         };
-        println!(
-            "{{\"status\":{},\"status_text\":{},\"sense\":{},\"result\":{}}}",
-            resp.status.0,
-            report::json_str(&report::answer_text(&resp)),
-            report::json_str(&report::hex(&resp.sense[..18])),
-            body
-        );
+        print_json(&Reply {
+            status: resp.status.0,
+            status_text: report::answer_text(&resp),
+            sense: report::hex(&resp.sense[..18]),
+            result,
+        });
     } else if resp.status != Status::GOOD {
         println!("{}", report::answer_text(&resp));
     } else if let Some(sa) = prin {
@@ -208,6 +224,14 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(exit_code(resp.status.0))
+}
+
+/// One JSON document on a line of its own.
+fn print_json(doc: &impl Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string(doc).expect("reservdctl's JSON serializes")
+    );
 }
 
 fn exit_code(status: u8) -> ExitCode {
