@@ -237,6 +237,49 @@ fn raw_as_text_and_json() {
     );
 }
 
+/// Hex that is not: a usage error (exit status 1, one line), whatever the
+/// characters; nothing is sent.
+#[test]
+fn raw_refuses_what_is_not_hex() {
+    let (server, _emu) = TestServer::emulated();
+    let disk = Disk::new();
+    let d = disk_arg(&disk);
+    for (option, bad, why) in [
+        ("--cdb", "aé", "is not hex"),
+        ("--cdb", "aéb", "is not hex"),
+        ("--cdb", "éa5e", "is not hex"),
+        ("--cdb", "5e0g", "is not hex"),
+        ("--cdb", "5e0", "odd number of hex digits"),
+        ("--data", "00ü0", "is not hex"),
+    ] {
+        let mut args = vec!["raw", d, "--cdb", "5e000000000000200000"];
+        if option == "--cdb" {
+            args[3] = bad;
+        } else {
+            args.extend(["--data", bad]);
+        }
+        let (code, out, err) = ctl(&server, &args);
+        assert_eq!((code, out.as_str()), (1, ""), "{bad}: {err}");
+        assert_eq!(
+            err,
+            format!(
+                "reservdctl: {option}: {}\n",
+                if why == "is not hex" {
+                    format!("'{bad}' is not hex")
+                } else {
+                    format!("odd number of hex digits in '{bad}'")
+                }
+            ),
+        );
+    }
+    // White space between the digits is fine.
+    assert_eq!(
+        ctl(&server, &["raw", d, "--cdb", " 5e 00 0000 0000 0020 0000 "]).0,
+        0
+    );
+    server.assert_serves();
+}
+
 #[test]
 fn cleanup_needs_the_feature() {
     // Offered: the emulated target has nothing to undo, GOOD.

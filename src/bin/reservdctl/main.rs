@@ -32,15 +32,19 @@ mod status;
 
 use cli::{Cli, Cmd, InAction, OutAction};
 
-fn parse_hex(s: &str) -> anyhow::Result<Vec<u8>> {
-    let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
-    if s.len() % 2 != 0 {
-        bail!("odd number of hex digits");
+/// The bytes `s` spells in hex, two digits a byte, white space ignored;
+/// anything else is a usage error naming `option`.
+fn parse_hex(option: &str, s: &str) -> anyhow::Result<Vec<u8>> {
+    let digits: Vec<u8> = s
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .map(|c| c.to_digit(16).map(|d| d as u8))
+        .collect::<Option<_>>()
+        .with_context(|| format!("{option}: '{s}' is not hex"))?;
+    if digits.len() % 2 != 0 {
+        bail!("{option}: odd number of hex digits in '{s}'");
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).context("invalid hex"))
-        .collect()
+    Ok(digits.chunks(2).map(|d| (d[0] << 4) | d[1]).collect())
 }
 
 fn main() -> ExitCode {
@@ -163,11 +167,11 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             data,
             read_only,
         } => {
-            let cdb = parse_hex(cdb)?;
+            let cdb = parse_hex("--cdb", cdb)?;
             if cdb.is_empty() || cdb.len() > 16 {
                 bail!("a CDB has 1 to 16 bytes");
             }
-            let data = parse_hex(data)?;
+            let data = parse_hex("--data", data)?;
             let resp = exchange(cli, device, !read_only, &cdb, &data)?;
             if cli.json {
                 /// `raw --json`: the answer as it came, in hex.
