@@ -421,6 +421,10 @@ impl Server {
                     return;
                 }
             };
+            #[cfg(feature = "test-hooks")]
+            if std::env::var_os("RESERVD_TEST_LOOP_PANIC").is_some() {
+                panic!("RESERVD_TEST_LOOP_PANIC is set: a test of a bug in the event loop");
+            }
             let peer_cred = peer_cred(&stream);
             let peer = peer_cred.map_or_else(|| "unknown peer".to_string(), |p| p.to_string());
             if let Some(allow) = &self.config.allow {
@@ -593,7 +597,7 @@ impl Server {
                 };
                 backend::execute(backend.as_ref(), &cmd)
             }))
-            .unwrap_or_else(|p| Err(BackendError::Panicked(panic_message(p.as_ref()))));
+            .unwrap_or_else(|p| Err(BackendError::Panicked(crew::panic_message(p.as_ref()))));
             // The client's fd is closed after every request.
             drop(fd);
             let ended = match result {
@@ -717,14 +721,6 @@ impl Server {
             self.backend.disconnect(conn.id);
         }
     }
-}
-
-/// The text of a panic's payload.
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".to_string())
 }
 
 /// The server and its event buffer, run by the crew one turn at a time.
