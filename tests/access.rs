@@ -13,6 +13,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use reservd_daemon::sandbox::seccomp::{self, Mode};
+use reservd_testkit::disks::*;
 use reservd_testkit::frames::*;
 use reservd_testkit::spawn::*;
 

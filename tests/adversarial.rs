@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use reservd_daemon::backend::{BackendError, Command as PrCommand, Nexus, PrBackend};
 use reservd_daemon::server::Config;
 use reservd_proto::sense::Answer;
+use reservd_testkit::disks::*;
 use reservd_testkit::emulated::Emulated;
 use reservd_testkit::frames::*;
 use reservd_testkit::spawn::*;
@@ -623,7 +624,7 @@ fn malformed_requests_never_reach_the_backend() {
         backend.clone(),
         reservd_testkit::server::test_config(),
     );
-    let disk = reservd_testkit::server::Disk::new();
+    let disk = reservd_testkit::disks::Disk::new();
     let cases = malformed(disk.fd());
     for (requested, bytes, fds) in &cases {
         let mut s = server.raw();
@@ -643,7 +644,7 @@ fn malformed_requests_never_reach_the_backend() {
 fn a_hung_device_holds_only_its_own_clients() {
     let (gate, _open, server) =
         reservd_testkit::server::gated_server(reservd_testkit::server::test_config());
-    let disk = reservd_testkit::server::Disk::new();
+    let disk = reservd_testkit::disks::Disk::new();
     // Four clients whose commands hang on the device.
     let mut hung: Vec<UnixStream> = (0..4)
         .map(|_| {
@@ -693,7 +694,7 @@ fn a_panicking_command_closes_only_its_connection() {
         Arc::new(PanicsOnMark(Emulated::new())),
         reservd_testkit::server::test_config(),
     );
-    let disk = reservd_testkit::server::Disk::new();
+    let disk = reservd_testkit::disks::Disk::new();
     let mut other = server.client();
     for round in 0..3 {
         let mut s = server.ready();
@@ -719,7 +720,7 @@ fn unfinished_frames_time_out_idle_connections_do_not() {
         ..reservd_testkit::server::test_config()
     };
     let server = reservd_testkit::server::TestServer::start(backend, config);
-    let disk = reservd_testkit::server::Disk::new();
+    let disk = reservd_testkit::disks::Disk::new();
     let started = Instant::now();
     // No handshake; half a handshake; half a CDB; half a parameter list.
     let mut stalled = vec![server.raw()];
@@ -772,7 +773,7 @@ fn hung_commands_beyond_the_cap_queue_without_stalling_the_loop() {
         max_workers: 2,
         ..reservd_testkit::server::test_config()
     });
-    let disk = reservd_testkit::server::Disk::new();
+    let disk = reservd_testkit::disks::Disk::new();
     let held_cdb = reservd_testkit::server::held(cdb_in(0, 8192));
     // Every worker hangs on the device.
     let mut hung: Vec<UnixStream> = (0..2)

@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use reservd_testkit::disks::*;
 use reservd_testkit::frames::*;
 use reservd_testkit::spawn::*;
 

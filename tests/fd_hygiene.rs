@@ -8,6 +8,7 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use reservd_proto::cdb::{prin_sa, prout_sa};
+use reservd_testkit::disks::*;
 use reservd_testkit::frames::*;
 use reservd_testkit::server::*;
 

@@ -16,6 +16,7 @@ use reservd_proto::params::{ProutParams, FLAG_SPEC_I_PT};
 use reservd_proto::prin::{self, parse_read_full_status, parse_read_keys};
 use reservd_proto::sense::SenseCode;
 use reservd_proto::wire::FEATURE_CLEANUP;
+use reservd_testkit::disks::*;
 use reservd_testkit::emulated::{Emulated, TARGET_PORT};
 use reservd_testkit::frames::*;
 use reservd_testkit::server::*;

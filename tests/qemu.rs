@@ -7,6 +7,8 @@ use std::path::Path;
 use std::process::Command;
 
 use nix::sys::signal::Signal;
+use reservd_testkit::disks::*;
+use reservd_testkit::qemu::*;
 use reservd_testkit::spawn::*;
 
 /// The daemon under test.

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nix::sys::signal::Signal;
+use reservd_testkit::disks::*;
 use reservd_testkit::frames::*;
 use reservd_testkit::spawn::*;
 

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use reservd_proto::cdb::prout_sa;
 use reservd_proto::params::ProutParams;
 use reservd_proto::wire::FEATURE_CLEANUP;
+use reservd_testkit::disks::Disk;
 use reservd_testkit::emulated::Emulated;
 use reservd_testkit::frames::cdb_out;
-use reservd_testkit::server::{assert_good, test_config, Disk, TestServer};
+use reservd_testkit::server::{assert_good, test_config, TestServer};
 use reservd_testkit::spawn::run_to_end;
 
 /// The tool under test.

@@ -3,7 +3,7 @@
 //! libFuzzer runs them (fuzz/fuzz_targets/, scripts/fuzz.sh); the test
 //! suite replays the stored corpora through the same functions
 //! (tests/fuzz_corpus.rs includes this file), so they must depend on
-//! nothing but reservd-daemon and std.
+//! nothing but reservd's crates and std.
 
 use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -23,6 +23,7 @@ use reservd_proto::wire::{
     decode_response_header, encode_response, Decoder, Event, DATA_SIZE, FEATURE_CLEANUP,
     OP_CLEANUP, RESPONSE_HEADER_SIZE,
 };
+use reservd_testkit::disks::unlinked_file;
 use reservd_testkit::emulated::Emulated;
 
 /// Bytes as a stream of events: a control byte (low 5 bits + 1: how many
@@ -206,15 +207,7 @@ fn harness() -> &'static Harness {
         };
         let server = Server::new(listener, Arc::new(Emulated::new()), config).expect("server");
         std::thread::spawn(move || server.run());
-        let path = std::env::temp_dir().join(format!("{name}-disk"));
-        let disk = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .expect("disk");
-        std::fs::remove_file(&path).expect("unlink the disk file");
+        let disk = unlinked_file("fuzz-disk");
         Harness { addr, disk }
     })
 }

@@ -791,15 +791,14 @@ impl PrBackend for Emulated {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::disks::Disk;
     use reservd_proto::params::{FLAG_ALL_TG_PT, FLAG_APTPL};
     use reservd_proto::prin::{
         parse_read_full_status, parse_read_keys, parse_read_reservation, parse_report_capabilities,
     };
     use reservd_proto::wire::{encode_response, Request, RESPONSE_HEADER_SIZE};
-    use std::fs::{File, OpenOptions};
+    use std::fs::File;
     use std::os::fd::AsFd;
-    use std::path::PathBuf;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
     const WE: u8 = pr_type::WRITE_EXCLUSIVE;
@@ -814,36 +813,6 @@ mod tests {
         CLEAR, PREEMPT, PREEMPT_AND_ABORT, REGISTER, REGISTER_AND_IGNORE, REGISTER_AND_MOVE,
         RELEASE, RESERVE,
     };
-
-    /// A temporary file standing for a disk.
-    struct Disk {
-        path: PathBuf,
-        file: File,
-    }
-
-    impl Disk {
-        fn new() -> Disk {
-            static N: AtomicUsize = AtomicUsize::new(0);
-            let path = std::env::temp_dir().join(format!(
-                "reservd-emulated-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::SeqCst)
-            ));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .unwrap();
-            Disk { path, file }
-        }
-    }
-
-    impl Drop for Disk {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
 
     fn cdb_in(sa: u8) -> [u8; 16] {
         let mut c = [0u8; 16];

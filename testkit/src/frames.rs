@@ -1,16 +1,20 @@
 //! Raw frames of the helper protocol, for the tests that send what a
 //! well-behaved client never would, or read an answer byte for byte: CDB and
-//! parameter-list builders, sending with fds attached, and reading the
-//! handshake and answers (or the close that replaces one).
+//! parameter-list builders, connecting and the handshake, sending with fds
+//! attached, and reading answers (or the close that replaces one).
 
+use std::io::Write;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 
 use reservd_client::client::send_with_fds;
 use reservd_proto::cdb::{prin_sa, prout_sa};
 use reservd_proto::sense::Answer;
 use reservd_proto::wire::{decode_response_header, RESPONSE_HEADER_SIZE};
+
+use crate::spawn::{wait_until, DEADLINE};
 
 pub const PRIN: u8 = 0x5e;
 pub const PROUT: u8 = 0x5f;
@@ -58,6 +62,40 @@ pub fn params(key: u64, sa_key: u64, flags: u8) -> Vec<u8> {
 /// A 24-byte REGISTER parameter list for `key`.
 pub fn register_params(key: u64) -> Vec<u8> {
     params(0, key, 0)
+}
+
+// ----------------------------------------------------------- connecting
+
+/// Connect to `path`, retrying while the listener is not up yet.
+pub fn connect(path: &Path) -> UnixStream {
+    let mut last = None;
+    let ok = wait_until(DEADLINE, || match UnixStream::connect(path) {
+        Ok(s) => {
+            last = Some(Ok(s));
+            true
+        }
+        Err(e) => {
+            last = Some(Err(e));
+            false
+        }
+    });
+    match last {
+        Some(Ok(s)) if ok => {
+            s.set_read_timeout(Some(DEADLINE)).unwrap();
+            s.set_write_timeout(Some(DEADLINE)).unwrap();
+            s
+        }
+        other => panic!("cannot connect to {}: {other:?}", path.display()),
+    }
+}
+
+/// Connect and complete the handshake with `requested` features.
+/// Returns the stream and the server's feature bytes.
+pub fn hello(path: &Path, requested: u32) -> (UnixStream, [u8; 4]) {
+    let mut s = connect(path);
+    let f = read_features(&mut s);
+    s.write_all(&requested.to_be_bytes()).unwrap();
+    (s, f)
 }
 
 // -------------------------------------------------------------- sending

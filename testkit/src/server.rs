@@ -1,14 +1,12 @@
-//! Shared by the tests of the library's server: a server running in-process
-//! on a temporary socket, temporary files standing for disks, and a backend
-//! that holds commands as a hung device would. Raw protocol frames are in
-//! `frames`.
+//! A server running in-process on a temporary socket (on the emulated
+//! target, or any backend), and a backend that holds commands as a hung
+//! device would.
 
-use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::disks::{unique_path, Disk};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -21,16 +19,6 @@ use reservd_proto::sense::{Answer, SenseCode, Status};
 
 /// Longest a test waits for anything the server should do at once.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A fresh path in the temporary directory.
-pub fn unique_path(tag: &str) -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    std::env::temp_dir().join(format!(
-        "reservd-{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ))
-}
 
 /// The server configuration tests use: a short drain, so that a failing
 /// test does not hold the process for minutes.
@@ -138,46 +126,6 @@ impl Drop for TestServer {
 pub fn set_timeouts(s: &UnixStream) {
     s.set_read_timeout(Some(TIMEOUT)).unwrap();
     s.set_write_timeout(Some(TIMEOUT)).unwrap();
-}
-
-/// A temporary file standing for a disk, opened read-write.
-pub struct Disk {
-    pub path: PathBuf,
-    pub file: File,
-}
-
-impl Default for Disk {
-    fn default() -> Self {
-        Disk::new()
-    }
-}
-
-impl Disk {
-    pub fn new() -> Disk {
-        let path = unique_path("disk");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .unwrap();
-        Disk { path, file }
-    }
-
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.file.as_fd()
-    }
-
-    /// The same disk opened read-only.
-    pub fn read_only(&self) -> File {
-        File::open(&self.path).unwrap()
-    }
-}
-
-impl Drop for Disk {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
 }
 
 /// A GOOD response, as the client saw it.

@@ -19,6 +19,7 @@ use reservd_proto::onenexus::Prout;
 use reservd_proto::prin;
 use reservd_proto::sense::{failure_answer, Answer, Failure, Status};
 
+use crate::disks::unlinked_file;
 use crate::emulated::Emulated;
 
 fn is_unit_attention(a: &Answer) -> bool {
@@ -57,7 +58,7 @@ pub const NODE2: Nexus = 100;
 impl SimMap {
     /// A map with `n` paths, nexuses 1..=n, all active.
     pub fn new(n: usize) -> Arc<SimMap> {
-        let lu = tempfile();
+        let lu = unlinked_file("simlu");
         Arc::new(SimMap {
             target: Emulated::new(),
             lu,
@@ -182,24 +183,6 @@ fn to_code(a: &Answer) -> i32 {
             _ => mpath::OTHER,
         },
     }
-}
-
-pub fn tempfile() -> File {
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "reservd-simlu-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    std::fs::remove_file(&path).unwrap();
-    f
 }
 
 impl MapDevices for SimMap {

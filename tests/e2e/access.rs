@@ -14,7 +14,7 @@ use super::{
     device_keys, device_reservation, env, expect_good, keys, mp_paths, past_ua, pr_in, pr_out,
     reset_lun,
 };
-use super::{Daemon, TestResult};
+use super::{reservd, Daemon, TestResult};
 
 pub fn scenarios() -> Vec<Scenario> {
     vec![
@@ -114,7 +114,7 @@ fn register_read_keys_unregister(d: &Daemon, dev: &Path) -> TestResult {
 
 fn access_multipath_under_seccomp_enforce() -> TestResult {
     let dev = PathBuf::from(env("RESERVD_MP_DEV"));
-    let d = Daemon::start("reservd-access-enforce", &["--seccomp=enforce", "-v"])?;
+    let d = reservd("reservd-access-enforce", &["--seccomp=enforce", "-v"])?;
     let log = std::fs::read_to_string(&d.log).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut log = log;
@@ -197,7 +197,7 @@ fn access_seccomp_log_records_a_refused_call() -> TestResult {
 /// would refuse (the kernel logs none for reservd's pid).
 fn access_multipath_makes_no_call_outside_the_allow_list() -> TestResult {
     let dev = PathBuf::from(env("RESERVD_MP_DEV"));
-    let mut d = Daemon::start("reservd-access-log", &["--seccomp=log", "-v"])?;
+    let mut d = reservd("reservd-access-log", &["--seccomp=log", "-v"])?;
     let pid = d.pid();
     std::thread::sleep(Duration::from_millis(200));
     register_read_keys_unregister(&d, &dev)?;

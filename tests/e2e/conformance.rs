@@ -59,7 +59,7 @@ use reservd_proto::params::{ProutParams, TransportId};
 use reservd_proto::prin;
 use reservd_proto::sense::{Answer, SenseCode};
 
-use crate::guest::{Daemon, Scenario, TestResult};
+use crate::guest::{helper, reservd, Scenario, TestResult};
 
 pub fn scenarios() -> Vec<Scenario> {
     vec![("conformance_map_is_one_nexus", map_is_one_nexus)]
@@ -2260,10 +2260,10 @@ fn map_is_one_nexus() -> TestResult {
         var("RESERVD_N2_SP_DEV").unwrap_or_default(),
         sp.node2.initiator,
     );
-    let start_reservd = || Daemon::start("reservd-conformance", &[]);
+    let start_reservd = || reservd("reservd-conformance", &[]);
     let mut d = start_reservd()?;
     let qemu_bin = Path::new("/usr/bin/qemu-pr-helper");
-    let start_qemu = || Daemon::start_binary(qemu_bin, "qemu-pr-helper-conformance", &[]);
+    let start_qemu = || helper(qemu_bin, "qemu-pr-helper-conformance", &[]);
     let mut qemu = if qemu_bin.exists() {
         Some(start_qemu()?)
     } else {

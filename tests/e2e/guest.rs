@@ -5,7 +5,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use reservd_client::client::Client;
@@ -130,113 +130,21 @@ pub fn log_dir() -> PathBuf {
         .unwrap_or_else(|_| std::env::temp_dir())
 }
 
-/// A reservd started as libvirt starts it (`-k SOCKET`), stopped on drop.
-pub struct Daemon {
-    child: Option<Child>,
-    pub socket: PathBuf,
-    pub log: PathBuf,
+pub use reservd_testkit::spawn::Daemon;
+use reservd_testkit::spawn::Ready;
+
+/// reservd started as libvirt starts it (`-k /run/NAME.sock`), its stderr
+/// in the log directory as NAME.log; stopped on drop.
+pub fn reservd(name: &str, extra: &[&str]) -> Result<Daemon, String> {
+    helper(Path::new(env!("CARGO_BIN_EXE_reservd")), name, extra)
 }
 
-impl Daemon {
-    pub fn start(name: &str, extra: &[&str]) -> Result<Daemon, String> {
-        Daemon::start_binary(Path::new(env!("CARGO_BIN_EXE_reservd")), name, extra)
-    }
-
-    pub fn start_binary(bin: &Path, name: &str, extra: &[&str]) -> Result<Daemon, String> {
-        let socket = PathBuf::from(format!("/run/{name}.sock"));
-        let _ = std::fs::remove_file(&socket);
-        let log = log_dir().join(format!("{name}.log"));
-        let err = File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
-        let child = Command::new(bin)
-            .arg("-k")
-            .arg(&socket)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("starting {}: {e}", bin.display()))?;
-        let mut d = Daemon {
-            child: Some(child),
-            socket,
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !d.socket.exists() {
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "{} did not create {}",
-                    bin.display(),
-                    d.socket.display()
-                ));
-            }
-            if let Some(s) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                return Err(format!("{} exited at start-up: {s}", bin.display()));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(d)
-    }
-
-    /// reservd loads libmpathpersist in the background once serving; the
-    /// thread doing it ("reservd-mpath") is started before the first
-    /// command is answered. After one answer, wait for that thread to be
-    /// gone, so that tests counting fds see the daemon settled.
-    pub fn wait_multipath_loaded(&self) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let tasks = format!("/proc/{}/task", self.pid());
-        loop {
-            let loading = std::fs::read_dir(&tasks)
-                .map_err(|e| format!("{tasks}: {e}"))?
-                .filter_map(|t| t.ok())
-                .any(|t| {
-                    std::fs::read_to_string(t.path().join("comm"))
-                        .is_ok_and(|c| c.trim() == "reservd-mpath")
-                });
-            if !loading {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err("libmpathpersist still loading after 10 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
-    }
-
-    pub fn client(&self) -> Result<Client, String> {
-        Client::connect(&self.socket)
-            .map_err(|e| format!("connecting to {}: {e}", self.socket.display()))
-    }
-
-    /// SIGTERM and wait; returns the exit status.
-    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
-        let mut c = self.child.take()?;
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(s)) = c.try_wait() {
-                return Some(s);
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                return c.wait().ok();
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.stop();
-    }
+/// Another helper binary (the package's reservd, Debian's qemu-pr-helper)
+/// started as [`reservd`] is.
+pub fn helper(bin: &Path, name: &str, extra: &[&str]) -> Result<Daemon, String> {
+    let socket = PathBuf::from(format!("/run/{name}.sock"));
+    let log = log_dir().join(format!("{name}.log"));
+    Daemon::helper(bin, &socket, &log, extra)
 }
 
 fn open(dev: &Path, write: bool) -> Result<File, String> {
@@ -372,7 +280,7 @@ pub fn reset_lun(c: &mut Client, dev: &Path) -> TestResult {
 
 fn sgio_register_and_read_keys() -> TestResult {
     let dev = PathBuf::from(env("RESERVD_SP_DEV"));
-    let d = Daemon::start("reservd-sgio", &[])?;
+    let d = reservd("reservd-sgio", &[])?;
     let mut c = d.client()?;
     reset_lun(&mut c, &dev)?;
     let r = past_ua(|| pr_in(&mut c, &dev, prin_sa::READ_KEYS, 8192))?;
@@ -435,7 +343,7 @@ fn sgio_register_and_read_keys() -> TestResult {
 
 fn sgio_every_reservation_type() -> TestResult {
     let dev = PathBuf::from(env("RESERVD_SP_DEV"));
-    let d = Daemon::start("reservd-sgio", &[])?;
+    let d = reservd("reservd-sgio", &[])?;
     let mut c = d.client()?;
     reset_lun(&mut c, &dev)?;
     expect_good(
@@ -491,7 +399,7 @@ fn sgio_every_reservation_type() -> TestResult {
 
 fn sgio_capabilities_and_full_status() -> TestResult {
     let dev = PathBuf::from(env("RESERVD_SP_DEV"));
-    let d = Daemon::start("reservd-sgio", &[])?;
+    let d = reservd("reservd-sgio", &[])?;
     let mut c = d.client()?;
     reset_lun(&mut c, &dev)?;
     let r = pr_in(&mut c, &dev, prin_sa::REPORT_CAPABILITIES, 8192)?;
@@ -538,7 +446,7 @@ fn sgio_capabilities_and_full_status() -> TestResult {
 
 fn sgio_truncated_allocation_lengths() -> TestResult {
     let dev = PathBuf::from(env("RESERVD_SP_DEV"));
-    let d = Daemon::start("reservd-sgio", &[])?;
+    let d = reservd("reservd-sgio", &[])?;
     let mut c = d.client()?;
     reset_lun(&mut c, &dev)?;
     expect_good(
@@ -588,7 +496,7 @@ fn sgio_two_initiators_conflict_preempt_clear() -> TestResult {
     // The two paths of the two-path LUN are two I_T nexuses; used directly
     // (not through the map) they are plain SCSI disks for SG_IO.
     let (p1, p2) = mp_paths();
-    let d = Daemon::start("reservd-sgio", &[])?;
+    let d = reservd("reservd-sgio", &[])?;
     let mut c = d.client()?;
     reset_lun(&mut c, &p1)?;
     expect_good(
@@ -682,7 +590,7 @@ fn settle_fds(pid: u32, want: usize) -> TestResult {
 
 fn robust_fd_count_stable() -> TestResult {
     let dev = PathBuf::from(env("RESERVD_SP_DEV"));
-    let d = Daemon::start("reservd-robust", &[])?;
+    let d = reservd("reservd-robust", &[])?;
     let mut c = d.client()?;
     let _ = past_ua(|| pr_in(&mut c, &dev, prin_sa::READ_KEYS, 8192))?;
     d.wait_multipath_loaded()?;
@@ -712,7 +620,7 @@ fn robust_client_vanishes_mid_command() -> TestResult {
     use reservd_client::client::send_with_fds;
     use std::io::{Read, Write};
     let dev = PathBuf::from(env("RESERVD_SP_DEV"));
-    let d = Daemon::start("reservd-robust", &[])?;
+    let d = reservd("reservd-robust", &[])?;
     let mut probe = d.client()?;
     let _ = past_ua(|| pr_in(&mut probe, &dev, prin_sa::READ_KEYS, 8192))?;
     d.wait_multipath_loaded()?;
@@ -762,7 +670,7 @@ fn robust_path_offline() -> TestResult {
         .ok_or("bad path name")?
         .to_string();
     let state = PathBuf::from(format!("/sys/block/{name}/device/state"));
-    let d = Daemon::start("reservd-robust", &["--sgio-timeout", "5000"])?;
+    let d = reservd("reservd-robust", &["--sgio-timeout", "5000"])?;
     let mut c = d.client()?;
     let _ = past_ua(|| pr_in(&mut c, &p1, prin_sa::READ_KEYS, 8192))?;
     let f1 = open(&p1, false)?;
@@ -801,7 +709,7 @@ fn robust_path_offline() -> TestResult {
 
 fn robust_sigterm_with_commands_in_flight() -> TestResult {
     let dev = PathBuf::from(env("RESERVD_SP_DEV"));
-    let mut d = Daemon::start("reservd-robust", &[])?;
+    let mut d = reservd("reservd-robust", &[])?;
     let socket = d.socket.clone();
     let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let workers: Vec<_> = (0..8)
@@ -963,8 +871,8 @@ pub fn run_sequence(socket: &Path, dev: &Path, steps: &[Step]) -> Result<Vec<Ans
 
 fn reference_same_bytes_as_qemu_pr_helper() -> TestResult {
     let dev = PathBuf::from(env("RESERVD_SP_DEV"));
-    let ours = Daemon::start("reservd-ref", &[])?;
-    let theirs = Daemon::start_binary(
+    let ours = reservd("reservd-ref", &[])?;
+    let theirs = helper(
         Path::new("/usr/bin/qemu-pr-helper"),
         "qemu-pr-helper-ref",
         &[],
@@ -1209,7 +1117,7 @@ fn oracle_emulated_target_answers_as_lio() -> TestResult {
     std::thread::sleep(Duration::from_millis(500));
     let (p1, p2) = mp_paths();
     let paths = [p1, p2];
-    let d = Daemon::start("reservd-oracle", &[])?;
+    let d = reservd("reservd-oracle", &[])?;
     let mut c = d.client()?;
     reset_lun(&mut c, &paths[0])?;
     // Drain unit attentions left by the reset on both nexuses.
@@ -1291,7 +1199,7 @@ fn oracle_emulated_target_answers_as_lio() -> TestResult {
 
 /// Ask QEMU (over QMP) whether its pr-manager-helper object is connected.
 fn qemu_reports_connected(socket: &Path, name: &str) -> TestResult {
-    use reservd_testkit::spawn::{qemu, Qmp};
+    use reservd_testkit::qemu::{qemu, Qmp};
     // (a UNIX socket cannot be bound on the 9p log share)
     let qmp = PathBuf::from(format!("/run/{name}.qmp"));
     let _ = std::fs::remove_file(&qmp);
@@ -1319,7 +1227,7 @@ fn qemu_reports_connected(socket: &Path, name: &str) -> TestResult {
 /// one needs a guest OS, too slow under nested TCG: the reconnect itself is
 /// QEMU's client opening a new connection, checked here at that level.)
 fn qemu_connects_through_restarts() -> TestResult {
-    let mut d = Daemon::start("reservd-qemu", &["-v"])?;
+    let mut d = reservd("reservd-qemu", &["-v"])?;
     // The start-up line comes once the socket exists; the multipath line
     // once libmpathpersist has loaded in the background.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1336,7 +1244,7 @@ fn qemu_connects_through_restarts() -> TestResult {
     let socket = d.socket.clone();
     let status = d.stop().ok_or("reservd was not running")?;
     check!(status.success(), "reservd exited with {status}");
-    let d2 = Daemon::start("reservd-qemu", &[])?;
+    let d2 = reservd("reservd-qemu", &[])?;
     check_eq!(d2.socket, socket, "socket path");
     qemu_reports_connected(&d2.socket, "qemu2")?;
     // And the daemon still answers a real command after QEMU went away.
@@ -1352,7 +1260,7 @@ fn qemu_connects_through_restarts() -> TestResult {
 /// fd needs.
 fn sgio_as_an_unprivileged_user() -> TestResult {
     let dev = PathBuf::from(env("RESERVD_SP_DEV"));
-    let d = Daemon::start("reservd-nobody", &["-u", "nobody", "-g", "nogroup"])?;
+    let d = reservd("reservd-nobody", &["-u", "nobody", "-g", "nogroup"])?;
     let mut c = d.client()?;
     let status =
         std::fs::read_to_string(format!("/proc/{}/status", d.pid())).map_err(|e| e.to_string())?;
@@ -1439,29 +1347,12 @@ fn package_socket_activated_on_a_real_disk() -> TestResult {
         .display()
         .to_string();
     let socket = PathBuf::from("/run/reservd-activated.sock");
-    let _ = std::fs::remove_file(&socket);
-    let log = File::create(log_dir().join("reservd-activated.log")).map_err(|e| e.to_string())?;
-    let mut act = Command::new("systemd-socket-activate")
-        .arg("-l")
-        .arg(&socket)
-        .args(&argv)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("systemd-socket-activate: {e}"))?;
-    let result = (|| -> TestResult {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            check!(
-                Instant::now() < deadline,
-                "{} never appeared",
-                socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+    let mut act = Command::new("systemd-socket-activate");
+    act.arg("-l").arg(&socket).args(&argv);
+    let log = log_dir().join("reservd-activated.log");
+    let result = Daemon::start(act, &socket, &log, Ready::Socket).and_then(|d| {
         // The first connection makes systemd-socket-activate exec reservd.
-        let mut c = Client::connect(&socket).map_err(|e| format!("connect: {e}"))?;
+        let mut c = d.client()?;
         let dev = PathBuf::from(env("RESERVD_SP_DEV"));
         reset_lun(&mut c, &dev)?;
         expect_good(
@@ -1470,12 +1361,7 @@ fn package_socket_activated_on_a_real_disk() -> TestResult {
         )?;
         check_eq!(device_keys(&dev)?, vec![0xdeb], "device keys");
         reset_lun(&mut c, &dev)
-    })();
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(act.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = act.wait();
+    });
     let _ = std::fs::remove_dir_all(&pkg);
     result
 }
