@@ -4,11 +4,9 @@
 use std::path::PathBuf;
 
 #[path = "daemon/src/start/cli.rs"]
-#[allow(dead_code)]
 mod cli;
 
 #[path = "src/bin/reservdctl/cli.rs"]
-#[allow(dead_code)]
 mod ctl_cli;
 
 fn main() -> std::io::Result<()> {

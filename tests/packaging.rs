@@ -561,7 +561,7 @@ fn get<'a>(u: &'a [(String, String)], key: &str) -> Option<&'a str> {
 fn units_listen_where_reservd_does_and_keep_devices_visible() {
     let socket = unit("reservd.socket");
     let listen = get(&socket, "ListenStream").expect("ListenStream");
-    let default = reservd_daemon::start::cli::DEFAULT_SOCKET.replacen("/var/run/", "/run/", 1);
+    let default = reservd_daemon::start::listen::DEFAULT_SOCKET.replacen("/var/run/", "/run/", 1);
     assert_eq!(listen, default, "the socket unit and reservd's default");
     assert_eq!(get(&socket, "SocketMode"), Some("0600"));
     assert!(get(&socket, "Conflicts").is_some_and(|c| c.contains("qemu-pr-helper.socket")));

@@ -8,11 +8,6 @@ use std::path::PathBuf;
 
 use clap::{ArgAction, Parser};
 
-pub const DEFAULT_SOCKET: &str = "/var/run/qemu-pr-helper.sock";
-pub const DEFAULT_PIDFILE: &str = "/var/run/qemu-pr-helper.pid";
-/// Permissions of the socket reservd creates, unless --socket-mode says.
-pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
-
 /// An octal file mode of at most 0777.
 fn parse_mode(s: &str) -> Result<u32, String> {
     match u32::from_str_radix(s, 8) {

@@ -10,6 +10,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
+/// The socket reservd listens on unless -k names one: qemu-pr-helper's.
+pub const DEFAULT_SOCKET: &str = "/var/run/qemu-pr-helper.sock";
+/// Permissions of the socket reservd creates, unless --socket-mode says.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+
 /// The listening socket and whether reservd created its file.
 pub struct Listener {
     pub listener: UnixListener,

@@ -62,7 +62,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let pidfile_path = match (&cli.pidfile, cli.daemon) {
         (Some(p), _) => Some(p.clone()),
-        (None, true) => Some(PathBuf::from(cli::DEFAULT_PIDFILE)),
+        (None, true) => Some(PathBuf::from(pidfile::DEFAULT_PIDFILE)),
         (None, false) => None,
     };
     if let Some(p) = &pidfile_path {
@@ -74,9 +74,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
     let listener = listen::listen(
         cli.socket.as_deref(),
-        Path::new(cli::DEFAULT_SOCKET),
+        Path::new(listen::DEFAULT_SOCKET),
         perms,
-        cli::DEFAULT_SOCKET_MODE,
+        listen::DEFAULT_SOCKET_MODE,
     )?;
     let mut detached = None;
     let started = start(

@@ -9,6 +9,9 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 
+/// The pid file of -d without -f: qemu-pr-helper's.
+pub const DEFAULT_PIDFILE: &str = "/var/run/qemu-pr-helper.pid";
+
 /// A locked pid file, held for the life of the process.
 pub struct PidFile {
     _file: File,
