@@ -3,6 +3,9 @@
 //!
 //! This file depends on clap alone: the root build script includes it to
 //! generate the man page and shell completions.
+// The doc comments below are reservd's --help and man page, where the
+// brackets of an option's syntax ([[enable=]PATTERN]...) are brackets.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 use std::path::PathBuf;
 

@@ -70,7 +70,7 @@ pub fn check_pidfile_free(path: &Path) -> anyhow::Result<()> {
 
 /// Create, lock and write the pid file, as QEMU does: mode 0600, an
 /// exclusive fcntl lock, an inode re-check against a racing unlink, then
-/// "<pid>\n". The file stays at exit.
+/// `"<pid>\n"`. The file stays at exit.
 pub fn write_pidfile(path: &Path) -> anyhow::Result<PidFile> {
     use nix::fcntl::{fcntl, FcntlArg};
     for _ in 0..10 {

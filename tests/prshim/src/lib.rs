@@ -22,7 +22,7 @@
 //! reachable, the connection lost) make the ioctl fail with EIO and say why
 //! on stderr: an answer is always reservd's.
 //!
-//! `unsafe` lives in [`ffi`], the exported `ioctl` and the accesses to the
+//! `unsafe` lives in the `ffi` module, the exported `ioctl` and the accesses to the
 //! caller's memory that the sg_io_hdr points to.
 
 pub mod route;
