@@ -150,6 +150,9 @@ pub struct Server {
     refusals: crate::sandbox::access::RefusalLog,
     /// When the next scan for timed-out frames is due.
     next_scan: Option<Instant>,
+    /// Test builds only: panic at the first accept (RESERVD_TEST_LOOP_PANIC).
+    #[cfg(all(feature = "test-hooks", debug_assertions))]
+    panic_on_accept: bool,
 }
 
 impl Server {
@@ -183,6 +186,8 @@ impl Server {
             buf: vec![0; DATA_SIZE],
             refusals: crate::sandbox::access::RefusalLog::new(),
             next_scan: None,
+            #[cfg(all(feature = "test-hooks", debug_assertions))]
+            panic_on_accept: std::env::var_os("RESERVD_TEST_LOOP_PANIC").is_some(),
         })
     }
 
@@ -421,8 +426,8 @@ impl Server {
                     return;
                 }
             };
-            #[cfg(feature = "test-hooks")]
-            if std::env::var_os("RESERVD_TEST_LOOP_PANIC").is_some() {
+            #[cfg(all(feature = "test-hooks", debug_assertions))]
+            if self.panic_on_accept {
                 panic!("RESERVD_TEST_LOOP_PANIC is set: a test of a bug in the event loop");
             }
             let peer_cred = peer_cred(&stream);
