@@ -19,6 +19,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 phase "cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 
+phase "layout: no module cycle, a pure reservd-proto"
+scripts/check-layout.py
+
 phase "cargo test (all tiers, including root, QEMU and VM tests)"
 cargo test --workspace --locked --no-fail-fast -- --include-ignored
 
