@@ -26,10 +26,6 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-pub fn status_name(s: u8) -> &'static str {
-    Status(s).name()
-}
-
 pub fn transport_id_text(t: &TransportId) -> String {
     match t {
         TransportId::Fc { n_port_name } => format!("FC N_Port name 0x{}", hex(n_port_name)),
