@@ -170,6 +170,14 @@ fn plain_syscalls() -> Vec<i64> {
         // libmultipath's lock_file(): a SIGALRM timeout on F_SETLKW.
         libc::SYS_setitimer,
         libc::SYS_getitimer,
+        // Linux AIO: libmultipath's directio path checker, the default for
+        // LIO and Hitachi Hi-SDS devices from multipath-tools 0.9.5 on,
+        // which libmpathpersist runs on each path before a command.
+        libc::SYS_io_setup,
+        libc::SYS_io_destroy,
+        libc::SYS_io_submit,
+        libc::SYS_io_getevents,
+        libc::SYS_io_cancel,
         // libdevmapper's udev synchronisation.
         libc::SYS_semget,
         libc::SYS_semop,
