@@ -219,26 +219,12 @@ multipath_conf() {
 # reservd-pr-helper: libmpathpersist's configuration in this container.
 # reservation_key file: guests choose their keys, multipathd keeps them in
 # /etc/multipath/prkeys (the host's, mounted here). Copy the host's device
-# settings that matter for reservations (all_tg_pt, path_checker) here.
+# settings that matter for reservations (all_tg_pt, path_checker,
+# reservation_key per map) here, or build with --multipath-conf FILE.
 defaults {
 	user_friendly_names yes
 	find_multipaths yes
 	reservation_key file
-}
-devices {
-	# multipath-tools 0.9.5 and later check these with directio, whose
-	# io_setup reservd's system-call filter refuses: every path would
-	# look unusable to libmpathpersist. TEST UNIT READY instead.
-	device {
-		vendor "(LIO-ORG|SUSE)"
-		product ".*"
-		path_checker tur
-	}
-	device {
-		vendor "HITACHI"
-		product "Hi-SDS"
-		path_checker tur
-	}
 }
 EOF
 }
