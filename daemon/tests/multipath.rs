@@ -329,3 +329,223 @@ fn a_fenced_map_is_unregistered_for_its_guest() {
     assert_eq!(out(&m, &sim, REGISTER_AND_IGNORE, 0, 0, K), ok());
     assert!(sim.registered(1) && sim.registered(2));
 }
+
+#[test]
+fn every_pr_in_goes_down_the_map_and_the_library_only_without_a_path() {
+    let sim = SimMap::new(2);
+    let m = multipath(&sim, Fixes::ALL);
+    two_nodes(&m, &sim);
+    // The simulated library cannot read the full status: the answer came
+    // down the map, one registration for the map.
+    let a = prin(&m, &sim, prin_sa::READ_FULL_STATUS);
+    assert_eq!(a.status, Status::GOOD, "{a:?}");
+    let descs = prin::parse_read_full_status(&a.data).unwrap().1;
+    let keys: Vec<u64> = descs.iter().map(|d| d.key).collect();
+    assert_eq!(keys, vec![OTHER, K]);
+    assert!(descs[0].reservation_holder);
+    let a = prin(&m, &sim, prin_sa::REPORT_CAPABILITIES);
+    assert_eq!(a.status, Status::GOOD, "{a:?}");
+    // With no active path the library is asked, and its failure is the
+    // answer (the simulated one has no path either).
+    sim.set_active(0, false);
+    sim.set_active(1, false);
+    let a = prin(&m, &sim, prin_sa::READ_KEYS);
+    assert_ne!(a.status, Status::GOOD, "{a:?}");
+    sim.set_active(0, true);
+    let a = prin(&m, &sim, prin_sa::READ_RESERVATION);
+    let r = prin::parse_read_reservation(&a.data).unwrap().1.unwrap();
+    assert_eq!((r.key, r.pr_type), (OTHER, 5));
+}
+
+/// Two simulated maps behind one backend, the library's PR OUT on the
+/// first held until the test lets it go.
+struct TwoMaps {
+    a: Arc<SimMap>,
+    b: Arc<SimMap>,
+    gate: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+    /// Library calls in flight and the most at once, per map.
+    in_flight: std::sync::Mutex<[(usize, usize); 2]>,
+    /// Library calls made, per map.
+    calls: std::sync::Mutex<[usize; 2]>,
+}
+
+const MINOR_A: u32 = 7;
+const MINOR_B: u32 = 8;
+
+impl TwoMaps {
+    fn new() -> Arc<TwoMaps> {
+        let b = SimMap::new(2);
+        for (i, p) in b.paths.lock().unwrap().iter_mut().enumerate() {
+            p.node = format!("/dev/simb{}", i + 1).into();
+        }
+        Arc::new(TwoMaps {
+            a: SimMap::new(2),
+            b,
+            gate: std::sync::Mutex::new(false),
+            opened: std::sync::Condvar::new(),
+            in_flight: std::sync::Mutex::new([(0, 0); 2]),
+            calls: std::sync::Mutex::new([0; 2]),
+        })
+    }
+
+    fn which(&self, fd: std::os::fd::BorrowedFd<'_>) -> usize {
+        use std::os::unix::fs::MetadataExt;
+        let ino = |f: std::os::fd::BorrowedFd<'_>| {
+            std::fs::File::from(f.try_clone_to_owned().unwrap())
+                .metadata()
+                .unwrap()
+                .ino()
+        };
+        if ino(fd) == ino(self.a.lu.as_fd()) {
+            0
+        } else {
+            1
+        }
+    }
+
+    fn sim(&self, i: usize) -> &SimMap {
+        if i == 0 {
+            &self.a
+        } else {
+            &self.b
+        }
+    }
+
+    fn open_gate(&self) {
+        *self.gate.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+}
+
+impl PersistLib for TwoMaps {
+    fn reserve_in(&self, fd: std::os::fd::BorrowedFd<'_>, sa: u8) -> (i32, Vec<u8>) {
+        self.sim(self.which(fd)).reserve_in(fd, sa)
+    }
+
+    fn reserve_out(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        req: &reservd_proto::mpath_xlate::ProutRequest,
+    ) -> i32 {
+        let i = self.which(fd);
+        self.calls.lock().unwrap()[i] += 1;
+        {
+            let mut f = self.in_flight.lock().unwrap();
+            f[i].0 += 1;
+            f[i].1 = f[i].1.max(f[i].0);
+        }
+        if i == 0 {
+            let mut open = self.gate.lock().unwrap();
+            while !*open {
+                open = self.opened.wait(open).unwrap();
+            }
+        }
+        let code = self.sim(i).reserve_out(fd, req);
+        self.in_flight.lock().unwrap()[i].0 -= 1;
+        code
+    }
+}
+
+impl MapDevices for TwoMaps {
+    fn map_key(&self, minor: u32) -> Result<Option<u64>, String> {
+        self.sim(usize::from(minor == MINOR_B)).map_key(minor)
+    }
+
+    fn active_paths(
+        &self,
+        map: std::os::fd::BorrowedFd<'_>,
+    ) -> std::io::Result<Vec<std::path::PathBuf>> {
+        self.sim(self.which(map)).active_paths(map)
+    }
+
+    fn run(
+        &self,
+        via: reservd_daemon::backend::multipath::Via<'_>,
+        cdb: &[u8; 10],
+        params: &[u8],
+    ) -> Answer {
+        use reservd_daemon::backend::multipath::Via;
+        let i = match via {
+            Via::Map(fd) => self.which(fd),
+            Via::Path(p) => usize::from(p.to_string_lossy().starts_with("/dev/simb")),
+        };
+        self.sim(i).run(via, cdb, params)
+    }
+
+    fn suspend(&self, map: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+        self.sim(self.which(map)).suspend(map)
+    }
+
+    fn resume(&self, map: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+        self.sim(self.which(map)).resume(map)
+    }
+}
+
+/// A PR OUT through reservd on map `minor` of `two`.
+fn out_on(m: &Multipath, two: &TwoMaps, minor: u32, sa: u8, key: u64, sa_key: u64) -> Answer {
+    let sim = two.sim(usize::from(minor == MINOR_B));
+    let cdb = pad16(&prout_cdb(sa, 0, 0));
+    m.execute(
+        &Command {
+            nexus: 1,
+            peer: None,
+            fd: sim.lu.as_fd(),
+            cdb: &cdb,
+            params: &basic_params(key, sa_key),
+        },
+        minor,
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_map_whose_library_call_hangs_does_not_hold_up_another_map_and_its_own_commands_wait() {
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+    let two = TwoMaps::new();
+    let m = Arc::new(Multipath::new(
+        Arc::clone(&two) as Arc<dyn PersistLib>,
+        Arc::clone(&two) as Arc<dyn MapDevices>,
+        Multipathd::from_env_value(Some("/nonexistent/reservd-test/multipathd.socket")),
+        Diagnostics::default(),
+        Fixes::ALL,
+        1000,
+    ));
+    let run = |minor: u32, sa: u8, key: u64, sa_key: u64| {
+        let (m, two) = (Arc::clone(&m), Arc::clone(&two));
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(out_on(&m, &two, minor, sa, key, sa_key));
+        });
+        rx
+    };
+    // Map A's registration hangs in the library.
+    let first_a = run(MINOR_A, REGISTER, 0, 0xa1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while two.calls.lock().unwrap()[0] == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "map A's command never reached the library"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Map B's commands run meanwhile.
+    let b = run(MINOR_B, REGISTER, 0, 0xb1);
+    assert_eq!(b.recv_timeout(Duration::from_secs(10)), Ok(ok()));
+    assert_eq!(two.b.keys(NODE2), vec![0xb1, 0xb1]);
+    // A second command on map A waits for the first.
+    let second_a = run(MINOR_A, REGISTER_AND_IGNORE, 0, 0xa2);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        two.calls.lock().unwrap()[0],
+        1,
+        "map A's commands overlapped"
+    );
+    assert!(first_a.try_recv().is_err() && second_a.try_recv().is_err());
+    two.open_gate();
+    assert_eq!(first_a.recv_timeout(Duration::from_secs(10)), Ok(ok()));
+    assert_eq!(second_a.recv_timeout(Duration::from_secs(10)), Ok(ok()));
+    assert_eq!(two.in_flight.lock().unwrap()[0].1, 1);
+    assert_eq!(two.a.keys(NODE2), vec![0xa2, 0xa2]);
+}

@@ -61,7 +61,7 @@
 //! guest uses them on a map ([`single_holder_type`]).
 #![forbid(unsafe_code)]
 
-use crate::cdb::{pr_type, prout_sa};
+use crate::cdb::{pr_type, prin_sa, prout_sa};
 use crate::mpath_xlate::ProutRequest;
 use crate::params::FLAG_SPEC_I_PT;
 use crate::prin::{self, Reservation};
@@ -350,6 +350,26 @@ pub fn single_holder_type(t: u8) -> bool {
     matches!(t, pr_type::WRITE_EXCLUSIVE | pr_type::EXCLUSIVE_ACCESS)
 }
 
+/// Whether PR IN data of service action `sa` (READ KEYS or READ FULL
+/// STATUS) lists a key more than once: only then can it hold a map's
+/// registration on several paths, and only then does
+/// [`read_keys_as_one`] or [`full_status_as_one`] change anything.
+pub fn repeats_a_key(sa: u8, data: &[u8]) -> bool {
+    let mut keys: Vec<u64> = match sa {
+        prin_sa::READ_KEYS => match prin::parse_read_keys(data) {
+            Ok((_, keys, _)) => keys,
+            Err(_) => return false,
+        },
+        prin_sa::READ_FULL_STATUS => match prin::parse_read_full_status(data) {
+            Ok((_, descs)) => descs.iter().map(|d| d.key).collect(),
+            Err(_) => return false,
+        },
+        _ => return false,
+    };
+    keys.sort_unstable();
+    keys.windows(2).any(|w| w[0] == w[1])
+}
+
 /// READ KEYS data (the device's, whole) with the map's key `own` listed
 /// once, at its first place: one registration, as one nexus has.
 pub fn read_keys_as_one(data: &[u8], own: u64) -> Vec<u8> {
@@ -408,6 +428,32 @@ mod tests {
 
     const K: u64 = 0xaaaa;
     const OTHER: u64 = 0xbbbb;
+
+    #[test]
+    fn a_repeated_key_is_seen_in_keys_and_full_status() {
+        let once = prin::read_keys(3, &[K, OTHER]);
+        let twice = prin::read_keys(3, &[OTHER, K, K]);
+        assert!(!repeats_a_key(prin_sa::READ_KEYS, &once));
+        assert!(repeats_a_key(prin_sa::READ_KEYS, &twice));
+        assert!(!repeats_a_key(prin_sa::READ_KEYS, &prin::read_keys(0, &[])));
+        // Other service actions never hold a map's registrations.
+        assert!(!repeats_a_key(prin_sa::READ_RESERVATION, &twice));
+        let desc = |key| prin::FullStatusDescriptor {
+            key,
+            all_tg_pt: false,
+            reservation_holder: false,
+            scope: 0,
+            pr_type: 0,
+            relative_target_port: 1,
+            transport_id: vec![0; 24],
+        };
+        let full = prin::read_full_status(1, &[desc(K), desc(OTHER)]);
+        assert!(!repeats_a_key(prin_sa::READ_FULL_STATUS, &full));
+        let full = prin::read_full_status(1, &[desc(K), desc(OTHER), desc(K)]);
+        assert!(repeats_a_key(prin_sa::READ_FULL_STATUS, &full));
+        // Truncated data says nothing.
+        assert!(!repeats_a_key(prin_sa::READ_KEYS, &twice[..4]));
+    }
 
     fn cmd(sa: u8, t: u8, key: u64, sa_key: u64) -> Prout {
         Prout {

@@ -115,7 +115,7 @@ enum Mpath {
     /// Off, and why.
     Off(String),
     /// Loaded already (reservd runs as another user).
-    Now(Arc<backend::dm::DmControl>, backend::multipath::Loaded),
+    Now(Arc<backend::dm::DmControl>, Box<backend::multipath::Loaded>),
     /// To load in the background once serving.
     Later(Arc<backend::dm::DmControl>),
 }
@@ -203,7 +203,7 @@ fn start(
                 cli.sgio_timeout,
                 journal::stderr_is_journal(),
             );
-            Mpath::Now(dm, loaded)
+            Mpath::Now(dm, Box::new(loaded))
         }
     };
     let multipath = match &mpath {
@@ -244,6 +244,7 @@ fn start(
                 log::info!("multipath: for this libmpathpersist, reservd does itself: {f}");
             }
             let summary = loaded.summary.clone();
+            let loaded = *loaded;
             let multipath = loaded.multipath;
             let router = backend::router::Router::ready(sgio, Some(Box::new(dm)), multipath);
             (router, summary, Some(loaded.warnings))

@@ -8,15 +8,17 @@
 //! `libmpathpersist_exit()`. The library is never unloaded: libmultipath
 //! and its dependencies leave thread-exit and atexit hooks behind.
 //!
-//! Calls are serialised by one mutex. libmpathpersist 0.8.6 and later
-//! document `mpath_persistent_reserve_in/out` as thread-safe, but every
-//! call writes the library-wide `libmp_verbosity`, all calls share one
-//! libudev context (libudev is not thread-safe) and libdevmapper's global
-//! state, 0.8.2 to 0.8.5 are not thread-safe at all, and commands on one
-//! LU are ordered at the target anyway. Each call runs on the server
-//! thread running that command, so a slow multipath command delays other
-//! multipath commands, and the event loop only until the crew's standby
-//! takes it over (1 to 2 ms), never SG_IO clients beyond that.
+//! Calls for different maps run side by side from multipath-tools 0.8.6
+//! on, whose `mpath_persistent_reserve_in/out` build their own map and path
+//! lists for each call (the older `__mpath_persistent_reserve_*` entry
+//! points, which share static lists, are never called). What the calls still
+//! share is set up once and only read afterwards: the configuration, the
+//! udev context, device-mapper's control fd; `libmp_verbosity` is written
+//! by each call, always with the same value. The VM tier proves it on each
+//! release it runs (two maps driven at once, every answer and every path's
+//! key checked). Older libraries (no version reported) are called one at a
+//! time, behind one mutex. Commands on one map are kept in order by the
+//! caller ([`super::Multipath`]).
 //!
 //! Only call into the library for file descriptors that
 //! [`crate::backend::dm::DmControl::probe`] has shown to be multipath maps:
@@ -128,7 +130,10 @@ impl std::fmt::Display for LoadError {
 /// The loaded, initialised library.
 pub struct Libmpathpersist {
     api: ManuallyDrop<LibMpathPersist>,
+    /// Held around each call when the library is not safe to call from
+    /// several threads (see [`concurrent_calls`]); also at exit.
     lock: Mutex<()>,
+    concurrent: bool,
     verbose: c_int,
     version: Option<(u32, u32, u32)>,
     path: Option<String>,
@@ -164,8 +169,10 @@ impl Libmpathpersist {
         // other thread uses the library yet.
         unsafe { alloc_len.write(MX_ALLOC_LEN) };
         let path = loaded_path(api.libmpathpersist_init as *const c_void);
+        let version = multipath_tools_version();
         Ok(Libmpathpersist {
-            version: multipath_tools_version(),
+            concurrent: concurrent_calls(version),
+            version,
             api,
             lock: Mutex::new(()),
             verbose,
@@ -194,6 +201,16 @@ impl Libmpathpersist {
         }
     }
 
+    /// Whether calls for different maps run side by side.
+    pub fn concurrent(&self) -> bool {
+        self.concurrent
+    }
+
+    /// Hold the library's lock if calls must not overlap.
+    fn serialise(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        (!self.concurrent).then(|| self.lock.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// multipath-tools' version, from libmultipath (0.8.6 and later).
     pub fn version(&self) -> Option<(u32, u32, u32)> {
         self.version
@@ -211,6 +228,14 @@ impl Libmpathpersist {
             None => "unknown version".to_string(),
         }
     }
+}
+
+/// Whether libmpathpersist of multipath-tools `version` may be called from
+/// several threads at once: from 0.8.6 on, the first release that reports
+/// its version and whose `mpath_persistent_reserve_in/out` keep no state
+/// between calls.
+pub fn concurrent_calls(version: Option<(u32, u32, u32)>) -> bool {
+    version.is_some_and(|v| v >= (0, 8, 6))
 }
 
 /// Whether the dynamic loader would find `name` (a plain file name such as
@@ -300,11 +325,12 @@ impl PersistLib for Libmpathpersist {
         // u64 words: the library's structs need 8-byte alignment.
         let mut words = vec![0u64; size.div_ceil(8)];
         let code = {
-            let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _guard = self.serialise();
             // SAFETY: `words` is zeroed, 8-aligned and `size` bytes or more:
             // a prin_resp, plus (READ FULL STATUS) room for everything the
             // library's decoder writes (see mpath_xlate). `fd` is an open
-            // multipath map. Calls are serialised by `lock`.
+            // multipath map. Calls overlap only where the library allows it
+            // (`serialise`).
             unsafe {
                 self.api.mpath_persistent_reserve_in(
                     fd.as_raw_fd(),
@@ -340,9 +366,10 @@ impl PersistLib for Libmpathpersist {
                 *slot = t.as_mut_ptr() as *mut transportid;
             }
         }
-        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = self.serialise();
         // SAFETY: `pd` is the descriptor built above; `fd` is an open
-        // multipath map; calls are serialised by `lock`.
+        // multipath map; calls overlap only where the library allows it
+        // (`serialise`).
         unsafe {
             self.api.mpath_persistent_reserve_out(
                 fd.as_raw_fd(),
@@ -359,9 +386,8 @@ impl PersistLib for Libmpathpersist {
 
 impl Drop for Libmpathpersist {
     fn drop(&mut self) {
-        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: the library was initialised in `load` and no call is in
-        // flight (we hold the lock and are being dropped).
+        // SAFETY: the library was initialised in `load`, and no call is in
+        // flight: `drop` has the only reference to `self`.
         unsafe { self.api.libmpathpersist_exit() };
     }
 }
@@ -369,6 +395,15 @@ impl Drop for Libmpathpersist {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_libraries_that_report_0_8_6_or_later_are_called_side_by_side() {
+        assert!(!concurrent_calls(None));
+        assert!(!concurrent_calls(Some((0, 8, 5))));
+        assert!(concurrent_calls(Some((0, 8, 6))));
+        assert!(concurrent_calls(Some((0, 9, 4))));
+        assert!(concurrent_calls(Some((0, 15, 1))));
+    }
 
     #[test]
     fn a_missing_library_is_an_error_not_a_crash() {

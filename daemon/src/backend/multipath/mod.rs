@@ -1,18 +1,22 @@
 //! The multipath side of the router: PR commands on dm-multipath maps,
 //! through libmpathpersist, with the map answering as one I_T nexus.
 //!
-//! - PR IN READ KEYS, READ RESERVATION, REPORT CAPABILITIES and READ FULL
-//!   STATUS run through `mpath_persistent_reserve_in` and are translated
-//!   back to SPC-4 data (see [`reservd_proto::mpath_xlate`]); READ KEYS and READ
-//!   FULL STATUS then list the map's own registration once
-//!   ([`reservd_proto::onenexus`]).
+//! - PR IN (READ KEYS, READ RESERVATION, REPORT CAPABILITIES, READ FULL
+//!   STATUS) describes the whole LU, so one path answers it, as in
+//!   libmpathpersist, which sends it to the first usable path: reservd
+//!   sends it down the map with SG_IO while the map has an active path,
+//!   and through `mpath_persistent_reserve_in` (translated back to SPC-4
+//!   data, see [`reservd_proto::mpath_xlate`]) when that fails below SCSI
+//!   or no path is active. READ KEYS and READ FULL STATUS then list the
+//!   map's own registration once ([`reservd_proto::onenexus`]).
 //! - PR OUT: reservd first reads multipath-tools' key for the map
 //!   (multipathd's `getprkey`), READ KEYS and READ RESERVATION (SG_IO on
 //!   the map), and [`reservd_proto::onenexus::route`] decides how the command runs:
 //!   answered at once, down one path, through
 //!   `mpath_persistent_reserve_out`, or as a sequence of commands on the
 //!   map's paths where the loaded library would get the map wrong. PR OUT
-//!   commands on maps run one at a time.
+//!   commands on one map run one at a time; different maps' run side by
+//!   side.
 //! - The library's return codes are mapped by [`reservd_proto::mpath::answer`];
 //!   for the four classes whose sense the library drops, a TEST UNIT READY
 //!   on the map recovers it (see [`reservd_proto::mpath::wants_tur`]); an ILLEGAL
@@ -33,11 +37,12 @@ pub mod library;
 pub mod multipathd;
 pub mod syslog;
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::dm::{block_node, DmControl};
 use super::sgio::{sg_io, SgIo, Transfer};
@@ -174,10 +179,19 @@ pub struct Multipath {
     pub fixes: Fixes,
     /// Timeout of the TEST UNIT READY that recovers lost sense.
     pub tur_timeout_ms: u32,
-    /// PR OUT commands on maps run one at a time: some are several
-    /// commands on several paths, which must not interleave.
-    order: Mutex<()>,
+    /// PR OUT commands on one map run one at a time (some are several
+    /// commands on several paths, which must not interleave); commands on
+    /// different maps run side by side. One lock per map minor.
+    orders: Mutex<HashMap<u32, Arc<Mutex<()>>>>,
+    /// multipath-tools' key per map minor, as multipathd last said it.
+    keys: Mutex<HashMap<u32, (Option<u64>, Instant)>>,
 }
+
+/// How long multipathd's answer for a map's key is reused by PR IN. PR OUT
+/// through reservd always asks again and forgets the cached key; only a key
+/// changed outside reservd (mpathpersist, multipathd's configuration) is
+/// seen up to this late in READ KEYS and READ FULL STATUS.
+pub const KEY_CACHE_TTL: Duration = Duration::from_secs(1);
 
 const TEST_UNIT_READY: [u8; 6] = [0; 6];
 /// How often a command of reservd's own is repeated past unit attentions.
@@ -235,7 +249,8 @@ impl Multipath {
             diagnostics,
             fixes,
             tur_timeout_ms,
-            order: Mutex::new(()),
+            orders: Mutex::new(HashMap::new()),
+            keys: Mutex::new(HashMap::new()),
         }
     }
 
@@ -245,8 +260,11 @@ impl Multipath {
             PERSISTENT_RESERVE_IN => Ok(self.prin(cmd, minor)),
             PERSISTENT_RESERVE_OUT => Ok(match prout_request(cmd.cdb, cmd.params) {
                 Ok(req) => {
-                    let _order = self.order.lock().unwrap_or_else(|e| e.into_inner());
-                    self.prout(cmd, &req, minor)
+                    let order = self.order(minor);
+                    let _order = order.lock().unwrap_or_else(|e| e.into_inner());
+                    let a = self.prout(cmd, &req, minor);
+                    self.forget_key(minor);
+                    a
                 }
                 Err(sense) => Answer::check(sense),
             }),
@@ -260,35 +278,133 @@ impl Multipath {
             Ok(sa) => sa,
             Err(sense) => return Answer::check(sense),
         };
-        let (code, resp) = self.lib.reserve_in(cmd.fd, sa);
+        let a = match self.prin_on_one_path(cmd.fd, sa, minor) {
+            Some(a) => a,
+            None => self.prin_library(cmd.fd, sa, minor),
+        };
+        if !good(&a) {
+            return a;
+        }
+        Answer::good(self.as_one_nexus(sa, a.data, minor))
+    }
+
+    /// PR IN down the map, as libmpathpersist's own PR IN goes down one
+    /// usable path: its data describe the whole LU, whichever path answers.
+    /// Its data, or the device's refusal (ILLEGAL REQUEST, its own
+    /// answer). `None`: no path answered (none active, or the command
+    /// failed below SCSI), for the library to try each usable path.
+    ///
+    /// Only with an active path: with none, device-mapper would hold an
+    /// SG_IO on a map that queues I/O until a path comes back.
+    fn prin_on_one_path(&self, map: BorrowedFd<'_>, sa: u8, minor: u32) -> Option<Answer> {
+        match self.devices.active_paths(map) {
+            Ok(paths) if !paths.is_empty() => {}
+            Ok(_) => {
+                log::debug!("dm-{minor}: no active path: PR IN goes to libmpathpersist");
+                return None;
+            }
+            Err(e) => {
+                log::debug!(
+                    "dm-{minor}: cannot list the map's paths ({e}): PR IN goes to libmpathpersist"
+                );
+                return None;
+            }
+        }
+        let a = self.run(Via::Map(map), &prin_cdb(sa), &[]);
+        if good(&a)
+            || (a.status == Status::CHECK_CONDITION
+                && a.sense_code().is_some_and(|s| s.key == 0x05))
+        {
+            return Some(a);
+        }
+        log::debug!(
+            "dm-{minor}: PR IN service action {sa} on the map failed (status {:#04x}): it goes \
+             to libmpathpersist",
+            a.status.0
+        );
+        None
+    }
+
+    /// PR IN through libmpathpersist: the SPC-4 data, or the answer for
+    /// its failure.
+    fn prin_library(&self, fd: BorrowedFd<'_>, sa: u8, minor: u32) -> Answer {
+        let (code, resp) = self.lib.reserve_in(fd, sa);
         log::debug!("dm-{minor}: PR IN service action {sa}: libmpathpersist returned {code}");
         if code != mpath::SUCCESS {
-            return self.failure(cmd.fd, code, minor, None);
+            return self.failure(fd, code, minor, None);
         }
-        let data = match prin_data(sa, &resp) {
-            Ok(data) => data,
+        match prin_data(sa, &resp) {
+            Ok(data) => Answer::good(data),
             Err(FullStatusError::TooManyDescriptors(n)) => {
                 log::warn!(
                     "dm-{minor}: READ FULL STATUS returned {n} registrations; libmpathpersist \
                      cannot decode more than 31 of them intact, answering INVALID FIELD IN CDB \
                      (use READ KEYS)"
                 );
-                return Answer::check(SenseCode::INVALID_FIELD);
+                Answer::check(SenseCode::INVALID_FIELD)
             }
-        };
-        let data = match sa {
-            prin_sa::READ_KEYS | prin_sa::READ_FULL_STATUS => match self.devices.map_key(minor) {
-                Ok(Some(own)) if sa == prin_sa::READ_KEYS => onenexus::read_keys_as_one(&data, own),
-                Ok(Some(own)) => onenexus::full_status_as_one(&data, own),
-                Ok(None) => data,
-                Err(e) => {
-                    log::debug!("dm-{minor}: the map's key is unknown ({e}): its paths' registrations are all listed");
-                    data
-                }
-            },
-            _ => data,
-        };
-        Answer::good(data)
+        }
+    }
+
+    /// READ KEYS and READ FULL STATUS with the map's registration listed
+    /// once (one per path on the LU). multipathd is asked for the map's
+    /// key only when a key is listed more than once; its answer is kept
+    /// for [`KEY_CACHE_TTL`], or until a PR OUT on the map.
+    fn as_one_nexus(&self, sa: u8, data: Vec<u8>, minor: u32) -> Vec<u8> {
+        if !onenexus::repeats_a_key(sa, &data) {
+            return data;
+        }
+        match self.cached_map_key(minor) {
+            Ok(Some(own)) if sa == prin_sa::READ_KEYS => onenexus::read_keys_as_one(&data, own),
+            Ok(Some(own)) => onenexus::full_status_as_one(&data, own),
+            Ok(None) => data,
+            Err(e) => {
+                log::debug!(
+                    "dm-{minor}: the map's key is unknown ({e}): its paths' registrations are \
+                     all listed"
+                );
+                data
+            }
+        }
+    }
+
+    /// multipath-tools' key for the map, from the cache or multipathd.
+    fn cached_map_key(&self, minor: u32) -> Result<Option<u64>, String> {
+        let now = Instant::now();
+        if let Some((key, at)) = self
+            .keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&minor)
+        {
+            if now.duration_since(*at) < KEY_CACHE_TTL {
+                return Ok(*key);
+            }
+        }
+        let key = self.devices.map_key(minor)?;
+        self.keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(minor, (key, now));
+        Ok(key)
+    }
+
+    /// Forget the cached key of a map whose registrations may have changed.
+    fn forget_key(&self, minor: u32) {
+        self.keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&minor);
+    }
+
+    /// The lock that keeps PR OUT commands on map `dm-<minor>` in order.
+    fn order(&self, minor: u32) -> Arc<Mutex<()>> {
+        self.orders
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(minor)
+            .or_default()
+            .clone()
     }
 
     /// Run one of reservd's own commands, repeated past unit attentions.
@@ -670,8 +786,11 @@ impl Multipath {
         let mut conn = self.multipathd.connect().map_err(service)?;
         clear_map_keys(&mut conn, minor).map_err(service)?;
         drop(conn);
-        let _order = self.order.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(self.library(fd, &ProutRequest::unregister(), minor))
+        let order = self.order(minor);
+        let _order = order.lock().unwrap_or_else(|e| e.into_inner());
+        let a = self.library(fd, &ProutRequest::unregister(), minor);
+        self.forget_key(minor);
+        Ok(a)
     }
 
     /// The answer for a failed library call, with the warning that explains
@@ -831,6 +950,13 @@ impl Loaded {
         );
         let fixes = Fixes::for_version(lib.version());
         let mut warnings = Vec::new();
+        if !lib.concurrent() {
+            warnings.push(
+                "this libmpathpersist is older than multipath-tools 0.8.6: it is called for one \
+                 map at a time, so a map whose paths hang delays the other maps' commands"
+                    .to_string(),
+            );
+        }
         let key_config = reservd_proto::mpconf::diagnose(&read_key_config(), lib.version());
         warnings.extend(key_config.iter().cloned());
         let multipathd = Multipathd::from_env();
