@@ -6,7 +6,8 @@
 //! connections.
 //! `prbench guest --reservd BIN --qemu BIN`: inside the VM test bed
 //! (`tests/vm/run-vm.sh`): the single-path LIO disk next to raw SG_IO on the
-//! same fd, the multipath map (reservd only), one client while another
+//! same fd, the multipath map (READ KEYS through both daemons, a
+//! registration through reservd and mpathpersist), one client while another
 //! client's device hangs, start-up and memory with and without
 //! libmpathpersist.
 //!
@@ -32,6 +33,16 @@ use reservd_testkit::spawn::{self, Ready};
 /// PR IN READ KEYS with an allocation length of 8 KiB, as QEMU sends it
 /// for a guest asking with a large buffer.
 const READ_KEYS: [u8; 10] = [0x5e, 0x00, 0, 0, 0, 0, 0, 0x20, 0x00, 0];
+
+/// PR OUT REGISTER AND IGNORE EXISTING KEY with a basic parameter list.
+const PROUT_REGISTER_IGNORE: [u8; 10] = [0x5f, 0x06, 0, 0, 0, 0, 0, 0, 24, 0];
+
+/// A basic PR OUT parameter list with SERVICE ACTION RESERVATION KEY `k`.
+fn sark(k: u64) -> [u8; 24] {
+    let mut p = [0u8; 24];
+    p[8..16].copy_from_slice(&k.to_be_bytes());
+    p
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -287,13 +298,6 @@ fn round_trip_rows(place: &str, rl: &Lat, ql: &Lat) {
     }
 }
 
-/// Round trips of READ KEYS on one connection, for `iters` requests or
-/// `limit`, whichever comes first (after some unmeasured ones).
-fn measure(client: &mut Client, disk: &File, iters: usize, limit: Duration) -> Lat {
-    let mut l = measure_in_turns(iters, limit, &mut [&mut via(client, disk)]);
-    l.remove(0)
-}
-
 /// The time of each of `n` calls of `f`, fewer (but at least 50) if
 /// `until` passes first.
 fn time_calls(n: usize, until: Instant, f: &mut dyn FnMut()) -> Vec<Duration> {
@@ -348,12 +352,6 @@ fn raw_sg_io(disk: &File) -> impl FnMut() + '_ {
         );
         assert_eq!(answer.status.0, 0, "raw READ KEYS failed");
     }
-}
-
-/// Raw SG_IO of the same command on the same fd.
-fn measure_raw(disk: &File, iters: usize, limit: Duration) -> Lat {
-    let mut l = measure_in_turns(iters, limit, &mut [&mut raw_sg_io(disk)]);
-    l.remove(0)
 }
 
 /// Requests per second with `n` clients, each on its own connection with
@@ -841,8 +839,6 @@ fn guest(opts: &Opts) {
     let place = "VM, single-path LIO disk";
     let sp = env("RESERVD_SP_DEV");
     let mp = env("RESERVD_MP_DEV");
-    let paths = env("RESERVD_MP_PATHS");
-    let paths: Vec<&str> = paths.split_whitespace().collect();
     let disk = open_dev(&sp);
     let iters = scaled(opts, 2000);
     let limit = scaled_d(opts, Duration::from_secs(8));
@@ -889,26 +885,85 @@ fn guest(opts: &Opts) {
         );
     }
 
-    // Multipath: reservd only, raw SG_IO on one path for reference.
+    // Multipath: the map registered (as a cluster node's is), through both
+    // daemons, next to raw SG_IO on the map. Debian's qemu-pr-helper has no
+    // multipath support: it sends SG_IO to the map, as reservd does for PR
+    // IN; reservd then lists the map's key once (multipathd's answer cached).
     let mpd = open_dev(&mp);
-    let path1 = open_dev(paths[0]);
-    let mraw = measure_raw(&path1, iters, limit);
-    let ml = measure(&mut r.client(), &mpd, iters / 2, limit);
+    let key = 0x0be0_c400_0000_0001u64;
+    let register = |d: &Daemon, sa_key: u64| {
+        let a = d
+            .client()
+            .execute(&PROUT_REGISTER_IGNORE, mpd.as_fd(), &sark(sa_key))
+            .unwrap();
+        assert_eq!(a.status.0, 0, "REGISTER AND IGNORE on the map: {a:?}");
+    };
+    register(&r, key);
+    let (mut rc, mut qc) = (r.client(), q.client());
+    let l = measure_in_turns(
+        iters,
+        limit * 3,
+        &mut [
+            &mut raw_sg_io(&mpd),
+            &mut via(&mut rc, &mpd),
+            &mut via(&mut qc, &mpd),
+        ],
+    );
+    let (mraw, rl, ql) = (&l[0], &l[1], &l[2]);
     let mplace = "VM, multipath map";
     row(
         mplace,
-        &format!("raw SG_IO on path {} p50 / p99 (n={})", paths[0], mraw.n),
+        &format!(
+            "raw SG_IO READ KEYS on {mp} p50 / p99 (device floor, n={})",
+            mraw.n
+        ),
         &format!("{} / {}", us(mraw.p50), us(mraw.p99)),
-        "n/a",
+        &format!("{} / {}", us(mraw.p50), us(mraw.p99)),
         "—",
     );
+    round_trip_rows(
+        &format!("{mplace} (target: p50 ≤ 1.5 ratio; qemu-pr-helper: SG_IO on the map)"),
+        rl,
+        ql,
+    );
+    // PR OUT: a registration through reservd (state read, then
+    // libmpathpersist on every path, then multipathd's key) against
+    // mpathpersist doing the same (a process: start-up, configuration,
+    // path discovery, then the same library call).
+    let n = scaled(opts, 10).max(3);
+    let mut t_r = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        register(&r, key);
+        t_r.push(t.elapsed());
+    }
+    let mut t_m = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        let st = Command::new("mpathpersist")
+            .args([
+                "--out",
+                "--register-ignore",
+                &format!("--param-sark={key:x}"),
+                &mp,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("mpathpersist");
+        t_m.push(t.elapsed());
+        assert!(st.success(), "mpathpersist --out --register-ignore: {st}");
+    }
+    let (lr, lm) = (lat(t_r), lat(t_m));
     row(
         mplace,
-        &format!("READ KEYS on {mp} p50 / p99 (n={})", ml.n),
-        &format!("{} / {}", us(ml.p50), us(ml.p99)),
-        "n/a (no multipath)",
-        "—",
+        &format!("REGISTER AND IGNORE p50 (n={n}): reservd | mpathpersist process"),
+        &us(lr.p50),
+        &us(lm.p50),
+        &ratio(lr.p50.as_secs_f64(), lm.p50.as_secs_f64()),
     );
+    register(&r, 0);
+    drop((rc, qc));
 
     // One client's device hangs; another's latency meanwhile. The hanging
     // device is a dm-multipath map whose only path failed and that queues
