@@ -36,6 +36,8 @@ macro_rules! check_eq {
 
 #[path = "access.rs"]
 mod access;
+#[path = "maps.rs"]
+mod maps;
 
 /// Run the scenarios of `group`; returns the process exit status.
 pub fn run(group: &str) -> i32 {
@@ -87,7 +89,15 @@ pub fn run(group: &str) -> i32 {
         )],
         "ops" => crate::ops::scenarios(),
         "access" => access::scenarios(),
-        "conformance" => crate::conformance::scenarios(),
+        // The group boots with a second map: two maps side by side too.
+        "conformance" => {
+            let mut v = crate::conformance::scenarios();
+            v.push((
+                "maps_two_maps_side_by_side",
+                maps::maps_two_maps_side_by_side,
+            ));
+            v
+        }
         _ => {
             eprintln!("unknown guest group '{group}'");
             return 2;
