@@ -178,6 +178,12 @@ devices {
         path_grouping_policy multibus
         hardware_handler "1 alua"
         prio alua
+        # tur, not directio (the default for LIO from 0.9.5 on): directio's
+        # READ gets RESERVATION CONFLICT on a path that is not registered
+        # while another node holds an exclusive-access reservation, and
+        # multipathd fails the path. The access scenario runs
+        # libmpathpersist with directio too.
+        path_checker tur
         no_path_retry 12
     }
 }
