@@ -294,6 +294,7 @@ fn start(
         frame_timeout: (cli.frame_timeout > 0)
             .then(|| std::time::Duration::from_secs(cli.frame_timeout.into())),
         allow: access.allow.clone(),
+        watchdog: startup::watchdog_interval(),
         ..Default::default()
     };
     let server_allow = access.allow;
