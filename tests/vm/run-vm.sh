@@ -6,7 +6,7 @@
 # SCSI disks and dm-multipath inside the guest (tests/vm/guest-init.sh) and runs
 # SCENARIO there. See tests/vm/README.md.
 #
-# Usage: tests/vm/run-vm.sh [--timeout SECS] [--release NAME] SCENARIO [ARGS...]
+# Usage: tests/vm/run-vm.sh [--timeout SECS] [--release NAME] [--systemd] SCENARIO [ARGS...]
 #        tests/vm/run-vm.sh [--release NAME] --prepare   (install + kernel + initramfs
 #                                                         [+ root] only)
 set -euo pipefail
@@ -23,6 +23,9 @@ PACKAGES=(qemu-system-x86 busybox-static cpio kmod multipath-tools sg3-utils ude
 # Modules the initramfs loads (their dependencies are resolved with modprobe).
 INITRD_MODULES=(virtio_pci 9pnet_virtio 9p overlay)
 GUEST_INIT=$HERE/guest-init.sh
+# --systemd: systemd is PID 1 and runs guest-init.sh as a unit
+SYSTEMD_INIT=$HERE/systemd-boot.sh
+SYSTEMD=0
 INITRD_INIT=$HERE/initramfs-init.sh
 # Userspace roots of other Debian releases (debootstrap --variant=minbase plus
 # these): what guest-init.sh and the scenarios run, qemu-pr-helper
@@ -36,14 +39,16 @@ die() { log "error: $*"; exit 2; }
 
 usage() {
     cat <<EOF
-usage: ${0##*/} [--timeout SECS] [--release NAME] SCENARIO [ARGS...]
+usage: ${0##*/} [--timeout SECS] [--release NAME] [--systemd] SCENARIO [ARGS...]
        ${0##*/} [--release NAME] --prepare
 
 Runs SCENARIO (an executable on the host; the guest sees the host's / read-only)
 as root inside a QEMU guest with LIO SCSI disks and dm-multipath set up.
 --release bookworm (default) boots the host's own root; trixie or sid boot a
 Debian root of that release (built with debootstrap, cached), with the
-repository shared at its host path.
+repository shared at its host path. --systemd boots systemd as PID 1 on a
+writable overlay of the root (packages can be installed); the disks are set up
+by a unit.
 Exits with the scenario's status; 124 on timeout, 125 when the guest setup
 failed or the guest died without reporting a status, 2 on harness errors.
 
@@ -87,6 +92,7 @@ while (($#)); do
         --prepare) PREPARE_ONLY=1; shift ;;
         --release) (($# >= 2)) || die "--release needs a value"; RELEASE=$2; shift 2 ;;
         --release=*) RELEASE=${1#*=}; shift ;;
+        --systemd) SYSTEMD=1; shift ;;
         -h|--help) usage; exit 0 ;;
         --) shift; break ;;
         -*) usage >&2; die "unknown option: $1" ;;
@@ -465,7 +471,15 @@ case $CWD in /run|/run/*|/proc*|/sys*|/dev|/dev/*) CWD=/ ;; esac
     done < <({ compgen -e | grep -E '^(RESERVD_|RUST_)' || true; tr ' ' '\n' <<<"${RESERVD_VM_PASS_ENV:-}"; } | sort -u)
 } >"$XCHG/job"
 
-CMDLINE="console=ttyS0 panic=-1 loglevel=4 mitigations=off no_timer_check rvm_xchg=$XCHG rvm_init=$GUEST_INIT"
+CMDLINE="console=ttyS0 panic=-1 loglevel=4 mitigations=off no_timer_check rvm_xchg=$XCHG"
+if ((SYSTEMD)); then
+    CMDLINE+=" rvm_init=$SYSTEMD_INIT"
+    # the host's root as the lower layer of a whole-root overlay (a release's
+    # root is one already): dpkg can install into /usr and /lib
+    [[ $RELEASE == bookworm ]] && CMDLINE+=" rvm_root=overlay rvm_shares="
+else
+    CMDLINE+=" rvm_init=$GUEST_INIT"
+fi
 ROOT_FS=/ SHARES=()
 if [[ $RELEASE != bookworm ]]; then
     # A release's root: the guest's / is an overlay (that root read-only, tmpfs
@@ -511,7 +525,7 @@ done
 # shellcheck disable=SC2206
 [[ -n ${RESERVD_VM_QEMU_ARGS:-} ]] && QEMU+=(${RESERVD_VM_QEMU_ARGS})
 
-log "booting $KVER on the $RELEASE root${SHARES[*]:+ (shared: ${SHARES[*]})}, scenario:$(printf ' %q' "$SCENARIO" "$@") (timeout ${TIMEOUT}s)"
+log "booting $KVER on the $RELEASE root$( ((SYSTEMD)) && echo ' with systemd as PID 1')${SHARES[*]:+ (shared: ${SHARES[*]})}, scenario:$(printf ' %q' "$SCENARIO" "$@") (timeout ${TIMEOUT}s)"
 BOOT_T0=$(now_us)
 timeout -k 10 "$TIMEOUT" "${QEMU[@]}" </dev/null >"$CONSOLE" 2>&1 &
 QPID=$!
