@@ -24,6 +24,8 @@ mod guest;
 #[path = "e2e/ops.rs"]
 mod ops;
 mod support;
+#[path = "e2e/systemd.rs"]
+mod systemd;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -41,6 +43,9 @@ const GROUPS: &[&str] = &[
     "package",
     "conformance",
 ];
+/// Groups that need a run-vm.sh option: systemd as the guest's PID 1
+/// (`--systemd`).
+const OPTION_GROUPS: &[(&str, &str)] = &[("systemd", "--systemd")];
 /// Shell scenarios run as they are (tests/vm/scenarios/NAME.sh).
 const SHELL_SCENARIOS: &[&str] = &["smoke", "multipath", "libiscsi"];
 /// Shell scenarios on another Debian release's userspace and multipath-tools
@@ -105,6 +110,16 @@ fn main() {
             ));
         }
     }
+    for (g, option) in OPTION_GROUPS {
+        let name = format!("vm_{g}");
+        if selected(&name) {
+            runs.push((
+                name,
+                vec![option.to_string()],
+                vec![exe.display().to_string(), "--guest".into(), g.to_string()],
+            ));
+        }
+    }
     for (g, release) in RELEASE_GROUPS {
         let name = format!("vm_{g}_{release}");
         if selected(&name) {
@@ -149,7 +164,7 @@ fn main() {
     let (mut passed, mut failed) = (0, 0);
     for (name, options, scenario) in &runs {
         let t = Instant::now();
-        if name == "vm_package" && !build_deb() {
+        if (name == "vm_package" || name == "vm_systemd") && !build_deb() {
             failed += 1;
             println!("test {name} ... FAILED (packaging/build-deb.sh failed)");
             continue;

@@ -88,6 +88,7 @@ pub fn run(group: &str) -> i32 {
         "ops" => crate::ops::scenarios(),
         "access" => access::scenarios(),
         "conformance" => crate::conformance::scenarios(),
+        "systemd" => crate::systemd::scenarios(),
         _ => {
             eprintln!("unknown guest group '{group}'");
             return 2;
