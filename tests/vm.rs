@@ -21,6 +21,8 @@ mod conformance;
 mod frames;
 #[path = "e2e/guest.rs"]
 mod guest;
+#[path = "e2e/nested.rs"]
+mod nested;
 #[path = "e2e/ops.rs"]
 mod ops;
 mod support;
@@ -44,8 +46,8 @@ const GROUPS: &[&str] = &[
     "conformance",
 ];
 /// Groups that need a run-vm.sh option: systemd as the guest's PID 1
-/// (`--systemd`).
-const OPTION_GROUPS: &[(&str, &str)] = &[("systemd", "--systemd")];
+/// (`--systemd`), a guest inside the guest (`--nested`).
+const OPTION_GROUPS: &[(&str, &str)] = &[("systemd", "--systemd"), ("nested", "--nested")];
 /// Shell scenarios run as they are (tests/vm/scenarios/NAME.sh).
 const SHELL_SCENARIOS: &[&str] = &["smoke", "multipath", "libiscsi"];
 /// Shell scenarios on another Debian release's userspace and multipath-tools

@@ -89,6 +89,7 @@ pub fn run(group: &str) -> i32 {
         "access" => access::scenarios(),
         "conformance" => crate::conformance::scenarios(),
         "systemd" => crate::systemd::scenarios(),
+        "nested" => crate::nested::scenarios(),
         _ => {
             eprintln!("unknown guest group '{group}'");
             return 2;
