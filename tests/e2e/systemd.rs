@@ -617,15 +617,17 @@ fn systemd_stop_drains_a_command_in_flight() -> TestResult {
             let r = pr_in(&mut c, &mp, prin_sa::READ_KEYS, 8192);
             let _ = tx.send((r, Instant::now()));
         });
-        std::thread::sleep(Duration::from_millis(1500));
+        // (reservd waits up to 10 s for multipathd's answer: the steps up to
+        // SIGCONT stay well within that)
+        std::thread::sleep(Duration::from_millis(1000));
         check!(
             rx.try_recv().is_err(),
             "READ KEYS on the map answered while multipathd is stopped"
         );
         let t_stop = Instant::now();
         let stopper = std::thread::spawn(|| systemctl(&["stop", SERVICE]));
-        wait_state(SERVICE, "deactivating", 10)?;
-        std::thread::sleep(Duration::from_millis(1000));
+        wait_state(SERVICE, "deactivating", 5)?;
+        std::thread::sleep(Duration::from_millis(500));
         check!(
             rx.try_recv().is_err(),
             "the command in flight was answered before multipathd could reply"
@@ -779,7 +781,8 @@ fn freeze_thread(tid: i32, release: Arc<AtomicBool>) -> Result<mpsc::Receiver<St
     Ok(rx)
 }
 
-/// With WatchdogSec= the event loop sends WATCHDOG=1 as it turns. One
+/// With WatchdogSec= the event loop sends WATCHDOG=1 as it turns (a
+/// drop-in sets 5 s for the test). One
 /// thread of the running daemon, the one waiting in epoll for the loop, is
 /// stopped with ptrace: the process lives on, but its loop no longer turns
 /// (a client gets no handshake). systemd misses the keep-alives, kills
@@ -791,7 +794,7 @@ fn systemd_watchdog_restarts_a_wedged_event_loop() -> TestResult {
     // A short watchdog for the test; TimeoutAbortSec bounds the abort.
     std::fs::write(
         WATCHDOG_DROPIN,
-        "[Service]\nWatchdogSec=3s\nTimeoutAbortSec=10s\n",
+        "[Service]\nWatchdogSec=5s\nTimeoutAbortSec=10s\n",
     )
     .map_err(|e| format!("{WATCHDOG_DROPIN}: {e}"))?;
     let result = (|| -> TestResult {
@@ -804,7 +807,7 @@ fn systemd_watchdog_restarts_a_wedged_event_loop() -> TestResult {
         // (the property is the running instance's)
         let w = prop(SERVICE, "WatchdogUSec")?;
         check!(
-            w == "3s",
+            w == "5s",
             "WatchdogUSec {w} with the drop-in {WATCHDOG_DROPIN}: {}",
             systemctl(&["cat", SERVICE])?
         );
