@@ -20,7 +20,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use crate::guest::{
-    device_keys, device_reservation, env, log_dir, mp_paths, Daemon, Scenario, TestResult,
+    device_keys, device_reservation, env, log_dir, mp_paths, reservd, Scenario, TestResult,
 };
 
 macro_rules! check {
@@ -325,7 +325,7 @@ fn nested_guest_pr_commands_through_qemu_and_reservd() -> TestResult {
     let mp = PathBuf::from(env("RESERVD_MP_DEV"));
     let sp = PathBuf::from(env("RESERVD_SP_DEV"));
     let (p1, _) = mp_paths();
-    let mut d = Daemon::start("reservd-nested", &["-v"])?;
+    let mut d = reservd("reservd-nested", &["-v"])?;
     let socket = d.socket.clone();
     let (mut g, booted) = Guest::boot(&socket, &[("mp", &mp), ("sp", &sp)])?;
     // Which guest disk is which: the LU's WWID passes through scsi-block.
@@ -376,7 +376,7 @@ fn nested_guest_pr_commands_through_qemu_and_reservd() -> TestResult {
     // reconnects (its write on the old connection fails, it connects again).
     let status = d.stop().ok_or("reservd was not running")?;
     check!(status.success(), "reservd exited with {status}");
-    let d2 = Daemon::start("reservd-nested", &["-v"])?;
+    let d2 = reservd("reservd-nested", &["-v"])?;
     check_eq!(d2.socket, socket, "socket path of the restarted reservd");
     g.run(&format!(
         "sg_persist -n --out --release --param-rk={K1:#x} --prout-type=5 {gmp}"

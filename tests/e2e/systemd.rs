@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use reservd_daemon::cdb::{prin_sa, prout_sa};
-use reservd_daemon::client::Client;
+use reservd_client::client::Client;
+use reservd_proto::cdb::{prin_sa, prout_sa};
 
 use crate::guest::{
     device_keys, env, expect_good, keys, mp_paths, past_ua, pr_in, pr_out, reset_lun, Scenario,

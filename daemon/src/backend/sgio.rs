@@ -5,43 +5,12 @@
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use super::{BackendError, Command, PrBackend};
-use crate::cdb::{transfer_length, PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT};
-use crate::sense::{failure_answer, Answer, Failure, Status, SENSE_SIZE};
-use crate::wire::{DATA_SIZE, OP_CLEANUP};
-
-const SG_IO: libc::c_ulong = 0x2285;
-const SG_DXFER_NONE: i32 = -1;
-const SG_DXFER_TO_DEV: i32 = -2;
-const SG_DXFER_FROM_DEV: i32 = -3;
-/// `SG_ERR_DRIVER_TIMEOUT`, used as a mask the way QEMU does.
-const DRIVER_TIMEOUT_MASK: u16 = 0x06;
-
-/// `struct sg_io_hdr` from `<scsi/sg.h>`.
-#[repr(C)]
-struct SgIoHdr {
-    interface_id: i32,
-    dxfer_direction: i32,
-    cmd_len: u8,
-    mx_sb_len: u8,
-    iovec_count: u16,
-    dxfer_len: u32,
-    dxferp: *mut libc::c_void,
-    cmdp: *const u8,
-    sbp: *mut u8,
-    timeout: u32,
-    flags: u32,
-    pack_id: i32,
-    usr_ptr: *mut libc::c_void,
-    status: u8,
-    masked_status: u8,
-    msg_status: u8,
-    sb_len_wr: u8,
-    host_status: u16,
-    driver_status: u16,
-    resid: i32,
-    duration: u32,
-    info: u32,
-}
+use reservd_proto::cdb::{transfer_length, PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT};
+use reservd_proto::sense::{failure_answer, Answer, Failure, Status, SENSE_SIZE};
+use reservd_proto::sg::{
+    SgIoHdr, DRIVER_TIMEOUT_MASK, SG_DXFER_FROM_DEV, SG_DXFER_NONE, SG_DXFER_TO_DEV, SG_IO,
+};
+use reservd_proto::wire::{DATA_SIZE, OP_CLEANUP};
 
 /// Data direction of one SG_IO call.
 pub enum Transfer<'a> {
@@ -50,16 +19,16 @@ pub enum Transfer<'a> {
     FromDevice(&'a mut [u8]),
 }
 
-/// What the device (or the kernel) made of one SG_IO call.
-pub struct SgResult {
-    pub answer: Answer,
-    /// Bytes actually transferred from the device.
-    pub transferred: usize,
-}
-
 /// Issue one SCSI command with SG_IO and turn the result into an answer,
-/// following qemu-pr-helper's status rules.
-pub fn sg_io(fd: BorrowedFd<'_>, cdb: &[u8], xfer: Transfer<'_>, timeout_ms: u32) -> SgResult {
+/// following qemu-pr-helper's status rules. Returns the answer (without
+/// data) and how many bytes the device transferred into a
+/// [`Transfer::FromDevice`] buffer (0 unless GOOD).
+pub fn sg_io(
+    fd: BorrowedFd<'_>,
+    cdb: &[u8],
+    xfer: Transfer<'_>,
+    timeout_ms: u32,
+) -> (Answer, usize) {
     let mut sense = [0u8; SENSE_SIZE];
     let (dir, ptr, len) = match xfer {
         Transfer::None => (SG_DXFER_NONE, std::ptr::null_mut(), 0usize),
@@ -103,22 +72,13 @@ pub fn sg_io(fd: BorrowedFd<'_>, cdb: &[u8], xfer: Transfer<'_>, timeout_ms: u32
         let errno = std::io::Error::last_os_error()
             .raw_os_error()
             .unwrap_or(libc::EIO);
-        return SgResult {
-            answer: failure_answer(Failure::Errno(errno)),
-            transferred: 0,
-        };
+        return (failure_answer(Failure::Errno(errno)), 0);
     }
     if hdr.host_status != 0 {
-        return SgResult {
-            answer: failure_answer(Failure::HostStatus(hdr.host_status)),
-            transferred: 0,
-        };
+        return (failure_answer(Failure::HostStatus(hdr.host_status)), 0);
     }
     if hdr.driver_status & DRIVER_TIMEOUT_MASK != 0 {
-        return SgResult {
-            answer: failure_answer(Failure::DriverTimeout),
-            transferred: 0,
-        };
+        return (failure_answer(Failure::DriverTimeout), 0);
     }
     let status = Status(hdr.status);
     if status != Status::GOOD {
@@ -128,16 +88,10 @@ pub fn sg_io(fd: BorrowedFd<'_>, cdb: &[u8], xfer: Transfer<'_>, timeout_ms: u32
         } else {
             Answer::status(status)
         };
-        return SgResult {
-            answer,
-            transferred: 0,
-        };
+        return (answer, 0);
     }
     let transferred = len.saturating_sub(hdr.resid.max(0) as usize);
-    SgResult {
-        answer: Answer::good(Vec::new()),
-        transferred,
-    }
+    (Answer::good(Vec::new()), transferred)
 }
 
 /// The SG_IO backend.
@@ -166,12 +120,12 @@ impl PrBackend for SgIo {
                 // The device sends at most the allocation length.
                 let len = transfer_length(cmd.cdb).min(DATA_SIZE);
                 Ok(with_zeroed_buffer(len, |buf| {
-                    let r = sg_io(cmd.fd, cdb, Transfer::FromDevice(buf), self.timeout_ms);
-                    let mut answer = r.answer;
+                    let (mut answer, transferred) =
+                        sg_io(cmd.fd, cdb, Transfer::FromDevice(buf), self.timeout_ms);
                     if answer.status == Status::GOOD {
-                        answer.data = buf[..r.transferred].to_vec();
+                        answer.data = buf[..transferred].to_vec();
                         // The kernel's count: the device wrote no further.
-                        (answer, r.transferred)
+                        (answer, transferred)
                     } else {
                         // Whatever happened, it may have written anywhere.
                         (answer, len)
@@ -184,12 +138,14 @@ impl PrBackend for SgIo {
                 } else {
                     Transfer::ToDevice(cmd.params)
                 };
-                Ok(sg_io(cmd.fd, cdb, xfer, self.timeout_ms).answer)
+                Ok(sg_io(cmd.fd, cdb, xfer, self.timeout_ms).0)
             }
             // CLEANUP concerns multipathd only; nothing to do on a plain device.
             OP_CLEANUP => Ok(Answer::status(Status::GOOD)),
             // The wire decoder lets no other opcode through; never forward one.
-            _ => Ok(Answer::check(crate::sense::SenseCode::INVALID_OPCODE)),
+            _ => Ok(Answer::check(
+                reservd_proto::sense::SenseCode::INVALID_OPCODE,
+            )),
         }
     }
 }
