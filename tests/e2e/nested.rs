@@ -15,9 +15,12 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
+
+use reservd_testkit::qemu::QEMU;
+use reservd_testkit::spawn::{wait_for, Output, Proc};
 
 use crate::guest::{
     device_keys, device_reservation, env, log_dir, mp_paths, reservd, Scenario, TestResult,
@@ -56,7 +59,7 @@ const TYPE5: &str = "Write Exclusive, registrants only";
 
 /// The nested guest: its QEMU, the command pipe and the lines it prints.
 struct Guest {
-    qemu: Child,
+    qemu: Proc,
     to_guest: File,
     lines: Receiver<String>,
     dir: PathBuf,
@@ -87,8 +90,6 @@ impl Guest {
         let to_guest = open("in")?;
         let from_guest = open("out")?;
         let console = log_dir().join("nested-console.log");
-        let qemu_log =
-            File::create(log_dir().join("nested-qemu.log")).map_err(|e| e.to_string())?;
         // The kernel's initcalls that cost seconds at this speed and that a
         // guest with a serial console and two SCSI disks does not need.
         let skip = [
@@ -111,7 +112,7 @@ impl Guest {
             skip.join(","),
             disks.len()
         );
-        let mut cmd = Command::new("qemu-system-x86_64");
+        let mut cmd = Command::new(QEMU);
         cmd.args(["-M", "pc", "-bios", "/usr/share/qemu/qboot.rom"])
             .args([
                 "-nodefaults",
@@ -151,12 +152,7 @@ impl Guest {
             ]);
         }
         let t = Instant::now();
-        let qemu = cmd
-            .stdin(Stdio::null())
-            .stdout(qemu_log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(qemu_log)
-            .spawn()
-            .map_err(|e| format!("starting qemu-system-x86_64: {e}"))?;
+        let qemu = Proc::spawn_with(cmd, Output::Log(log_dir().join("nested-qemu.log")))?;
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(from_guest).lines() {
@@ -193,7 +189,7 @@ impl Guest {
                 Ok(l) if l.starts_with(prefix) => return Ok(l),
                 Ok(_) => {}
                 Err(_) => {
-                    let status = self.qemu.try_wait().ok().flatten();
+                    let status = self.qemu.try_status();
                     return Err(format!(
                         "no '{prefix}' from the nested guest within {} s (qemu: {status:?}); \
                          see nested-console.log and nested-qemu.log",
@@ -244,15 +240,9 @@ impl Guest {
 impl Drop for Guest {
     fn drop(&mut self) {
         let _ = writeln!(self.to_guest, "@@QUIT");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.qemu.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        if self.qemu.wait_timeout(Duration::from_secs(20)).is_none() {
+            self.qemu.terminate(Duration::from_secs(5));
         }
-        let _ = self.qemu.kill();
-        let _ = self.qemu.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -309,15 +299,6 @@ fn multipathd_shows(path: &Path, word: &str) -> Result<bool, String> {
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .any(|l| l.split_whitespace().next() == Some(&name) && l.contains(word)))
-}
-
-fn wait_for(secs: u64, what: &str, mut f: impl FnMut() -> Result<bool, String>) -> TestResult {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f()? {
-        check!(Instant::now() < deadline, "after {secs} s: {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(())
 }
 
 fn nested_guest_pr_commands_through_qemu_and_reservd() -> TestResult {
@@ -426,7 +407,7 @@ fn nested_guest_pr_commands_through_qemu_and_reservd() -> TestResult {
     let t_back = Instant::now();
     let (_, p2) = mp_paths();
     wait_for(
-        60,
+        Duration::from_secs(60),
         "the map's paths do not both carry the new key again",
         || {
             Ok(multipathd_shows(&p1, "active")?

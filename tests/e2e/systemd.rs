@@ -22,6 +22,8 @@ use nix::unistd::Pid;
 use reservd_client::client::Client;
 use reservd_proto::cdb::{prin_sa, prout_sa};
 
+use reservd_testkit::spawn::wait_for;
+
 use crate::guest::{
     device_keys, env, expect_good, keys, mp_paths, past_ua, pr_in, pr_out, reset_lun, Scenario,
     TestResult,
@@ -128,26 +130,16 @@ fn main_pid(unit: &str) -> Result<u32, String> {
         .map_err(|e| format!("MainPID of {unit}: {e}"))
 }
 
-/// Poll `f` until it says yes, for at most `secs`.
-fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> Result<bool, String>) -> TestResult {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if f()? {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(format!("after {secs} s: {what}"));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn wait_state(unit: &str, want: &str, secs: u64) -> TestResult {
     let mut last = String::new();
-    let r = wait_until(secs, &format!("{unit} is not {want}"), || {
-        last = active_state(unit)?;
-        Ok(last == want)
-    });
+    let r = wait_for(
+        Duration::from_secs(secs),
+        &format!("{unit} is not {want}"),
+        || {
+            last = active_state(unit)?;
+            Ok(last == want)
+        },
+    );
     r.map_err(|e| format!("{e} (it is {last})"))
 }
 
@@ -276,8 +268,8 @@ fn systemd_socket_activation_and_notify_readiness() -> TestResult {
         status.starts_with("serving; multipath support: "),
         "StatusText {status:?} (sent with READY=1)"
     );
-    wait_until(
-        30,
+    wait_for(
+        Duration::from_secs(30),
         "StatusText never says multipath support is active",
         || Ok(prop(SERVICE, "StatusText")?.contains("multipath support: active")),
     )?;
@@ -535,8 +527,11 @@ fn systemd_audit_records_in_the_journal() -> TestResult {
     )?;
     let wwid = env("RESERVD_MP_WWID");
     let mut text = String::new();
-    wait_until(10, "the map's records in the journal", || {
-        text = journal(&[
+    wait_for(
+        Duration::from_secs(10),
+        "the map's records in the journal",
+        || {
+            text = journal(&[
             "-u",
             SERVICE,
             &format!("RESERVD_WWID={wwid}"),
@@ -544,8 +539,9 @@ fn systemd_audit_records_in_the_journal() -> TestResult {
             "json",
             "--output-fields=RESERVD_SA,RESERVD_KEY,RESERVD_SA_KEY,RESERVD_STATUS,RESERVD_MAP,RESERVD_BACKEND,RESERVD_WWID,PRIORITY",
         ])?;
-        Ok(text.contains(&format!("\"RESERVD_KEY\":\"{key:#x}\"")))
-    })?;
+            Ok(text.contains(&format!("\"RESERVD_KEY\":\"{key:#x}\"")))
+        },
+    )?;
     let records: Vec<&str> = text.lines().filter(|l| l.starts_with('{')).collect();
     let _ = std::fs::write(crate::guest::log_dir().join("journal-audit.json"), &text);
     let register = records.iter().find(|r| {
@@ -707,9 +703,11 @@ fn systemd_kill9_socket_stays_next_connection_starts_it_again() -> TestResult {
     );
     let mut again = connect(Duration::from_secs(60))?;
     read_keys_good(&mut again, &sp)?;
-    wait_until(10, "the journal does not record the kill", || {
-        Ok(journal(&["-u", SERVICE, "-o", "cat"])?.contains("status=9/KILL"))
-    })
+    wait_for(
+        Duration::from_secs(10),
+        "the journal does not record the kill",
+        || Ok(journal(&["-u", SERVICE, "-o", "cat"])?.contains("status=9/KILL")),
+    )
 }
 
 /// The thread running reservd's event loop: the one waiting in epoll.
@@ -848,10 +846,14 @@ fn systemd_watchdog_restarts_a_wedged_event_loop() -> TestResult {
                 Path::new(&format!("/proc/{p1}")).exists(),
                 "reservd {p1} died on its own"
             );
-            wait_until(40, "no new reservd after the watchdog", || {
-                let p = main_pid(SERVICE)?;
-                Ok(p != 0 && p != p1 && active_state(SERVICE)? == "active")
-            })?;
+            wait_for(
+                Duration::from_secs(40),
+                "no new reservd after the watchdog",
+                || {
+                    let p = main_pid(SERVICE)?;
+                    Ok(p != 0 && p != p1 && active_state(SERVICE)? == "active")
+                },
+            )?;
             let restarted_after = t_wedge.elapsed();
             check!(
                 !Path::new(&format!("/proc/{p1}")).exists(),
@@ -859,9 +861,11 @@ fn systemd_watchdog_restarts_a_wedged_event_loop() -> TestResult {
             );
             let n: u32 = prop(SERVICE, "NRestarts")?.parse().unwrap_or(0);
             check!(n > restarts, "NRestarts {n} (was {restarts})");
-            wait_until(10, "the journal does not name the watchdog", || {
-                Ok(journal(&["-u", SERVICE, "-o", "cat"])?.contains("Watchdog timeout"))
-            })?;
+            wait_for(
+                Duration::from_secs(10),
+                "the journal does not name the watchdog",
+                || Ok(journal(&["-u", SERVICE, "-o", "cat"])?.contains("Watchdog timeout")),
+            )?;
             // The client that waited in the backlog is served now.
             waiting
                 .set_read_timeout(Some(Duration::from_secs(60)))
