@@ -116,6 +116,8 @@ case $RELEASE in
     *) die "unknown release '$RELEASE' (bookworm, trixie or sid)" ;;
 esac
 [[ $RELEASE != bookworm ]] && PACKAGES+=(debootstrap)
+# --systemd on the host's root boots the host's systemd (a release's root has its own)
+((SYSTEMD)) && [[ $RELEASE == bookworm ]] && PACKAGES+=(systemd)
 # (the nested guest's kernel and initramfs are read from the cache, which only
 # the host's root shows)
 ((NESTED == 0)) || [[ $RELEASE == bookworm ]] || die "--nested needs the host's root (bookworm)"
@@ -161,6 +163,8 @@ ensure_packages() {
         type -P "$c" >/dev/null || die "command not found after install: $c"
     done
     [[ -x /lib/systemd/systemd-udevd ]] || die "/lib/systemd/systemd-udevd missing"
+    ((SYSTEMD == 0)) || [[ $RELEASE != bookworm || -x /lib/systemd/systemd ]] ||
+        die "/lib/systemd/systemd missing"
     [[ $RELEASE == bookworm ]] || type -P debootstrap >/dev/null || die "debootstrap missing after install"
     # mount point for the guest's module share (the guest's / is the host's /, read-only)
     [[ -d /usr/lib/modules ]] || mkdir -p /usr/lib/modules
