@@ -6,4 +6,5 @@
 pub mod audit;
 pub mod journal;
 pub mod logging;
+pub mod metrics;
 pub mod trace;

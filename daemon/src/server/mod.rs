@@ -9,6 +9,8 @@
 
 pub mod crew;
 pub mod fdpass;
+pub mod metrics_socket;
+pub mod stats;
 
 use std::collections::VecDeque;
 use std::io;
@@ -25,7 +27,9 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use crate::backend::{self, BackendError, Command, Peer, PrBackend};
+use metrics_socket::MetricsSocket;
 use reservd_proto::wire::{encode_response, Decoder, Event, ProtoError, Request, DATA_SIZE};
+use stats::ServerStats;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -150,6 +154,10 @@ pub struct Server {
     refusals: crate::sandbox::access::RefusalLog,
     /// When the next scan for timed-out frames is due.
     next_scan: Option<Instant>,
+    /// What the metrics count.
+    stats: Arc<ServerStats>,
+    /// The metrics socket, when served.
+    metrics: Option<MetricsSocket>,
     /// Test builds only: panic at the first accept (RESERVD_TEST_LOOP_PANIC).
     #[cfg(all(feature = "test-hooks", debug_assertions))]
     panic_on_accept: bool,
@@ -186,9 +194,27 @@ impl Server {
             buf: vec![0; DATA_SIZE],
             refusals: crate::sandbox::access::RefusalLog::new(),
             next_scan: None,
+            stats: Arc::default(),
+            metrics: None,
             #[cfg(all(feature = "test-hooks", debug_assertions))]
             panic_on_accept: std::env::var_os("RESERVD_TEST_LOOP_PANIC").is_some(),
         })
+    }
+
+    /// The server's counters, for the metrics.
+    pub fn stats(&self) -> Arc<ServerStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Serve the metrics `render` makes on `listener` (see
+    /// [`metrics_socket`]), until the server shuts down.
+    pub fn serve_metrics(
+        &mut self,
+        listener: StdListener,
+        render: metrics_socket::Render,
+    ) -> io::Result<()> {
+        self.metrics = Some(MetricsSocket::new(listener, render, self.poll.registry())?);
+        Ok(())
     }
 
     pub fn shutdown_handle(&self) -> ShutdownHandle {
@@ -275,6 +301,22 @@ impl Server {
                 LISTENER => self.accept(),
                 WAKER => {}
                 SIGNALS => self.read_signals(),
+                metrics_socket::LISTENER => {
+                    if let Some(m) = self.metrics.as_mut() {
+                        m.accept(
+                            self.poll.registry(),
+                            self.config.allow.as_ref(),
+                            &self.stats,
+                        );
+                    }
+                }
+                t if metrics_socket::pending_key(t).is_some() => {
+                    if let (Some(m), Some(k)) =
+                        (self.metrics.as_mut(), metrics_socket::pending_key(t))
+                    {
+                        m.writable(self.poll.registry(), k);
+                    }
+                }
                 Token(key) => {
                     if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                         self.on_readable(key);
@@ -335,6 +377,7 @@ impl Server {
                 c.peer,
                 limit.as_secs_f64()
             );
+            ServerStats::bump(&self.stats.protocol_errors);
             self.close(k, None);
         }
         self.next_scan = any.then(|| now + interval);
@@ -361,6 +404,9 @@ impl Server {
     fn start_drain(&mut self) {
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
+        }
+        if let Some(m) = self.metrics.take() {
+            m.close(self.poll.registry());
         }
         self.drain_deadline = Some(Instant::now() + self.config.drain_timeout);
         // Idle connections do not hold the daemon; close them now.
@@ -443,6 +489,7 @@ impl Server {
                         };
                         log::warn!("refusing connection from {peer}: not allowed{more}");
                     }
+                    ServerStats::bump(&self.stats.refused_not_allowed);
                     continue;
                 }
             }
@@ -451,6 +498,7 @@ impl Server {
                     "refusing connection from {peer}: {} connections open",
                     self.conns.len()
                 );
+                ServerStats::bump(&self.stats.refused_limit);
                 continue;
             }
             let entry = self.conns.vacant_entry();
@@ -481,6 +529,8 @@ impl Server {
                 peer_cred,
                 frame_start: None,
             });
+            ServerStats::bump(&self.stats.accepted);
+            self.count_open();
             // The handshake is the first frame.
             self.frame_started(key);
             self.flush(key);
@@ -650,6 +700,7 @@ impl Server {
                     self.close(c.key, None);
                 }
                 Ended::Failed(e) => {
+                    ServerStats::bump(&self.stats.backend_failures);
                     // A panic is a bug in reservd: louder than a transport failure.
                     let level = match e {
                         BackendError::Panicked(_) => log::Level::Error,
@@ -712,6 +763,13 @@ impl Server {
         }
         let busy = matches!(self.conns[key].state, ConnState::InFlight);
         let conn = self.conns.remove(key);
+        self.count_open();
+        if why
+            .as_ref()
+            .is_some_and(|e| !matches!(e, ProtoError::Closed))
+        {
+            ServerStats::bump(&self.stats.protocol_errors);
+        }
         let _ = self
             .poll
             .registry()
@@ -725,6 +783,13 @@ impl Server {
         if !busy {
             self.backend.disconnect(conn.id);
         }
+    }
+
+    fn count_open(&self) {
+        self.stats.open.store(
+            self.conns.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 }
 
@@ -745,6 +810,10 @@ impl crew::Loop for Turns {
         Arc::new(move || {
             let _ = waker.wake();
         })
+    }
+
+    fn taken_over(&mut self) {
+        ServerStats::bump(&self.server.stats.rescues);
     }
 }
 

@@ -74,6 +74,18 @@ pub enum Cmd {
         #[arg(long, short = 'y', requires = "repair")]
         yes: bool,
     },
+    /// Print reservd's metrics, in Prometheus' text format, from its
+    /// metrics socket (reservd --metrics-socket). With --json: the samples
+    /// as one JSON array of {"name", "labels", "value"}.
+    Metrics {
+        /// reservd's metrics socket.
+        #[arg(
+            long = "metrics-socket",
+            value_name = "PATH",
+            default_value = "/run/reservd/metrics.sock"
+        )]
+        metrics_socket: PathBuf,
+    },
     /// Check the set-up: device-mapper, libmpathpersist, multipathd and its
     /// reservation_key configuration, privileges, reservd's socket.
     ///

@@ -4,7 +4,7 @@
 //!
 //! `status` shows a multipath map's keys and reservation as each path sees
 //! them and which path lacks which key (`--repair` registers it again);
-//! `check` checks the host's set-up.
+//! `check` checks the host's set-up; `metrics` prints reservd's metrics.
 //!
 //! Exit status: 0 GOOD, 1 usage or connection error, 2 CHECK CONDITION,
 //! 3 RESERVATION CONFLICT, 4 any other SCSI status; `status`: 0 consistent,
@@ -112,6 +112,30 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             )?))
         }
         Cmd::Check => return Ok(ExitCode::from(check::run(&cli.socket, cli.json))),
+        Cmd::Metrics { metrics_socket } => {
+            let text =
+                reservd_client::metrics::fetch(metrics_socket, std::time::Duration::from_secs(10))
+                    .with_context(|| {
+                        format!(
+                            "reading {} (reservd --metrics-socket)",
+                            metrics_socket.display()
+                        )
+                    })?;
+            if text.is_empty() {
+                bail!(
+                    "{} closed the connection without metrics: this user is not allowed \
+                     (reservd --allow-uid, --allow-gid)",
+                    metrics_socket.display()
+                );
+            }
+            if cli.json {
+                let samples = reservd_client::metrics::parse(&text).map_err(anyhow::Error::msg)?;
+                println!("{}", reservd_client::metrics::json(&samples));
+            } else {
+                print!("{text}");
+            }
+            return Ok(ExitCode::from(0));
+        }
         Cmd::In {
             device,
             action,
