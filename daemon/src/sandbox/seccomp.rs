@@ -96,11 +96,17 @@ pub const DM_IOCTLS: &[(u64, &str)] = &[
     (dm::DM_GET_TARGET_VERSION, "DM_GET_TARGET_VERSION"),
 ];
 
+/// `BLKBSZGET`, `_IOR(0x12, 112, size_t)`: the block device's soft block
+/// size, read-only (64-bit `size_t`).
+const BLKBSZGET: u64 = 0x8008_1270;
+
 /// Every ioctl request reservd lets through.
 pub const IOCTLS: &[(u64, &str)] = &[
     (sg::SG_IO, "SG_IO"),
     // sg3_utils-style callers (libmultipath's path checks) ask first.
     (sg::SG_GET_VERSION_NUM, "SG_GET_VERSION_NUM"),
+    // The directio path checker sizes its aligned read by the block size.
+    (BLKBSZGET, "BLKBSZGET"),
     // std's set_nonblocking and close-on-exec, isatty for the logger
     // (asm-generic numbers: x86_64, aarch64, riscv64).
     (0x5421, "FIONBIO"),
@@ -109,6 +115,12 @@ pub const IOCTLS: &[(u64, &str)] = &[
     (0x5401, "TCGETS"),
     (0x5413, "TIOCGWINSZ"),
 ];
+
+/// `io_pgetevents`, which the libc crate does not name on every target.
+#[cfg(target_arch = "x86_64")]
+const SYS_IO_PGETEVENTS: libc::c_long = 333;
+#[cfg(not(target_arch = "x86_64"))]
+const SYS_IO_PGETEVENTS: libc::c_long = 292;
 
 /// System calls allowed whatever their arguments.
 fn plain_syscalls() -> Vec<i64> {
@@ -181,6 +193,8 @@ fn plain_syscalls() -> Vec<i64> {
         libc::SYS_io_destroy,
         libc::SYS_io_submit,
         libc::SYS_io_getevents,
+        // libaio 0.3.113 and later (Debian 13 on) reap with io_pgetevents.
+        SYS_IO_PGETEVENTS,
         libc::SYS_io_cancel,
         // libdevmapper's udev synchronisation.
         libc::SYS_semget,
