@@ -731,6 +731,11 @@ fn ops_metrics_count_the_commands_on_the_map() -> TestResult {
         "after REGISTER: {:?}",
         gauges(&registered)
     );
+    let took = value(&registered, "reservd_map_check_duration_seconds", &map);
+    check!(
+        took > 0.0 && took < 10.0,
+        "the count after REGISTER took {took} s"
+    );
     // Path 2's nexus loses its registration behind reservd's back; the
     // next PR OUT finds the map's key once for two paths. (A REGISTER
     // with a wrong key: reservd answers it without a command, which the

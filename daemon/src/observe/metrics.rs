@@ -537,6 +537,10 @@ fn multipath(t: &mut Text, m: &crate::backend::multipath::stats::MultipathStats)
             "When the map's registrations were last counted (after a PR OUT on it).",
         ),
         (
+            "reservd_map_check_duration_seconds",
+            "How long the last count took (the PR OUT it followed waited for it).",
+        ),
+        (
             "reservd_map_active_paths",
             "The map's active paths at the last count.",
         ),
@@ -563,6 +567,7 @@ fn multipath(t: &mut Text, m: &crate::backend::multipath::stats::MultipathStats)
             let value = match (name, &c.outcome) {
                 ("reservd_map_check_success", o) => u8::from(o.is_ok()) as f64,
                 ("reservd_map_check_timestamp_seconds", _) => seconds(c.at),
+                ("reservd_map_check_duration_seconds", _) => c.took.as_secs_f64(),
                 (_, Err(_)) => continue,
                 ("reservd_map_active_paths", Ok(n)) => n.active_paths as f64,
                 ("reservd_map_registered", Ok(n)) => u8::from(n.registered) as f64,
@@ -946,6 +951,65 @@ mod tests {
                 .unwrap_or(name);
             assert!(declared.contains(family), "{l}: undeclared");
         }
+    }
+
+    #[test]
+    fn each_maps_last_count_is_a_set_of_gauges() {
+        use crate::backend::multipath::stats::{MapCheck, MapCount, MultipathStats};
+        let m = MultipathStats::default();
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_100);
+        m.record(
+            3,
+            MapCheck {
+                name: "mpathb".into(),
+                wwid: None,
+                at,
+                took: Duration::from_millis(2),
+                outcome: Err("multipathd: connection refused".into()),
+            },
+        );
+        m.record(
+            0,
+            MapCheck {
+                name: "mpatha".into(),
+                wwid: Some("3600a0b8".into()),
+                at,
+                took: Duration::from_micros(1500),
+                outcome: Ok(MapCount {
+                    active_paths: 4,
+                    registered: true,
+                    key_registrations: 3,
+                }),
+            },
+        );
+        let mut t = Text(String::new());
+        multipath(&mut t, &m);
+        let a = "{map=\"mpatha\",wwid=\"3600a0b8\"}";
+        let b = "{map=\"mpathb\",wwid=\"\"}";
+        // By minor number: mpatha (dm-0) first.
+        assert_eq!(
+            lines(&t.0, "reservd_map_"),
+            [
+                format!("reservd_map_check_success{a} 1"),
+                format!("reservd_map_check_success{b} 0"),
+                format!("reservd_map_check_timestamp_seconds{a} 1700000100"),
+                format!("reservd_map_check_timestamp_seconds{b} 1700000100"),
+                format!("reservd_map_check_duration_seconds{a} 0.0015"),
+                format!("reservd_map_check_duration_seconds{b} 0.002"),
+                // A count that could not be taken has no counts.
+                format!("reservd_map_active_paths{a} 4"),
+                format!("reservd_map_registered{a} 1"),
+                format!("reservd_map_key_registrations{a} 3"),
+                format!("reservd_map_paths_lacking_key{a} 1"),
+            ]
+        );
+        // Every family is declared, with no map too.
+        let mut t = Text(String::new());
+        multipath(&mut t, &MultipathStats::default());
+        assert!(t.0.contains("# TYPE reservd_map_paths_lacking_key gauge\n"));
+        assert!(lines(&t.0, "reservd_map_").is_empty());
+        // Every route is listed, taken or not.
+        assert_eq!(lines(&t.0, "reservd_multipath_routes_total").len(), 8);
     }
 
     #[test]

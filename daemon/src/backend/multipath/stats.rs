@@ -20,7 +20,7 @@ use std::os::fd::BorrowedFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use super::{good, prin_cdb, Multipath, Via};
 use reservd_proto::cdb::prin_sa;
@@ -80,6 +80,8 @@ pub struct MapCheck {
     pub wwid: Option<String>,
     /// When it was checked.
     pub at: SystemTime,
+    /// How long the check took (the PR OUT it follows waited for it).
+    pub took: Duration,
     /// The counts, or why they could not be taken.
     pub outcome: Result<MapCount, String>,
 }
@@ -189,6 +191,7 @@ fn map_names(map: BorrowedFd<'_>, minor: u32) -> (String, Option<String>) {
 /// Count the registrations of the map's key after a PR OUT on it, and
 /// keep the result in `m.stats` (the module's documentation says how).
 pub(super) fn check_registrations(m: &Multipath, map: BorrowedFd<'_>, minor: u32) {
+    let started = Instant::now();
     let outcome = (|| -> Result<MapCount, String> {
         let key = m.devices.map_key(minor)?.filter(|&k| k != 0);
         let active_paths = m
@@ -219,6 +222,7 @@ pub(super) fn check_registrations(m: &Multipath, map: BorrowedFd<'_>, minor: u32
         Ok(_) => {}
         Err(e) => log::debug!("dm-{minor}: cannot count the map's registrations: {e}"),
     }
+    let took = started.elapsed();
     let (name, wwid) = map_names(map, minor);
     m.stats.record(
         minor,
@@ -226,6 +230,7 @@ pub(super) fn check_registrations(m: &Multipath, map: BorrowedFd<'_>, minor: u32
             name,
             wwid,
             at: SystemTime::now(),
+            took,
             outcome,
         },
     );
