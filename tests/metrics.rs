@@ -212,6 +212,16 @@ fn metrics_options_errors_are_one_line_and_leave_nothing() {
         assert!(ours[0].contains(needle), "{args:?}: {stderr}");
         assert!(!sock.exists(), "{args:?}: the main socket is left behind");
     }
+    // reservdctl looks where the packaged unit lets reservd create it.
+    let (status, help, _) = run_to_end(RESERVDCTL, &["metrics", "--help"]);
+    assert!(status.success());
+    assert!(
+        help.contains(&format!(
+            "[default: {}]",
+            reservd_client::metrics::DEFAULT_SOCKET
+        )),
+        "{help}"
+    );
     // A metrics socket nobody serves: reservdctl says so.
     let (code, _, err) = ctl_metrics(&dir.join("none.sock"), false);
     assert_eq!(code, 1);

@@ -126,6 +126,8 @@ pub enum Cmd {
         #[arg(
             long = "metrics-socket",
             value_name = "PATH",
+            // reservd_client::metrics::DEFAULT_SOCKET (build.rs reads
+            // this file without the crate; tests/metrics.rs compares).
             default_value = "/run/reservd/metrics.sock"
         )]
         metrics_socket: PathBuf,
