@@ -35,6 +35,7 @@
 
 pub mod library;
 pub mod multipathd;
+pub mod stats;
 pub mod syslog;
 
 use std::collections::HashMap;
@@ -185,6 +186,11 @@ pub struct Multipath {
     orders: Mutex<HashMap<u32, Arc<Mutex<()>>>>,
     /// multipath-tools' key per map minor, as multipathd last said it.
     keys: Mutex<HashMap<u32, (Option<u64>, Instant)>>,
+    /// What the metrics count (see [`stats`]).
+    pub stats: Arc<stats::MultipathStats>,
+    /// After each PR OUT on a map, count the registrations of its key
+    /// (READ KEYS on the map): reservd's metrics turn it on.
+    pub registration_checks: bool,
 }
 
 /// How long multipathd's answer for a map's key is reused by PR IN. PR OUT
@@ -251,6 +257,8 @@ impl Multipath {
             tur_timeout_ms,
             orders: Mutex::new(HashMap::new()),
             keys: Mutex::new(HashMap::new()),
+            stats: Arc::default(),
+            registration_checks: false,
         }
     }
 
@@ -264,6 +272,9 @@ impl Multipath {
                     let _order = order.lock().unwrap_or_else(|e| e.into_inner());
                     let a = self.prout(cmd, &req, minor);
                     self.forget_key(minor);
+                    if self.registration_checks {
+                        stats::check_registrations(self, cmd.fd, minor);
+                    }
                     a
                 }
                 Err(sense) => Answer::check(sense),
@@ -329,6 +340,7 @@ impl Multipath {
     /// its failure.
     fn prin_library(&self, fd: BorrowedFd<'_>, sa: u8, minor: u32) -> Answer {
         let (code, resp) = self.lib.reserve_in(fd, sa);
+        self.stats.library(stats::Call::ReserveIn, code);
         log::debug!("dm-{minor}: PR IN service action {sa}: libmpathpersist returned {code}");
         if code != mpath::SUCCESS {
             return self.failure(fd, code, minor, None);
@@ -460,6 +472,7 @@ impl Multipath {
         let c = Prout::of(req);
         let state = self.state(cmd.fd, minor);
         let route = onenexus::route(&c, state.as_ref(), self.fixes);
+        self.stats.route(&route);
         log::debug!(
             "dm-{minor}: PR OUT service action {} type {}: {state:?} -> {route:?}",
             c.service_action,
@@ -764,6 +777,7 @@ impl Multipath {
     /// A PR OUT through libmpathpersist.
     fn library(&self, fd: BorrowedFd<'_>, req: &ProutRequest, minor: u32) -> Answer {
         let code = self.lib.reserve_out(fd, req);
+        self.stats.library(stats::Call::ReserveOut, code);
         log::debug!(
             "dm-{minor}: PR OUT service action {} type {}: libmpathpersist returned {code}",
             req.service_action,
