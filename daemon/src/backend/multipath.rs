@@ -38,7 +38,7 @@ use std::time::Duration;
 use super::dm::{block_node, DmControl};
 use super::mpath::{Libmpathpersist, PersistLib};
 use super::sgio::{sg_io, SgIo, Transfer};
-use super::{BackendError, Command, PrBackend};
+use super::{BackendError, Command};
 
 use crate::cdb::{
     pad16, prin_sa, prout_sa, PrInCdb, PrOutCdb, PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT,
@@ -106,39 +106,59 @@ impl MapDevices for HostMaps {
 
     fn run(&self, via: Via<'_>, cdb: &[u8; 10], params: &[u8]) -> Answer {
         let cdb = pad16(cdb);
+        // The answer, and whether the kernel refused the command before it
+        // reached the device.
         let on = |fd: BorrowedFd<'_>| {
-            let cmd = Command {
+            self.sgio.pr_command(&Command {
                 nexus: 0,
                 peer: None,
                 fd,
                 cdb: &cdb,
                 params,
-            };
-            match self.sgio.execute(&cmd) {
-                Ok(a) => a,
+            })
+        };
+        let on_path = |node: &std::path::Path| {
+            use std::os::unix::fs::OpenOptionsExt;
+            // CAP_SYS_RAWIO lets SG_IO send PR OUT on a read-only fd.
+            match std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(node)
+            {
+                Ok(f) => on(f.as_fd()),
                 Err(e) => {
-                    log::debug!("SG_IO on a map path: {e}");
-                    failure_answer(Failure::Errno(libc::EIO))
+                    log::warn!("cannot open map path {}: {e}", node.display());
+                    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                    (failure_answer(Failure::Errno(errno)), true)
                 }
             }
         };
         match via {
-            Via::Map(fd) => on(fd),
-            Via::Path(node) => {
-                use std::os::unix::fs::OpenOptionsExt;
-                // CAP_SYS_RAWIO lets SG_IO send PR OUT on a read-only fd.
-                match std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-                    .open(node)
-                {
-                    Ok(f) => on(f.as_fd()),
-                    Err(e) => {
-                        log::warn!("cannot open map path {}: {e}", node.display());
-                        failure_answer(Failure::Errno(e.raw_os_error().unwrap_or(libc::EIO)))
+            Via::Map(fd) => {
+                let (a, not_issued) = on(fd);
+                if !not_issued {
+                    return a;
+                }
+                // device-mapper passed the ioctl to the path it would use,
+                // which failed under it (set offline, or gone) before
+                // multipathd or device-mapper marked it failed; unlike I/O,
+                // an ioctl is not retried on another path. The command
+                // never reached the device: send it down the map's other
+                // active paths.
+                let paths = self.active_paths(fd).unwrap_or_default();
+                for p in &paths {
+                    let (b, not_issued) = on_path(p);
+                    if !not_issued {
+                        log::info!(
+                            "SG_IO on the map failed below SCSI; sent down path {} instead",
+                            p.display()
+                        );
+                        return b;
                     }
                 }
+                a
             }
+            Via::Path(node) => on_path(node).0,
         }
     }
 
@@ -917,6 +937,7 @@ pub mod sim {
     use super::*;
     use crate::backend::emulated::Emulated;
     use crate::backend::Nexus;
+    use crate::backend::PrBackend;
     use std::fs::File;
 
     /// A path of the simulated map.

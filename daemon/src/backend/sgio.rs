@@ -55,7 +55,16 @@ pub struct SgResult {
     pub answer: Answer,
     /// Bytes actually transferred from the device.
     pub transferred: usize,
+    /// The kernel refused the command before it reached the device: the
+    /// ioctl failed (e.g. ENODEV for a SCSI device set offline), or the
+    /// SCSI layer rejected it for a device that is offline or gone (host
+    /// status DID_NO_CONNECT). The device did not execute it.
+    pub not_issued: bool,
 }
+
+/// Host status: the SCSI layer could not send the command (device
+/// offline or gone).
+const DID_NO_CONNECT: u16 = 0x01;
 
 /// Issue one SCSI command with SG_IO and turn the result into an answer,
 /// following qemu-pr-helper's status rules.
@@ -106,18 +115,21 @@ pub fn sg_io(fd: BorrowedFd<'_>, cdb: &[u8], xfer: Transfer<'_>, timeout_ms: u32
         return SgResult {
             answer: failure_answer(Failure::Errno(errno)),
             transferred: 0,
+            not_issued: true,
         };
     }
     if hdr.host_status != 0 {
         return SgResult {
             answer: failure_answer(Failure::HostStatus(hdr.host_status)),
             transferred: 0,
+            not_issued: hdr.host_status == DID_NO_CONNECT,
         };
     }
     if hdr.driver_status & DRIVER_TIMEOUT_MASK != 0 {
         return SgResult {
             answer: failure_answer(Failure::DriverTimeout),
             transferred: 0,
+            not_issued: false,
         };
     }
     let status = Status(hdr.status);
@@ -131,12 +143,14 @@ pub fn sg_io(fd: BorrowedFd<'_>, cdb: &[u8], xfer: Transfer<'_>, timeout_ms: u32
         return SgResult {
             answer,
             transferred: 0,
+            not_issued: false,
         };
     }
     let transferred = len.saturating_sub(hdr.resid.max(0) as usize);
     SgResult {
         answer: Answer::good(Vec::new()),
         transferred,
+        not_issued: false,
     }
 }
 
@@ -157,35 +171,42 @@ impl Default for SgIo {
     }
 }
 
-impl PrBackend for SgIo {
-    fn execute(&self, cmd: &Command<'_>) -> Result<Answer, BackendError> {
+impl SgIo {
+    /// A PR IN or OUT: its answer, and whether the kernel refused it before
+    /// it reached the device ([`SgResult::not_issued`]).
+    pub fn pr_command(&self, cmd: &Command<'_>) -> (Answer, bool) {
         // PR IN/OUT are 10-byte CDBs; the rest of the 16 bytes is padding.
         let cdb = &cmd.cdb[..10];
-        match cmd.cdb[0] {
-            PERSISTENT_RESERVE_IN => {
-                // The device sends at most the allocation length.
-                let len = transfer_length(cmd.cdb).min(DATA_SIZE);
-                Ok(with_zeroed_buffer(len, |buf| {
-                    let r = sg_io(cmd.fd, cdb, Transfer::FromDevice(buf), self.timeout_ms);
-                    let mut answer = r.answer;
-                    if answer.status == Status::GOOD {
-                        answer.data = buf[..r.transferred].to_vec();
-                        // The kernel's count: the device wrote no further.
-                        (answer, r.transferred)
-                    } else {
-                        // Whatever happened, it may have written anywhere.
-                        (answer, len)
-                    }
-                }))
-            }
-            PERSISTENT_RESERVE_OUT => {
-                let xfer = if cmd.params.is_empty() {
-                    Transfer::None
+        if cmd.cdb[0] == PERSISTENT_RESERVE_IN {
+            // The device sends at most the allocation length.
+            let len = transfer_length(cmd.cdb).min(DATA_SIZE);
+            return with_zeroed_buffer(len, |buf| {
+                let r = sg_io(cmd.fd, cdb, Transfer::FromDevice(buf), self.timeout_ms);
+                let mut answer = r.answer;
+                if answer.status == Status::GOOD {
+                    answer.data = buf[..r.transferred].to_vec();
+                    // The kernel's count: the device wrote no further.
+                    ((answer, r.not_issued), r.transferred)
                 } else {
-                    Transfer::ToDevice(cmd.params)
-                };
-                Ok(sg_io(cmd.fd, cdb, xfer, self.timeout_ms).answer)
-            }
+                    // Whatever happened, it may have written anywhere.
+                    ((answer, r.not_issued), len)
+                }
+            });
+        }
+        let xfer = if cmd.params.is_empty() {
+            Transfer::None
+        } else {
+            Transfer::ToDevice(cmd.params)
+        };
+        let r = sg_io(cmd.fd, cdb, xfer, self.timeout_ms);
+        (r.answer, r.not_issued)
+    }
+}
+
+impl PrBackend for SgIo {
+    fn execute(&self, cmd: &Command<'_>) -> Result<Answer, BackendError> {
+        match cmd.cdb[0] {
+            PERSISTENT_RESERVE_IN | PERSISTENT_RESERVE_OUT => Ok(self.pr_command(cmd).0),
             // CLEANUP concerns multipathd only; nothing to do on a plain device.
             OP_CLEANUP => Ok(Answer::status(Status::GOOD)),
             // The wire decoder lets no other opcode through; never forward one.
@@ -238,7 +259,36 @@ fn with_zeroed_buffer<T>(len: usize, f: impl FnOnce(&mut [u8]) -> (T, usize)) ->
 
 #[cfg(test)]
 mod tests {
-    use super::with_zeroed_buffer;
+    use super::{sg_io, with_zeroed_buffer, Command, SgIo, Status, Transfer};
+
+    #[test]
+    fn a_command_the_kernel_refuses_is_marked_not_issued() {
+        // A regular file: the SG_IO ioctl itself fails (ENOTTY), as it
+        // fails with ENODEV on a SCSI device set offline.
+        let path = std::env::temp_dir().join(format!("reservd-sgio-{}", std::process::id()));
+        std::fs::write(&path, [0u8; 512]).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        let mut buf = [0u8; 8];
+        let cdb = [0x5e, 0, 0, 0, 0, 0, 0, 0, 8, 0];
+        let r = sg_io(
+            std::os::fd::AsFd::as_fd(&f),
+            &cdb,
+            Transfer::FromDevice(&mut buf),
+            1000,
+        );
+        let _ = std::fs::remove_file(&path);
+        assert!(r.not_issued);
+        assert_eq!(r.answer.status, Status::CHECK_CONDITION);
+        let (a, not_issued) = SgIo::default().pr_command(&Command {
+            nexus: 0,
+            peer: None,
+            fd: std::os::fd::AsFd::as_fd(&f),
+            cdb: &crate::cdb::pad16(&cdb),
+            params: &[],
+        });
+        assert!(not_issued);
+        assert_eq!(a, r.answer);
+    }
 
     #[test]
     fn the_buffer_is_zeros_again_after_what_was_written() {
