@@ -396,7 +396,33 @@ impl Multipath {
         match route {
             Route::Answer(a) => a,
             Route::OnePath => self.run(Via::Map(cmd.fd), cdb10, cmd.params),
-            Route::Library => self.library(cmd.fd, req, minor),
+            Route::Library => {
+                let a = self.library(cmd.fd, req, minor);
+                if c.service_action != prout_sa::RESERVE || good(&a) {
+                    return a;
+                }
+                // libmpathpersist sends a RESERVE down the first path its
+                // own TEST UNIT READY finds up, which may be one that just
+                // came back and on which multipathd has not registered the
+                // map's key yet (it puts the path back into device-mapper's
+                // table only after that): the LU refuses a RESERVE from an
+                // unregistered nexus (RESERVATION CONFLICT; LIO answers NOT
+                // READY). Device-mapper's active paths carry the key: the
+                // RESERVE goes once more, down the map. If that one
+                // reserves, it is the map's answer; otherwise the library's
+                // answer stands (the LU's own refusal: another node holds
+                // the reservation, or the map is not registered).
+                let again = self.run(Via::Map(cmd.fd), cdb10, cmd.params);
+                if good(&again) {
+                    log::info!(
+                        "dm-{minor}: RESERVE through libmpathpersist failed (status {:#04x}); \
+                         down the map's active paths it succeeded",
+                        a.status.0
+                    );
+                    return again;
+                }
+                a
+            }
             Route::LibraryRegister => self.library(cmd.fd, &register_ignoring_key(req), minor),
             Route::ReleaseOnPaths => self.release_on_paths(cmd.fd, &c, minor),
             Route::ReleaseThenUnregister => {
@@ -945,6 +971,9 @@ pub mod sim {
         pub node: PathBuf,
         pub nexus: Nexus,
         pub active: bool,
+        /// Set running again, not reinstated yet: libmpathpersist's own
+        /// check finds it up, device-mapper does not use it.
+        pub returning: bool,
     }
 
     pub struct SimMap {
@@ -978,6 +1007,7 @@ pub mod sim {
                             node: PathBuf::from(format!("/dev/sim{i}")),
                             nexus: i as Nexus,
                             active: true,
+                            returning: false,
                         })
                         .collect(),
                 ),
@@ -990,6 +1020,22 @@ pub mod sim {
 
         pub fn set_active(&self, i: usize, active: bool) {
             self.paths.lock().unwrap()[i].active = active;
+        }
+
+        pub fn set_returning(&self, i: usize, returning: bool) {
+            self.paths.lock().unwrap()[i].returning = returning;
+        }
+
+        /// The paths the library finds up: device-mapper's active ones and
+        /// those coming back.
+        fn library_paths(&self) -> Vec<(PathBuf, Nexus)> {
+            self.paths
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|p| p.active || p.returning)
+                .map(|p| (p.node.clone(), p.nexus))
+                .collect()
         }
 
         fn note(&self, e: String) {
@@ -1209,7 +1255,7 @@ pub mod sim {
                 return mpath_pr::SYNTAX_ERROR;
             }
             drop(prkey);
-            let active = self.active();
+            let active = self.library_paths();
             if active.is_empty() {
                 return mpath_pr::DMMP_ERROR;
             }
@@ -1350,6 +1396,42 @@ mod tests {
         assert_eq!(sim.keys(NODE2), vec![OTHER, K, K]);
         // One RELEASE down one path, no library call.
         assert_eq!(sim.take_events(), vec!["sg 2 on 1"]);
+    }
+
+    #[test]
+    fn a_reserve_the_library_sends_down_a_path_not_registered_yet_goes_down_the_map() {
+        let sim = SimMap::new(2);
+        let m = multipath(&sim, Fixes::ALL);
+        assert_eq!(sim.out(NODE2, REGISTER, 0, 0, OTHER), ok());
+        assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+        // Path 1 fails; node 2 fences the map, which registers again
+        // (through path 2 only).
+        sim.set_active(0, false);
+        assert_eq!(sim.out(NODE2, PREEMPT, 5, OTHER, K), ok());
+        assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+        assert!(!sim.registered(1) && sim.registered(2));
+        // Path 1 is back before multipathd registered the key on it: the
+        // library sends the RESERVE down it, and the LU refuses.
+        sim.set_returning(0, true);
+        sim.take_events();
+        assert_eq!(out(&m, &sim, RESERVE, 5, K, 0), ok());
+        let r = sim.reservation(NODE2).unwrap();
+        assert_eq!((r.key, r.pr_type), (K, 5));
+        assert_eq!(sim.take_events(), vec!["lib 1 on 1", "sg 1 on 2"]);
+        // A refusal that is the LU's: node 2 holds the reservation.
+        assert_eq!(out(&m, &sim, RELEASE, 5, K, 0), ok());
+        // (node 2 first takes its unit attention, RESERVATIONS RELEASED)
+        let mut a = sim.out(NODE2, RESERVE, 5, OTHER, 0);
+        if is_unit_attention(&a) {
+            a = sim.out(NODE2, RESERVE, 5, OTHER, 0);
+        }
+        assert_eq!(a, ok());
+        sim.take_events();
+        assert_eq!(out(&m, &sim, RESERVE, 5, K, 0), conflict());
+        assert_eq!(
+            sim.reservation(NODE2).map(|r| (r.key, r.pr_type)),
+            Some((OTHER, 5))
+        );
     }
 
     #[test]
