@@ -42,7 +42,7 @@ const GROUPS: &[&str] = &[
     "conformance",
 ];
 /// Shell scenarios run as they are (tests/vm/scenarios/NAME.sh).
-const SHELL_SCENARIOS: &[&str] = &["smoke", "multipath", "libiscsi"];
+const SHELL_SCENARIOS: &[&str] = &["smoke", "multipath", "libiscsi", "faultpath"];
 /// Shell scenarios on another Debian release's userspace and multipath-tools
 /// (`run-vm.sh --release`), as test `vm_NAME_RELEASE`; the groups and
 /// scenarios above run on the host's (bookworm, or RESERVD_VM_RELEASE).
