@@ -18,6 +18,8 @@
 
 #[path = "e2e/conformance.rs"]
 mod conformance;
+#[path = "e2e/flap.rs"]
+mod flap;
 mod frames;
 #[path = "e2e/guest.rs"]
 mod guest;
@@ -40,7 +42,13 @@ const GROUPS: &[&str] = &[
     "access",
     "package",
     "conformance",
+    "flap",
 ];
+/// Groups that need more of the bed than its default (`tests/vm/maps.sh`).
+const GROUP_ENV: &[(&str, &[(&str, &str)])] = &[(
+    "flap",
+    &[("RESERVD_VM_MAPS", "2"), ("RESERVD_VM_MAPS_NODE2", "1")],
+)];
 /// Shell scenarios run as they are (tests/vm/scenarios/NAME.sh).
 const SHELL_SCENARIOS: &[&str] = &["smoke", "multipath", "libiscsi", "faultpath"];
 /// Shell scenarios on another Debian release's userspace and multipath-tools
@@ -160,10 +168,26 @@ fn main() {
             continue;
         }
         println!("test {name} ... booting the VM");
+        let group = name.trim_start_matches("vm_");
+        let envs = GROUP_ENV
+            .iter()
+            .find(|(g, _)| *g == group)
+            .map_or(&[][..], |(_, e)| e);
+        // the flap group runs RESERVD_FLAP_SECS (60) of path failures
+        let flap_secs: u64 = std::env::var("RESERVD_FLAP_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(60);
+        let timeout = if group == "flap" {
+            900.max(flap_secs + 600)
+        } else {
+            900
+        };
         let status = Command::new(root().join("tests/vm/run-vm.sh"))
-            .args(["--timeout", "900"])
+            .args(["--timeout", &timeout.to_string()])
             .args(options)
             .args(scenario)
+            .envs(envs.iter().copied())
             .current_dir(root())
             .status();
         match status {

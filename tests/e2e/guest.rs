@@ -88,6 +88,7 @@ pub fn run(group: &str) -> i32 {
         "ops" => crate::ops::scenarios(),
         "access" => access::scenarios(),
         "conformance" => crate::conformance::scenarios(),
+        "flap" => crate::flap::scenarios(),
         _ => {
             eprintln!("unknown guest group '{group}'");
             return 2;
