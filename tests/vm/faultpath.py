@@ -426,6 +426,8 @@ def scsi_nodes(hctl, block):
     sd = f"/dev/{os.path.basename(sd[0])}" if sd else ""
     if not os.path.exists(sg) or (sd and not os.path.exists(sd)):
         return None
+    if sd and not os.path.exists(f"/sys/block/{os.path.basename(sd)}"):
+        return None
     return sd, sg
 
 
@@ -510,7 +512,7 @@ def add(map_arg, name, wait_secs):
     outer_tpg, outer_hctl = new_tpg(outer_wwn, outer_init)
     os.symlink(dev, f"{outer_tpg}/lun/lun_0/{name}")
     sd, sg = wait_for(30, f"the new path's sd and sg nodes ({outer_hctl})", lambda: scsi_nodes(outer_hctl, True))
-    got = read(f"/sys/block/{os.path.basename(sd)}/device/wwid")
+    got = read(f"/sys/bus/scsi/devices/{outer_hctl}/wwid")
     if got.lower() != f"naa.{wwid[1:]}".lower():
         die(f"{sd} reports WWID {got}, expected naa.{wwid[1:]}")
     if wait_secs:
