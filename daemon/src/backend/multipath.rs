@@ -699,7 +699,20 @@ impl Multipath {
 
     /// A PR OUT through libmpathpersist.
     fn library(&self, fd: BorrowedFd<'_>, req: &ProutRequest, minor: u32) -> Answer {
-        let code = self.lib.reserve_out(fd, req);
+        let mut code = self.lib.reserve_out(fd, req);
+        // When a path fails under libmpathpersist while it registers (its
+        // device set offline between the library's look at the paths and
+        // its command to it: the open or the SG_IO fails), the library
+        // reports that path's failure, although the others registered. A
+        // REGISTER AND IGNORE EXISTING KEY done twice changes nothing: once
+        // more, the library finds that path down and skips it.
+        if req.service_action == prout_sa::REGISTER_AND_IGNORE && failed_below_scsi(code) {
+            log::info!(
+                "dm-{minor}: REGISTER AND IGNORE EXISTING KEY through libmpathpersist failed \
+                 below SCSI ({code}); once more"
+            );
+            code = self.lib.reserve_out(fd, req);
+        }
         log::debug!(
             "dm-{minor}: PR OUT service action {} type {}: libmpathpersist returned {code}",
             req.service_action,
@@ -796,6 +809,17 @@ impl Multipath {
         }
         failure_answer(Failure::Mpath(code))
     }
+}
+
+/// Whether a libmpathpersist code stands for a failure that is no answer of
+/// the device: a path device it could not open, an SG_IO that failed (0.9.4
+/// returns -1), a transport error, a thread it could not start.
+fn failed_below_scsi(code: i32) -> bool {
+    code < 0
+        || matches!(
+            code,
+            mpath_pr::FILE_ERROR | mpath_pr::OTHER | mpath_pr::THREAD_ERROR
+        )
 }
 
 /// `req` as REGISTER AND IGNORE EXISTING KEY with the same SERVICE ACTION
@@ -989,6 +1013,9 @@ pub mod sim {
         /// library calls.
         pub events: Mutex<Vec<String>>,
         pub suspended: Mutex<bool>,
+        /// The path (index) that fails under the library's next command to
+        /// it: set offline before the command, which fails (FILE_ERROR).
+        pub fails_under_library: Mutex<Option<usize>>,
     }
 
     /// The other node's nexus.
@@ -1015,6 +1042,7 @@ pub mod sim {
                 multipathd_up: true,
                 events: Mutex::new(Vec::new()),
                 suspended: Mutex::new(false),
+                fails_under_library: Mutex::new(None),
             })
         }
 
@@ -1117,6 +1145,16 @@ pub mod sim {
         /// prout_do_scsi_ioctl: unit attentions retried.
         fn lib_out(&self, nexus: Nexus, sa: u8, scope: u8, t: u8, params: &[u8]) -> i32 {
             self.note(format!("lib {sa} on {nexus}"));
+            let mut fails = self.fails_under_library.lock().unwrap();
+            if let Some(i) = *fails {
+                let mut paths = self.paths.lock().unwrap();
+                if paths[i].nexus == nexus {
+                    paths[i].active = false;
+                    *fails = None;
+                    return mpath_pr::FILE_ERROR;
+                }
+            }
+            drop(fails);
             let mut a = self.send(nexus, &prout_cdb(sa, scope, t), params);
             for _ in 0..3 {
                 if !is_unit_attention(&a) {
@@ -1432,6 +1470,22 @@ mod tests {
             sim.reservation(NODE2).map(|r| (r.key, r.pr_type)),
             Some((OTHER, 5))
         );
+    }
+
+    #[test]
+    fn a_path_failing_under_the_library_while_it_registers_is_no_failure() {
+        let sim = SimMap::new(2);
+        let m = multipath(&sim, Fixes::ALL);
+        *sim.fails_under_library.lock().unwrap() = Some(0);
+        assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+        assert_eq!(sim.keys(NODE2), vec![K]);
+        assert!(!sim.registered(1) && sim.registered(2));
+        // The library's second call no longer sees path 1.
+        assert_eq!(
+            sim.take_events(),
+            vec!["lib 6 on 1", "lib 6 on 2", "lib 6 on 2"]
+        );
+        assert_eq!(*sim.prkey.lock().unwrap(), Some(K));
     }
 
     #[test]
