@@ -45,6 +45,7 @@ command to $FAULTPATH_LOG:
     <arrival, epoch s> id=<tag> op=<opcode>/<service action> held_ms=<ms> <passed status=0xNN|aborted>
 
 and one per task management function the initiator sent (`tmr type=N ids=...`).
+The file `held` next to the log says how many commands wait now.
 """
 
 import ctypes
@@ -261,6 +262,7 @@ class Handler:
         self.sg = os.open(inner_sg, os.O_RDWR)
         self.ctl = Control(os.path.join(statedir, "ctl"))
         self.log = open(os.path.join(statedir, "log"), "a", buffering=1)
+        self.held_file = os.path.join(statedir, "held")
         self.lock = threading.Lock()
         self.pos = struct.unpack_from("<I", self.mm, MB_CMD_TAIL)[0]
         self.tail = self.pos
@@ -310,6 +312,7 @@ class Handler:
         ev = threading.Event()
         with self.lock:
             self.held[cmd_id] = ev
+            self.count_held()
         threading.Thread(target=self.hold, args=(cmd_id, cdb, iovs, ev), daemon=True).start()
 
     def hold(self, cmd_id, cdb, iovs, aborted):
@@ -324,6 +327,7 @@ class Handler:
                 break
         with self.lock:
             self.held.pop(cmd_id, None)
+            self.count_held()
         waited_ms = (time.monotonic() - t0) * 1000
         sa = cdb[1] & 0x1F if len(cdb) > 1 else 0
         what = f"{arrival:.3f} id={cmd_id} op={cdb[0]:02x}/{sa:02x} held_ms={waited_ms:.0f}"
@@ -333,6 +337,13 @@ class Handler:
             return
         status = self.pass_on(cmd_id, cdb, iovs)
         self.log.write(f"{what} passed status=0x{status:02x}\n")
+
+    def count_held(self):
+        """$STATE/NAME/held: how many commands wait now (under self.lock)."""
+        tmp = f"{self.held_file}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{len(self.held)}\n")
+        os.rename(tmp, self.held_file)
 
     def pass_on(self, cmd_id, cdb, iovs):
         try:

@@ -5,7 +5,8 @@
 #   * the new path is one more I_T nexus of the same LU (same WWID, joins the
 #     map; a registration made through it is one the other paths and node 2
 #     see; a reservation conflict is the LU's own);
-#   * a held PR IN/OUT answers after the chosen time, with the LU's answer;
+#   * a held PR IN/OUT answers after the chosen time (3 s, 1.5 s), with the
+#     LU's answer;
 #     meanwhile the path's other commands, the map's other paths and node 2
 #     answer at once;
 #   * a held command can be released early, and one whose initiator gives up
@@ -50,6 +51,15 @@ timed() {
 }
 # within MS LO HI: the last timed command took between LO and HI ms
 within() { ((MS >= $1 && MS <= $2)) || fail "took $MS ms, expected $1..$2 ms"; }
+# held_now: wait (5 s at most) until the handler holds a command
+held_now() {
+    local i n
+    for ((i = 0; i < 100; i++)); do
+        read -r n <"${FAULTPATH_LOG%/log}/held" 2>/dev/null && ((n > 0)) && return 0
+        sleep 0.05
+    done
+    fail "no command held after 5 s"
+}
 # logged PATTERN: the handler's log has a line matching PATTERN (grep -E)
 logged() { grep -E -- "$1" "$FAULTPATH_LOG" || fail "no line '$1' in $FAULTPATH_LOG: $(cat "$FAULTPATH_LOG")"; }
 fullstatus_has() {   # fullstatus_has SG INITIATOR KEY: READ FULL STATUS through SG lists INITIATOR with KEY
@@ -89,37 +99,39 @@ ok sg_persist --out --register --param-rk=0xfa01 --param-sark=0 "$FAULTPATH_SG"
 expect_no_keys "$N2"
 
 step "3. Baseline: no fault"
+# (each figure includes starting a process: 0.1 to 0.8 s in this guest)
 timed "PR IN READ KEYS through the fault path, no fault" sg_persist --in -k "$FAULTPATH_SG"
-within 0 1000
+within 0 2500
 timed "PR IN READ KEYS through path 1, no fault" sg_persist --in -k "$SG1"
-within 0 1000
+within 0 2500
 
-step "4. PR commands held 1500 ms; the path's TUR, path 1 and node 2 answer meanwhile"
-ok fpset delay=1500 ops=pr
+step "4. PR commands held 3000 ms; the path's TUR, path 1 and node 2 answer meanwhile"
+ok fpset delay=3000 ops=pr
 t0=$(now_ms)
 sg_persist --in -k "$FAULTPATH_SG" >/tmp/fp-held.out 2>&1 &
 held=$!
-sleep 0.3
+held_now
 timed "TEST UNIT READY through the fault path while a PR IN is held" sg_turs "$FAULTPATH_SG"
-within 0 1000
+within 0 2500
 timed "PR IN through path 1 while the fault path's PR IN is held" sg_persist --in -k "$SG1"
-within 0 1000
+within 0 2500
 timed "PR IN through node 2 while the fault path's PR IN is held" sg_persist --in -k "$N2"
-within 0 1000
+within 0 2500
 wait "$held" || fail "the held READ KEYS failed: $(cat /tmp/fp-held.out)"
-MS=$(( $(now_ms) - t0 )); TIMES+=("PR IN held 1500 ms, until answered|$MS")
+MS=$(( $(now_ms) - t0 )); TIMES+=("PR IN held 3000 ms, until answered|$MS")
 echo "  held READ KEYS answered after $MS ms"
-within 1450 4000
-logged "op=5e/00 held_ms=1[4-9][0-9][0-9] passed status=0x00"
-timed "PR OUT REGISTER held 1500 ms" sg_persist --out --register --param-sark=0xfa02 "$FAULTPATH_SG"
+within 2950 8000
+logged "op=5e/00 held_ms=3[0-9][0-9][0-9] passed status=0x00"
+timed "PR OUT REGISTER held 3000 ms" sg_persist --out --register --param-sark=0xfa02 "$FAULTPATH_SG"
 ((RC == 0)) || fail "held REGISTER failed"
-within 1450 4000
+within 2950 8000
 expect_keys "$SG1" 0xfa02 1
-logged "op=5f/00 held_ms=1[4-9][0-9][0-9] passed status=0x00"
+logged "op=5f/00 held_ms=3[0-9][0-9][0-9] passed status=0x00"
 # the LU's own answer comes back after the hold: a wrong key conflicts
+ok fpset delay=1500 ops=pr
 timed "PR OUT RESERVE with a wrong key, held 1500 ms" sg_persist --out --reserve --param-rk=0x9999 --prout-type=5 "$FAULTPATH_SG"
 ((RC == 24)) || fail "RESERVE with a wrong key: exit $RC, expected 24 (RESERVATION CONFLICT)"
-within 1450 4000
+within 1450 6000
 logged "op=5f/01 held_ms=1[4-9][0-9][0-9] passed status=0x18"
 
 step "5. Held until released: delay=-1, then delay=0 after 1 s"
@@ -127,12 +139,13 @@ ok fpset delay=-1
 t0=$(now_ms)
 sg_persist --in -k "$FAULTPATH_SG" >/tmp/fp-held.out 2>&1 &
 held=$!
+held_now
 sleep 1
 fpset delay=0
 wait "$held" || fail "the released READ KEYS failed: $(cat /tmp/fp-held.out)"
 MS=$(( $(now_ms) - t0 )); TIMES+=("PR IN held until released after 1 s|$MS")
 echo "  released READ KEYS answered after $MS ms"
-within 950 3000
+within 950 5000
 has_key=$(cat /tmp/fp-held.out)
 grep -qi 0xfa02 <<<"$has_key" || fail "the released READ KEYS does not list 0xfa02: $has_key"
 
@@ -151,11 +164,11 @@ ok fpset delay=0
 expect_keys "$SG1" 0xfa02 1
 
 step "7. ops=all: every command of the path waits, TEST UNIT READY included"
-ok fpset delay=800 ops=all
-timed "TEST UNIT READY through the fault path, ops=all delay=800" sg_turs "$FAULTPATH_SG"
-within 750 3000
-timed "TEST UNIT READY through path 1 meanwhile" sg_turs "$SG1"
-within 0 700
+ok fpset delay=2500 ops=all
+timed "TEST UNIT READY through the fault path, ops=all delay=2500" sg_turs "$FAULTPATH_SG"
+within 2450 8000
+timed "TEST UNIT READY through path 1, ops=all on the fault path" sg_turs "$SG1"
+within 0 2000
 ok fpset delay=0 ops=pr
 ok sg_persist --out --register --param-rk=0xfa02 --param-sark=0 "$FAULTPATH_SG"
 expect_no_keys "$SG1"
