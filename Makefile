@@ -41,7 +41,7 @@ outputs := $(out)/reservd $(out)/reservdctl $(gen)/reservd.8 \
 
 # Everything cargo reads to build the two binaries.
 sources := Cargo.toml Cargo.lock build.rs \
-	$(shell find src daemon mpath-sys -type f \
+	$(shell find src proto daemon client mpath-sys -type f \
 		\( -name '*.rs' -o -name '*.h' -o -name Cargo.toml -o -name build.rs \) 2>/dev/null)
 
 missing := $(strip $(foreach f,$(outputs),$(if $(wildcard $(f)),,$(f))))

@@ -3,17 +3,15 @@
 
 use std::path::PathBuf;
 
-#[path = "daemon/src/cli.rs"]
-#[allow(dead_code)]
+#[path = "daemon/src/start/cli.rs"]
 mod cli;
 
 #[path = "src/bin/reservdctl/cli.rs"]
-#[allow(dead_code)]
 mod ctl_cli;
 
 fn main() -> std::io::Result<()> {
     use clap::CommandFactory;
-    println!("cargo:rerun-if-changed=daemon/src/cli.rs");
+    println!("cargo:rerun-if-changed=daemon/src/start/cli.rs");
     println!("cargo:rerun-if-changed=src/bin/reservdctl/cli.rs");
     println!("cargo:rerun-if-changed=build.rs");
     // multipath-tools' libraries log through vsyslog: reservd's own

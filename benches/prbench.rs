@@ -21,18 +21,17 @@
 //! the program says how to use it and exits successfully.
 
 use std::fs::{File, OpenOptions};
-use std::io::Read;
 use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use reservd_client::client::Client;
 use reservd_daemon::backend::sgio::{sg_io, Transfer};
-use reservd_daemon::client::Client;
+use reservd_testkit::spawn::{self, Ready};
 
 /// PR IN READ KEYS with an allocation length of 8 KiB, as QEMU sends it
 /// for a guest asking with a large buffer.
@@ -124,8 +123,7 @@ fn load(args: &[String]) {
 // ---------------------------------------------------------------- daemons
 
 struct Daemon {
-    child: Child,
-    sock: PathBuf,
+    d: spawn::Daemon,
     /// Time from spawn to the 4 handshake bytes.
     startup: Duration,
     /// When it was spawned.
@@ -135,6 +133,7 @@ struct Daemon {
 }
 
 impl Daemon {
+    #[allow(unsafe_code)] // pre_exec, to hide device-mapper from the child
     fn start(opts: &Opts, kind: Kind, hide_dm: bool) -> Daemon {
         let dir = std::env::temp_dir();
         let tag = match kind {
@@ -142,17 +141,13 @@ impl Daemon {
             Kind::Qemu => "qemu",
         };
         let sock = dir.join(format!("prbench-{tag}-{}.sock", std::process::id()));
-        let _ = std::fs::remove_file(&sock);
+        let log = dir.join(format!("prbench-{tag}-{}.log", std::process::id()));
         let bin = match kind {
             Kind::Reservd => &opts.reservd,
             Kind::Qemu => &opts.qemu,
         };
         let mut cmd = Command::new(bin);
-        cmd.arg("-k")
-            .arg(&sock)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.arg("-k").arg(&sock);
         if hide_dm {
             // SAFETY: the closure runs in the forked child before exec and
             // calls only async-signal-safe system calls (unshare, mount)
@@ -181,37 +176,21 @@ impl Daemon {
                 });
             }
         }
-        let t0 = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let deadline = t0 + Duration::from_secs(30);
-        loop {
-            if let Ok(mut s) = UnixStream::connect(&sock) {
-                let mut f = [0u8; 4];
-                if s.read_exact(&mut f).is_ok() {
-                    let startup = t0.elapsed();
-                    return Daemon {
-                        child,
-                        sock,
-                        startup,
-                        spawned: t0,
-                        loads_mpath: matches!(kind, Kind::Reservd)
-                            && !hide_dm
-                            && std::path::Path::new("/dev/mapper/control").exists(),
-                    };
-                }
-            }
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!("{} exited during start-up: {st}", bin.display());
-            }
-            assert!(Instant::now() < deadline, "{} did not start", bin.display());
-            std::thread::sleep(Duration::from_micros(100));
+        // Ready when it answers a connection with its feature bytes.
+        let d = spawn::Daemon::start(cmd, &sock, &log, Ready::Hello)
+            .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+        Daemon {
+            startup: d.spawned.elapsed(),
+            spawned: d.spawned,
+            d,
+            loads_mpath: matches!(kind, Kind::Reservd)
+                && !hide_dm
+                && std::path::Path::new("/dev/mapper/control").exists(),
         }
     }
 
     fn client(&self) -> Client {
-        Client::connect(&self.sock).expect("connect")
+        self.d.client().expect("connect")
     }
 
     /// For reservd with device-mapper visible, which loads libmpathpersist
@@ -221,7 +200,7 @@ impl Daemon {
         if !self.loads_mpath {
             return;
         }
-        let maps = format!("/proc/{}/maps", self.child.id());
+        let maps = format!("/proc/{}/maps", self.d.pid());
         let t = Instant::now();
         while t.elapsed() < limit {
             if std::fs::read_to_string(&maps).is_ok_and(|m| m.contains(name)) {
@@ -233,7 +212,7 @@ impl Daemon {
 
     /// VmRSS in KiB.
     fn rss_kib(&self) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.d.pid())).unwrap();
         s.lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.split_whitespace().next())
@@ -244,24 +223,15 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.sock);
+        self.d.stop();
+        let _ = std::fs::remove_file(&self.d.log);
     }
 }
 
 fn raise_fd_limit() {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write only the rlimit struct we
-    // pass, which lives for the duration of the calls.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
-            r.rlim_cur = r.rlim_max.min(65536);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard.min(65536), hard);
     }
 }
 
@@ -378,13 +348,13 @@ fn via<'a>(client: &'a mut Client, disk: &'a File) -> impl FnMut() + 'a {
 fn raw_sg_io(disk: &File) -> impl FnMut() + '_ {
     let mut buf = vec![0u8; 8192];
     move || {
-        let r = sg_io(
+        let (answer, _) = sg_io(
             disk.as_fd(),
             &READ_KEYS,
             Transfer::FromDevice(&mut buf),
             30_000,
         );
-        assert_eq!(r.answer.status.0, 0, "raw READ KEYS failed");
+        assert_eq!(answer.status.0, 0, "raw READ KEYS failed");
     }
 }
 
@@ -437,7 +407,7 @@ fn start_both(opts: &Opts, disk: &File, status: u8, what: &str) -> (Daemon, Daem
     let q = Daemon::start(opts, Kind::Qemu, false);
     for d in [&r, &q] {
         let a = d.client().execute(&READ_KEYS, disk.as_fd(), &[]).unwrap();
-        assert_eq!(a.status, status, "READ KEYS on {what}: {a:?}");
+        assert_eq!(a.status.0, status, "READ KEYS on {what}: {a:?}");
     }
     (r, q)
 }
@@ -470,7 +440,7 @@ fn first_map_answer(opts: &Opts, kind: Kind, map: &File, n: usize) -> Duration {
             let d = Daemon::start(opts, kind, false);
             let a = d.client().execute(&READ_KEYS, map.as_fd(), &[]).unwrap();
             let t = d.spawned.elapsed();
-            assert_eq!(a.status, 0, "READ KEYS on the map: {a:?}");
+            assert_eq!(a.status.0, 0, "READ KEYS on the map: {a:?}");
             t
         })
         .collect();
@@ -712,7 +682,7 @@ fn spawn_read_keys(fd: &File) -> std::thread::JoinHandle<u8> {
             Transfer::FromDevice(&mut buf),
             30_000,
         )
-        .answer
+        .0
         .status
         .0
     })
@@ -970,7 +940,7 @@ fn guest(opts: &Opts) {
         let mut b = d.client();
         h.push(hang_phases(
             &hang,
-            d.child.id(),
+            d.d.pid(),
             &mut || {
                 let mut a = d.client();
                 let hf = hang_fd.try_clone().unwrap();
@@ -1173,7 +1143,7 @@ impl Looper {
                 let t = Instant::now();
                 let a = c.execute(&READ_KEYS, f.as_fd(), &[]).expect("request");
                 v.push((t, t.elapsed()));
-                assert_eq!(a.status, 0, "READ KEYS on {dev}: {a:?}");
+                assert_eq!(a.status.0, 0, "READ KEYS on {dev}: {a:?}");
                 n.fetch_add(1, Ordering::Relaxed);
             }
             v
@@ -1345,7 +1315,7 @@ fn maps(opts: &Opts) {
         let a = d.client().execute(&READ_KEYS, a_dev.as_fd(), &[]).unwrap();
         let took = t.elapsed();
         faults.iter().for_each(|f| f.hold(Duration::ZERO));
-        assert_eq!(a.status, 0, "held READ KEYS on map A: {a:?}");
+        assert_eq!(a.status.0, 0, "held READ KEYS on map A: {a:?}");
         assert!(
             took >= opts.hang.mul_f64(0.9),
             "READ KEYS on map A held {hang_ms} ms answered after {took:?}"

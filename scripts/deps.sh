@@ -4,13 +4,13 @@
 #   scripts/deps.sh test    -- to build and run every test (adds QEMU, qemu-pr-helper,
 #                              sg3-utils, busybox, kmod, cpio for the VM test bed,
 #                              libiscsi-bin's iscsi-test-cu, debootstrap for the test
-#                              bed's trixie and sid roots, and the Debian and RPM
-#                              packaging tools)
+#                              bed's trixie and sid roots and the pr-helper image,
+#                              podman, and the Debian and RPM packaging tools)
 set -euo pipefail
 want=(libclang-dev multipath-tools pkg-config)
 if [ "${1:-build}" = test ]; then
     want+=(qemu-system-x86 qemu-system-common busybox-static cpio kmod sg3-utils udev systemd
-           python3 xz-utils libiscsi-bin debootstrap debhelper dpkg-dev lintian rpm man-db)
+           python3 xz-utils libiscsi-bin debootstrap podman debhelper dpkg-dev lintian rpm man-db)
 fi
 missing=()
 for p in "${want[@]}"; do

@@ -1,7 +1,7 @@
 //! The reservd daemon. Everything but argument handling is in the library.
 
 use clap::Parser;
-use reservd_daemon::cli::Cli;
+use reservd_daemon::start::cli::Cli;
 
 fn main() {
     let cli = match Cli::try_parse() {
@@ -35,7 +35,7 @@ fn main() {
 /// Under systemd, fatal errors carry the journal's error priority, like the
 /// logger's own lines.
 fn error_prefix() -> &'static str {
-    if reservd_daemon::logging::stderr_is_journal() {
+    if reservd_daemon::observe::journal::stderr_is_journal() {
         "<3>"
     } else {
         ""

@@ -3,22 +3,27 @@
 //! thread, then the real daemon serving under it), `--allow-uid` and
 //! `--allow-gid` checked against the client's credentials, and the mode
 //! and group of the socket reservd creates.
-
-mod frames;
-mod support;
+//!
+//! Raw system calls probe the filter and change credentials in forked
+//! children: this file opts in to `unsafe`, each block with its SAFETY.
+#![allow(unsafe_code)]
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use frames::*;
-use reservd_daemon::seccomp::{self, Mode};
-use support::*;
+use reservd_daemon::sandbox::seccomp::{self, Mode};
+use reservd_testkit::disks::*;
+use reservd_testkit::frames::*;
+use reservd_testkit::spawn::*;
+
+/// The daemon under test.
+const RESERVD: &str = env!("CARGO_BIN_EXE_reservd");
 
 fn serve(sock: &Path, extra: &[&str]) -> Proc {
     let mut args = vec!["-k", sock.to_str().unwrap()];
     args.extend_from_slice(extra);
-    let mut p = Proc::reservd(&args);
+    let mut p = Proc::start(RESERVD, &args);
     p.wait_socket(sock);
     p
 }
@@ -30,7 +35,7 @@ fn read_keys_on_a_file(sock: &Path, dir: &TempDir) {
     let (mut c, _) = hello(sock, 0);
     let f = regular_file(dir, "disk.img");
     send_frame(&c, &read_keys(0x2000), &[f.as_fd()]);
-    let out = read_outcome(&mut c);
+    let out = read_reply(&mut c);
     assert_eq!(out.status(), 0x02);
     assert_eq!(out.sense_code(), (0x0b, 0x00, 0x06));
 }
@@ -69,59 +74,60 @@ fn probe(mode: Mode) -> Probe {
         .spawn()
         .unwrap();
     let other_pid = other.id() as libc::c_long;
-    let p = std::thread::spawn(move || {
-        // SAFETY: prctl with integer arguments; NO_NEW_PRIVS is per thread.
-        let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
-        assert_eq!(r, 0);
-        seccomp::install_this_thread(mode, pid).unwrap();
-        let close = |r: Result<i32, i32>| {
-            if let Ok(fd) = r {
-                // SAFETY: fd was just returned by socket() and is closed once.
-                unsafe { libc::close(fd) };
+    let p =
+        std::thread::spawn(move || {
+            // SAFETY: prctl with integer arguments; NO_NEW_PRIVS is per thread.
+            let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+            assert_eq!(r, 0);
+            seccomp::install_this_thread(mode, pid).unwrap();
+            let close = |r: Result<i32, i32>| {
+                if let Ok(fd) = r {
+                    // SAFETY: fd was just returned by socket() and is closed once.
+                    unsafe { libc::close(fd) };
+                }
+                r
+            };
+            let mut size: u64 = 0;
+            let mut hdr = [0u8; 88];
+            // SAFETY: socket() with integer arguments.
+            let socket_inet =
+                close(errno_result(
+                    unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) } as libc::c_long,
+                ));
+            // SAFETY: as above.
+            let socket_unix =
+                close(errno_result(
+                    unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) } as libc::c_long,
+                ));
+            // SAFETY: BLKGETSIZE64 writes a u64 to `size`; fd is open.
+            let blkgetsize64 =
+                errno_result(
+                    unsafe { libc::ioctl(fd, 0x8008_1272_u32 as _, &mut size as *mut u64) }
+                        as libc::c_long,
+                );
+            // SAFETY: a regular file answers SG_IO with ENOTTY before reading
+            // the header; `hdr` is as large as sg_io_hdr anyway.
+            let sg_io = errno_result(unsafe {
+                libc::ioctl(fd, reservd_proto::sg::SG_IO as _, hdr.as_mut_ptr())
+            } as libc::c_long);
+            // SAFETY: signal 0 only checks that the target exists.
+            let tgkill_other =
+                errno_result(unsafe { libc::syscall(libc::SYS_tgkill, other_pid, other_pid, 0) });
+            // SAFETY: setuid to the current uid changes nothing when allowed.
+            let setuid = errno_result(unsafe {
+                libc::syscall(libc::SYS_setuid, libc::getuid() as libc::c_long)
+            });
+            Probe {
+                socket_inet,
+                socket_unix,
+                blkgetsize64,
+                sg_io,
+                tgkill_other,
+                setuid,
             }
-            r
-        };
-        let mut size: u64 = 0;
-        let mut hdr = [0u8; 88];
-        // SAFETY: socket() with integer arguments.
-        let socket_inet =
-            close(errno_result(
-                unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) } as libc::c_long,
-            ));
-        // SAFETY: as above.
-        let socket_unix =
-            close(errno_result(
-                unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) } as libc::c_long,
-            ));
-        // SAFETY: BLKGETSIZE64 writes a u64 to `size`; fd is open.
-        let blkgetsize64 =
-            errno_result(
-                unsafe { libc::ioctl(fd, 0x8008_1272_u32 as _, &mut size as *mut u64) }
-                    as libc::c_long,
-            );
-        // SAFETY: a regular file answers SG_IO with ENOTTY before reading
-        // the header; `hdr` is as large as sg_io_hdr anyway.
-        let sg_io = errno_result(
-            unsafe { libc::ioctl(fd, seccomp::SG_IO as _, hdr.as_mut_ptr()) } as libc::c_long,
-        );
-        // SAFETY: signal 0 only checks that the target exists.
-        let tgkill_other =
-            errno_result(unsafe { libc::syscall(libc::SYS_tgkill, other_pid, other_pid, 0) });
-        // SAFETY: setuid to the current uid changes nothing when allowed.
-        let setuid = errno_result(unsafe {
-            libc::syscall(libc::SYS_setuid, libc::getuid() as libc::c_long)
-        });
-        Probe {
-            socket_inet,
-            socket_unix,
-            blkgetsize64,
-            sg_io,
-            tgkill_other,
-            setuid,
-        }
-    })
-    .join()
-    .unwrap();
+        })
+        .join()
+        .unwrap();
     let _ = other.kill();
     let _ = other.wait();
     p
@@ -207,7 +213,7 @@ fn seccomp_off_installs_no_filter_and_bad_modes_are_refused() {
     assert!(seccomp_of_threads(p.pid()).iter().all(|s| s == "0"));
     assert!(p.stop().0.success());
 
-    let (status, _, stderr) = run_reservd(&["--seccomp=strict", "-k", "/tmp/x.sock"]);
+    let (status, _, stderr) = run_to_end(RESERVD, &["--seccomp=strict", "-k", "/tmp/x.sock"]);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("--seccomp"), "{stderr}");
 }
@@ -265,8 +271,10 @@ fn socket_mode_is_applied_and_validated() {
     read_keys_on_a_file(&sock, &dir);
     assert!(p.stop().0.success());
     for bad in ["999", "1777", "rw", ""] {
-        let (status, _, stderr) =
-            run_reservd(&["--socket-mode", bad, "-k", sock.to_str().unwrap()]);
+        let (status, _, stderr) = run_to_end(
+            RESERVD,
+            &["--socket-mode", bad, "-k", sock.to_str().unwrap()],
+        );
         assert_eq!(status.code(), Some(1), "{bad}: {stderr}");
         assert!(stderr.contains("--socket-mode"), "{bad}: {stderr}");
     }
@@ -285,12 +293,15 @@ fn socket_group_is_applied() {
         assert_eq!(m.permissions().mode() & 0o7777, 0o660, "{group}");
         assert!(p.stop().0.success());
     }
-    let (status, _, stderr) = run_reservd(&[
-        "--socket-group",
-        "no-such-group-here",
-        "-k",
-        sock.to_str().unwrap(),
-    ]);
+    let (status, _, stderr) = run_to_end(
+        RESERVD,
+        &[
+            "--socket-group",
+            "no-such-group-here",
+            "-k",
+            sock.to_str().unwrap(),
+        ],
+    );
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("invalid group"), "{stderr}");
     assert!(!sock.exists());
@@ -468,7 +479,7 @@ fn unknown_allowed_user_or_group_is_a_start_up_error() {
     ] {
         let mut all = args.to_vec();
         all.extend(["-k", "/tmp/reservd-access-never.sock"]);
-        let (status, _, stderr) = run_reservd(&all);
+        let (status, _, stderr) = run_to_end(RESERVD, &all);
         assert_eq!(status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains("invalid"), "{args:?}: {stderr}");
         assert!(!Path::new("/tmp/reservd-access-never.sock").exists());
@@ -477,7 +488,7 @@ fn unknown_allowed_user_or_group_is_a_start_up_error() {
 
 #[test]
 fn help_documents_the_access_options() {
-    let (status, stdout, stderr) = run_reservd(&["--help"]);
+    let (status, stdout, stderr) = run_to_end(RESERVD, &["--help"]);
     assert!(status.success(), "{stderr}");
     for opt in [
         "--seccomp <MODE>",

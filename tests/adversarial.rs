@@ -11,10 +11,6 @@
 //! in-process with test backends: one that counts what reaches it (nothing
 //! malformed may), and one that hangs like a dead device.
 
-mod common;
-mod frames;
-mod support;
-
 use std::io::Write;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -26,12 +22,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use frames::*;
-use reservd_daemon::backend::emulated::Emulated;
 use reservd_daemon::backend::{BackendError, Command as PrCommand, Nexus, PrBackend};
-use reservd_daemon::sense::Answer;
 use reservd_daemon::server::Config;
-use support::*;
+use reservd_proto::sense::Answer;
+use reservd_testkit::disks::*;
+use reservd_testkit::emulated::Emulated;
+use reservd_testkit::frames::*;
+use reservd_testkit::spawn::*;
+
+/// The daemon under test.
+const RESERVD: &str = env!("CARGO_BIN_EXE_reservd");
 
 /// Resident memory a case may leave behind (allocator caches, a worker
 /// thread's arena).
@@ -86,6 +86,7 @@ fn raise_own_nofile(n: u64) -> u64 {
 
 impl Daemon {
     /// Start reservd with the usual service soft limit of 1024 open files.
+    #[allow(unsafe_code)] // pre_exec, to lower the child's open-file limit
     fn start() -> Daemon {
         let dir = TempDir::new();
         let sock = dir.join("reservd.sock");
@@ -122,11 +123,11 @@ impl Daemon {
             let (mut s, _) = hello(&d.sock, 0);
             let f = regular_file(&d.dir, "warm");
             send_frame(&s, &read_keys(8192), &[f.as_fd()]);
-            read_outcome(&mut s).answer();
+            read_reply(&mut s).answer();
             let mut big = register(8192).to_vec();
             big.extend(vec![0u8; 8192]);
             send_frame(&s, &big, &[f.as_fd()]);
-            read_outcome(&mut s).answer();
+            read_reply(&mut s).answer();
         }
         d.base_fds = d.settled_fds(None);
         d.base_rss = rss_kb(d.pid());
@@ -152,10 +153,10 @@ impl Daemon {
         let mut s = self.client();
         let f = self.disk();
         send_frame(&s, &read_keys(0x2000), &[f.as_fd()]);
-        let o = read_outcome(&mut s);
+        let o = read_reply(&mut s);
         assert_eq!(o.status(), 2, "{o:?}");
         assert_eq!(o.sense_code(), (0x0b, 0x00, 0x06));
-        assert_eq!(o.len(), 0);
+        assert_eq!(o.data_len(), 0);
     }
 
     /// Wait (boundedly) for the fd count to reach `want`, or to stop
@@ -211,16 +212,16 @@ impl Daemon {
 fn expect_closed(d: &Daemon, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
     let mut s = d.client();
     send_frame(&s, bytes, fds);
-    assert_eq!(read_outcome(&mut s), Outcome::Closed, "{bytes:02x?}");
+    assert_eq!(read_reply(&mut s), Reply::Closed, "{bytes:02x?}");
 }
 
 /// A frame the daemon must answer with CHECK CONDITION (the connection stays).
 #[track_caller]
-fn expect_check(s: &mut UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Outcome {
+fn expect_check(s: &mut UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Reply {
     send_frame(s, bytes, fds);
-    let o = read_outcome(s);
+    let o = read_reply(s);
     assert_eq!(o.status(), 2, "{o:?}");
-    assert_eq!(o.len(), 0);
+    assert_eq!(o.data_len(), 0);
     o
 }
 
@@ -250,7 +251,7 @@ fn malformed_frames_close_only_their_connection() {
         let mut s = connect(&d.sock);
         read_features(&mut s);
         s.write_all(&requested.to_be_bytes()).unwrap();
-        assert_eq!(read_outcome(&mut s), Outcome::Closed);
+        assert_eq!(read_reply(&mut s), Reply::Closed);
         d.assert_healthy(&format!("handshake {requested:#x}"));
     }
     // An fd with the handshake.
@@ -258,7 +259,7 @@ fn malformed_frames_close_only_their_connection() {
         let mut s = connect(&d.sock);
         read_features(&mut s);
         send_frame(&s, &[0, 0, 0, 0], &[fd]);
-        assert_eq!(read_outcome(&mut s), Outcome::Closed);
+        assert_eq!(read_reply(&mut s), Reply::Closed);
         d.assert_healthy("fd with the handshake");
     }
     // No fd, two fds, ten fds with a CDB.
@@ -276,7 +277,7 @@ fn malformed_frames_close_only_their_connection() {
         let mut s = d.client();
         send_frame(&s, &register(24), &[fd]);
         send_frame(&s, &register_params(1), &[fd]);
-        assert_eq!(read_outcome(&mut s), Outcome::Closed);
+        assert_eq!(read_reply(&mut s), Reply::Closed);
         d.assert_healthy("fd with the parameter list");
     }
     // Opcodes other than PR IN/OUT (0xFF: CLEANUP was not negotiated).
@@ -308,7 +309,7 @@ fn eof_at_every_offset() {
         read_features(&mut s);
         s.write_all(&[0u8; 4][..cut]).unwrap();
         s.shutdown(Shutdown::Write).unwrap();
-        assert_eq!(read_outcome(&mut s), Outcome::Closed);
+        assert_eq!(read_reply(&mut s), Reply::Closed);
         d.assert_healthy(&format!("EOF after {cut} handshake bytes"));
     }
     // The CDB and the parameter list of a REGISTER.
@@ -318,7 +319,7 @@ fn eof_at_every_offset() {
         let fds = [disk.as_fd()];
         send_frame(&s, &whole[..cut], if cut > 0 { &fds } else { &[] });
         s.shutdown(Shutdown::Write).unwrap();
-        assert_eq!(read_outcome(&mut s), Outcome::Closed, "cut at {cut}");
+        assert_eq!(read_reply(&mut s), Reply::Closed, "cut at {cut}");
         d.assert_healthy(&format!("EOF after {cut} request bytes"));
     }
     // And the same cuts with the peer gone altogether (no half-close).
@@ -332,6 +333,7 @@ fn eof_at_every_offset() {
 }
 
 /// An fd of each kind reservd might be handed instead of a disk.
+#[allow(unsafe_code)] // eventfd, memfd_create and their fds
 fn odd_fds(d: &Daemon) -> Vec<(&'static str, OwnedFd)> {
     let mut v: Vec<(&'static str, OwnedFd)> = Vec::new();
     let (a, b) = UnixStream::pair().unwrap();
@@ -397,7 +399,7 @@ fn fd_games_are_answered_not_fatal() {
         let f = d.disk();
         send_frame(&s, &read_keys(8192), &[f.as_fd()]);
         drop(f);
-        let o = read_outcome(&mut s);
+        let o = read_reply(&mut s);
         assert_eq!(o.sense_code(), (0x0b, 0x00, 0x06));
         drop(s);
         d.assert_healthy("fd closed by the client after sending");
@@ -445,7 +447,7 @@ fn slow_and_stalled_clients_do_not_hold_others() {
                 d.assert_serves();
             }
         }
-        let o = read_outcome(&mut s);
+        let o = read_reply(&mut s);
         assert_eq!(o.sense_code(), (0x0b, 0x00, 0x06));
         drop(s);
         d.assert_healthy("a byte at a time");
@@ -487,8 +489,8 @@ fn slow_and_stalled_clients_do_not_hold_others() {
         two.extend(read_keys(8192));
         send_frame(&s, &two, &[disk.as_fd()]);
         // The first is answered; the second has no fd and closes the connection.
-        let _ = read_outcome(&mut s);
-        assert_eq!(read_outcome(&mut s), Outcome::Closed);
+        let _ = read_reply(&mut s);
+        assert_eq!(read_reply(&mut s), Reply::Closed);
         d.assert_healthy("pipelined request without its fd");
     }
     // A client that never reads its answers.
@@ -530,7 +532,7 @@ fn a_thousand_connections_held_open() {
         // the connections').
         for s in conns.iter_mut() {
             send_frame(s, &read_keys(8192), &[disk.as_fd()]);
-            assert_eq!(read_outcome(s).sense_code(), (0x0b, 0x00, 0x06));
+            assert_eq!(read_reply(s).sense_code(), (0x0b, 0x00, 0x06));
         }
         let fds = d.settled_fds(Some(d.base_fds + N));
         assert_eq!(fds, d.base_fds + N);
@@ -559,7 +561,7 @@ fn a_thousand_connections_held_open() {
         send_frame(s, &read_keys(8192), &[disk.as_fd()]);
     }
     for s in conns.iter_mut() {
-        assert_eq!(read_outcome(s).sense_code(), (0x0b, 0x00, 0x06));
+        assert_eq!(read_reply(s).sense_code(), (0x0b, 0x00, 0x06));
     }
     eprintln!(
         "burst of {N}: VmRSS {} kB, {} threads",
@@ -618,8 +620,11 @@ fn malformed_requests_never_reach_the_backend() {
         inner: Emulated::new(),
         executed: AtomicUsize::new(0),
     });
-    let server = common::TestServer::start(backend.clone(), common::test_config());
-    let disk = common::Disk::new();
+    let server = reservd_testkit::server::TestServer::start(
+        backend.clone(),
+        reservd_testkit::server::test_config(),
+    );
+    let disk = reservd_testkit::disks::Disk::new();
     let cases = malformed(disk.fd());
     for (requested, bytes, fds) in &cases {
         let mut s = server.raw();
@@ -637,13 +642,18 @@ fn malformed_requests_never_reach_the_backend() {
 
 #[test]
 fn a_hung_device_holds_only_its_own_clients() {
-    let (gate, _open, server) = common::gated_server(common::test_config());
-    let disk = common::Disk::new();
+    let (gate, _open, server) =
+        reservd_testkit::server::gated_server(reservd_testkit::server::test_config());
+    let disk = reservd_testkit::disks::Disk::new();
     // Four clients whose commands hang on the device.
     let mut hung: Vec<UnixStream> = (0..4)
         .map(|_| {
             let s = server.ready();
-            send_frame(&s, &common::held(cdb_in(0, 8192)), &[disk.fd()]);
+            send_frame(
+                &s,
+                &reservd_testkit::server::held(cdb_in(0, 8192)),
+                &[disk.fd()],
+            );
             s
         })
         .collect();
@@ -660,7 +670,7 @@ fn a_hung_device_holds_only_its_own_clients() {
     gate.open();
     for s in hung.iter_mut() {
         let a = read_answer(s).expect("an answer after the device returns");
-        assert_eq!(a.status, 0);
+        assert_eq!(a.status.0, 0);
     }
     server.assert_serves();
 }
@@ -680,11 +690,11 @@ impl PrBackend for PanicsOnMark {
 
 #[test]
 fn a_panicking_command_closes_only_its_connection() {
-    let server = common::TestServer::start(
+    let server = reservd_testkit::server::TestServer::start(
         Arc::new(PanicsOnMark(Emulated::new())),
-        common::test_config(),
+        reservd_testkit::server::test_config(),
     );
-    let disk = common::Disk::new();
+    let disk = reservd_testkit::disks::Disk::new();
     let mut other = server.client();
     for round in 0..3 {
         let mut s = server.ready();
@@ -697,7 +707,7 @@ fn a_panicking_command_closes_only_its_connection() {
         let a = other
             .execute(&cdb_in(0, 8192), disk.fd(), &[])
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
-        assert_eq!(a.status, 0);
+        assert_eq!(a.status.0, 0);
         server.assert_serves();
     }
 }
@@ -707,10 +717,10 @@ fn unfinished_frames_time_out_idle_connections_do_not() {
     let backend = Arc::new(Emulated::new());
     let config = Config {
         frame_timeout: Some(Duration::from_millis(300)),
-        ..common::test_config()
+        ..reservd_testkit::server::test_config()
     };
-    let server = common::TestServer::start(backend, config);
-    let disk = common::Disk::new();
+    let server = reservd_testkit::server::TestServer::start(backend, config);
+    let disk = reservd_testkit::disks::Disk::new();
     let started = Instant::now();
     // No handshake; half a handshake; half a CDB; half a parameter list.
     let mut stalled = vec![server.raw()];
@@ -728,7 +738,7 @@ fn unfinished_frames_time_out_idle_connections_do_not() {
     // An idle connection after a handshake, and one after a complete command.
     let mut idle = server.client();
     let r = idle.execute(&cdb_in(0, 8192), disk.fd(), &[]).unwrap();
-    assert_eq!(r.status, 0);
+    assert_eq!(r.status.0, 0);
     let idle2 = server.ready();
 
     for mut s in stalled {
@@ -750,21 +760,21 @@ fn unfinished_frames_time_out_idle_connections_do_not() {
     // Twice the timeout later, the idle ones still work.
     std::thread::sleep(Duration::from_millis(300));
     let r = idle.execute(&cdb_in(0, 8192), disk.fd(), &[]).unwrap();
-    assert_eq!(r.status, 0);
+    assert_eq!(r.status.0, 0);
     let mut idle2 = idle2;
     send_frame(&idle2, &cdb_in(0, 8192), &[disk.fd()]);
-    assert_eq!(read_answer(&mut idle2).unwrap().status, 0);
+    assert_eq!(read_answer(&mut idle2).unwrap().status.0, 0);
     server.assert_serves();
 }
 
 #[test]
 fn hung_commands_beyond_the_cap_queue_without_stalling_the_loop() {
-    let (gate, _open, server) = common::gated_server(Config {
+    let (gate, _open, server) = reservd_testkit::server::gated_server(Config {
         max_workers: 2,
-        ..common::test_config()
+        ..reservd_testkit::server::test_config()
     });
-    let disk = common::Disk::new();
-    let held_cdb = common::held(cdb_in(0, 8192));
+    let disk = reservd_testkit::disks::Disk::new();
+    let held_cdb = reservd_testkit::server::held(cdb_in(0, 8192));
     // Every worker hangs on the device.
     let mut hung: Vec<UnixStream> = (0..2)
         .map(|_| {
@@ -794,10 +804,10 @@ fn hung_commands_beyond_the_cap_queue_without_stalling_the_loop() {
     assert_eq!(gate.held(), 2);
     // The device comes back: everything queued is answered.
     gate.open();
-    common::set_timeouts(&waiting);
-    assert_eq!(read_answer(&mut waiting).unwrap().status, 0);
+    reservd_testkit::server::set_timeouts(&waiting);
+    assert_eq!(read_answer(&mut waiting).unwrap().status.0, 0);
     for s in hung.iter_mut() {
-        assert_eq!(read_answer(s).unwrap().status, 0);
+        assert_eq!(read_answer(s).unwrap().status.0, 0);
     }
     server.assert_serves();
 }

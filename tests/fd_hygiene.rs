@@ -4,15 +4,13 @@
 //! in this process, so it lives alone in its own test binary: no other
 //! test may open or close files meanwhile.
 
-mod common;
-mod frames;
-
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use common::*;
-use frames::*;
-use reservd_daemon::cdb::{prin_sa, prout_sa};
+use reservd_proto::cdb::{prin_sa, prout_sa};
+use reservd_testkit::disks::*;
+use reservd_testkit::frames::*;
+use reservd_testkit::server::*;
 
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
@@ -47,7 +45,7 @@ fn no_fd_outlives_its_request_or_connection() {
         let r = c
             .execute(&cdb_in(prin_sa::READ_FULL_STATUS, 8192), disk.fd(), &[])
             .unwrap();
-        assert_eq!(r.status, 0);
+        assert_eq!(r.status.0, 0);
         let r = c
             .execute(
                 &cdb_out(prout_sa::REGISTER_AND_IGNORE, 0, 24),
@@ -55,7 +53,7 @@ fn no_fd_outlives_its_request_or_connection() {
                 &params(0, i, 0),
             )
             .unwrap();
-        assert_eq!(r.status, 0);
+        assert_eq!(r.status.0, 0);
         // CHECK CONDITION answers: read-only fd, bad service action.
         let r = c
             .execute(
@@ -64,9 +62,9 @@ fn no_fd_outlives_its_request_or_connection() {
                 &params(0, i, 0),
             )
             .unwrap();
-        assert_eq!(r.status, 2);
+        assert_eq!(r.status.0, 2);
         let r = c.execute(&cdb_in(0x1f, 8192), disk.fd(), &[]).unwrap();
-        assert_eq!(r.status, 2);
+        assert_eq!(r.status.0, 2);
     }
     // Every fd was closed before its answer was sent.
     assert_eq!(open_fds(), before);

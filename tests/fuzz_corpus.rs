@@ -5,7 +5,6 @@
 //! fuzzer.
 
 #[path = "../fuzz/src/targets.rs"]
-#[allow(dead_code)]
 mod targets;
 
 use std::path::Path;

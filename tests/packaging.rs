@@ -12,9 +12,11 @@ use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use reservd_testkit::spawn::{Daemon, Ready};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -559,7 +561,7 @@ fn get<'a>(u: &'a [(String, String)], key: &str) -> Option<&'a str> {
 fn units_listen_where_reservd_does_and_keep_devices_visible() {
     let socket = unit("reservd.socket");
     let listen = get(&socket, "ListenStream").expect("ListenStream");
-    let default = reservd_daemon::cli::DEFAULT_SOCKET.replacen("/var/run/", "/run/", 1);
+    let default = reservd_daemon::start::listen::DEFAULT_SOCKET.replacen("/var/run/", "/run/", 1);
     assert_eq!(listen, default, "the socket unit and reservd's default");
     assert_eq!(get(&socket, "SocketMode"), Some("0600"));
     assert!(get(&socket, "Conflicts").is_some_and(|c| c.contains("qemu-pr-helper.socket")));
@@ -640,37 +642,23 @@ fn daemon_behaves_as_the_service_unit_expects() {
         .set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     let stderr_path = dir.join("stderr");
-    let stderr = std::fs::File::create(&stderr_path).unwrap();
-    let meta = stderr.metadata().unwrap();
+    // Its stderr is this file (the same inode, truncated again at start).
+    let meta = std::fs::File::create(&stderr_path)
+        .unwrap()
+        .metadata()
+        .unwrap();
     let journal_stream = format!("{}:{}", meta.dev(), meta.ino());
 
-    let child = Command::new("systemd-socket-activate")
-        .arg("-l")
+    // The first connection makes systemd-socket-activate exec reservd.
+    let mut act = Command::new("systemd-socket-activate");
+    act.arg("-l")
         .arg(&sock)
         .arg(format!("-ENOTIFY_SOCKET={}", notify_path.display()))
         .arg(format!("-EJOURNAL_STREAM={journal_stream}"))
-        .args([env!("CARGO_BIN_EXE_reservd"), "-v"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .expect("systemd-socket-activate");
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "no listening socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    // The first connection makes systemd-socket-activate exec reservd.
+        .args([env!("CARGO_BIN_EXE_reservd"), "-v"]);
+    let mut daemon = Daemon::start(act, &sock, &stderr_path, Ready::Socket).unwrap();
     let conn = UnixStream::connect(&sock).expect("connect");
-    let child_pid = child.id();
-    let guard = Kill(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
     let mut buf = [0u8; 256];
     let ready = loop {
         assert!(Instant::now() < deadline, "no READY=1 from reservd");
@@ -688,11 +676,7 @@ fn daemon_behaves_as_the_service_unit_expects() {
         .expect("handshake on the socket-activated fd");
     assert_eq!(features, [0, 0, 0, 0]);
     drop(conn);
-    let _ = Command::new("kill")
-        .args(["-TERM", &child_pid.to_string()])
-        .status();
-    let mut guard = guard;
-    let status = guard.0.wait().unwrap();
+    let status = daemon.stop().expect("reservd was running");
     let log = std::fs::read_to_string(&stderr_path).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     assert!(status.success(), "reservd exit {status}; log:\n{log}");

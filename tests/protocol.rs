@@ -3,9 +3,6 @@
 //! hang), and each test checks what a client observes: the answer bytes,
 //! or the end of the connection with no answer.
 
-mod common;
-mod frames;
-
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, OwnedFd};
@@ -13,15 +10,16 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::*;
-use frames::*;
-use reservd_daemon::backend::emulated::{Emulated, TARGET_PORT};
-use reservd_daemon::cdb::{prin_sa, prout_sa};
-use reservd_daemon::params::{ProutParams, FLAG_SPEC_I_PT};
-use reservd_daemon::prin::{self, parse_read_full_status, parse_read_keys};
-use reservd_daemon::sense::SenseCode;
 use reservd_daemon::server::Config;
-use reservd_daemon::wire::FEATURE_CLEANUP;
+use reservd_proto::cdb::{prin_sa, prout_sa};
+use reservd_proto::params::{ProutParams, FLAG_SPEC_I_PT};
+use reservd_proto::prin::{self, parse_read_full_status, parse_read_keys};
+use reservd_proto::sense::SenseCode;
+use reservd_proto::wire::FEATURE_CLEANUP;
+use reservd_testkit::disks::*;
+use reservd_testkit::emulated::{Emulated, TARGET_PORT};
+use reservd_testkit::frames::*;
+use reservd_testkit::server::*;
 
 const WE_RO: u8 = 5;
 const EA: u8 = 3;
@@ -49,7 +47,7 @@ fn server_speaks_first_with_its_features() {
     op[0] = 0xff;
     send(&s, &op, &[disk.fd()]).unwrap();
     let a = read_answer(&mut s).unwrap();
-    assert_eq!((a.status, a.size), (0, 0));
+    assert_eq!((a.status.0, a.data.len()), (0, 0));
     assert!(a.sense.iter().all(|&b| b == 0));
 }
 
@@ -160,7 +158,7 @@ fn transfer_lengths_above_8192_close_the_connection() {
     let mut s = server.ready();
     send(&s, &cdb_in(0, 8192), &[disk.fd()]).unwrap();
     let a = read_answer(&mut s).unwrap();
-    assert_eq!((a.status, a.size), (0, 8));
+    assert_eq!((a.status.0, a.data.len()), (0, 8));
     send(&s, &cdb_out(prout_sa::REGISTER, 0, 8192), &[disk.fd()]).unwrap();
     send(&s, &[0u8; 8192], &[]).unwrap();
     let a = read_answer(&mut s).unwrap();
@@ -261,18 +259,18 @@ fn response_sizes() {
     };
     // Allocation length 0: GOOD without data.
     let a = ask(cdb_in(0, 0), &[]);
-    assert_eq!((a.status, a.size, a.data.len()), (0, 0, 0));
+    assert_eq!((a.status.0, a.data.len()), (0, 0));
     // 8: the header only, with the full ADDITIONAL LENGTH.
     let a = ask(cdb_in(0, 8), &[]);
-    assert_eq!((a.status, a.size), (0, 8));
+    assert_eq!((a.status.0, a.data.len()), (0, 8));
     assert_eq!(a.data, [0, 0, 0, 2, 0, 0, 0, 16]);
     // Inside a key.
     let a = ask(cdb_in(0, 20), &[]);
-    assert_eq!(a.size, 20);
+    assert_eq!(a.data.len(), 20);
     assert_eq!(parse_read_keys(&a.data).unwrap(), (2, vec![0xa], true));
     // More than there is: exactly the data.
     let a = ask(cdb_in(0, 8192), &[]);
-    assert_eq!(a.size, 24);
+    assert_eq!(a.data.len(), 24);
     assert_eq!(
         parse_read_keys(&a.data).unwrap(),
         (2, vec![0xa, 0xb], false)
@@ -282,10 +280,10 @@ fn response_sizes() {
         cdb_out(prout_sa::REGISTER_AND_IGNORE, 0, 24),
         &params(0, 0xc, 0),
     );
-    assert_eq!((a.status, a.size), (0, 0));
+    assert_eq!((a.status.0, a.data.len()), (0, 0));
     // CHECK CONDITION: no data; 18 bytes of fixed sense, then zeros.
     let a = ask(cdb_in(0x1f, 8192), &[]);
-    assert_eq!((a.status, a.size), (2, 0));
+    assert_eq!((a.status.0, a.data.len()), (2, 0));
     assert_eq!(
         a.sense[..18],
         [0x70, 0, 0x05, 0, 0, 0, 0, 0x0a, 0, 0, 0, 0, 0x24, 0x00, 0, 0, 0, 0]
@@ -293,7 +291,7 @@ fn response_sizes() {
     assert!(a.sense[18..].iter().all(|&b| b == 0));
     // RESERVATION CONFLICT: no data, no sense.
     let a = ask(cdb_out(prout_sa::REGISTER, 0, 24), &params(7, 7, 0));
-    assert_eq!((a.status, a.size), (0x18, 0));
+    assert_eq!((a.status.0, a.data.len()), (0x18, 0));
     assert!(a.sense.iter().all(|&b| b == 0));
 }
 
@@ -346,10 +344,10 @@ fn spc4_sequence_across_two_connections() {
     let mut a = server.client();
     let mut b = server.client();
     let (ka, kb) = (0xaaaa_0000_0000_0001u64, 0xbbbb_0000_0000_0002u64);
-    let out = |c: &mut reservd_daemon::client::Client, sa: u8, t: u8, p: &[u8]| {
+    let out = |c: &mut reservd_client::client::Client, sa: u8, t: u8, p: &[u8]| {
         c.execute(&cdb_out(sa, t, p.len() as u16), fd, p).unwrap()
     };
-    let inq = |c: &mut reservd_daemon::client::Client, sa: u8| {
+    let inq = |c: &mut reservd_client::client::Client, sa: u8| {
         c.execute(&cdb_in(sa, 8192), fd, &[]).unwrap()
     };
 
@@ -365,11 +363,15 @@ fn spc4_sequence_across_two_connections() {
     // A reserves; B conflicts.
     assert_good(&out(&mut a, prout_sa::RESERVE, WE_RO, &params(ka, 0, 0)));
     assert_eq!(
-        out(&mut b, prout_sa::RESERVE, WE_RO, &params(kb, 0, 0)).status,
+        out(&mut b, prout_sa::RESERVE, WE_RO, &params(kb, 0, 0))
+            .status
+            .0,
         0x18
     );
     assert_eq!(
-        out(&mut b, prout_sa::RESERVE, EA, &params(kb, 0, 0)).status,
+        out(&mut b, prout_sa::RESERVE, EA, &params(kb, 0, 0))
+            .status
+            .0,
         0x18
     );
     let r = inq(&mut b, prin_sa::READ_RESERVATION);
@@ -394,7 +396,9 @@ fn spc4_sequence_across_two_connections() {
     let r = inq(&mut a, prin_sa::READ_KEYS);
     assert_eq!(parse_read_keys(&r.data).unwrap(), (3, vec![kb], false));
     assert_eq!(
-        out(&mut a, prout_sa::RESERVE, EA, &params(ka, 0, 0)).status,
+        out(&mut a, prout_sa::RESERVE, EA, &params(ka, 0, 0))
+            .status
+            .0,
         0x18
     );
 
@@ -461,7 +465,7 @@ fn a_hung_request_does_not_delay_other_connections() {
 
     gate.open();
     let a = read_answer(&mut hung).unwrap();
-    assert_eq!((a.status, a.data.len()), (0, 8));
+    assert_eq!((a.status.0, a.data.len()), (0, 8));
 }
 
 /// What the client has sent that the server has not read yet: the kernel's
@@ -497,7 +501,7 @@ fn a_pr_in_request_is_read_when_its_answer_is_ready() {
     );
     gate.open();
     let a = read_answer(&mut s).unwrap();
-    assert_eq!((a.status, a.data.len()), (0, 8));
+    assert_eq!((a.status.0, a.data.len()), (0, 8));
     assert_eq!(unread_by_server(&s), 0, "PR IN not read once answered");
 
     let (gate, _open, server) = gated_server(test_config());
@@ -508,11 +512,11 @@ fn a_pr_in_request_is_read_when_its_answer_is_ready() {
     gate.wait_for_held(1);
     assert_eq!(unread_by_server(&s), 0, "PR OUT left unread while it runs");
     gate.open();
-    assert_eq!(read_answer(&mut s).unwrap().status, 0);
+    assert_eq!(read_answer(&mut s).unwrap().status.0, 0);
     // The connection goes on, and sees the registration.
     send(&s, &cdb_in(prin_sa::READ_KEYS, 8192), &[disk.fd()]).unwrap();
     let a = read_answer(&mut s).unwrap();
-    assert_eq!(a.status, 0);
+    assert_eq!(a.status.0, 0);
     assert_eq!(parse_read_keys(&a.data).unwrap().1, vec![0x1234]);
 }
 
@@ -582,7 +586,7 @@ fn shutdown_answers_the_command_in_flight_and_closes_the_rest() {
 
     gate.open();
     let a = read_answer(&mut busy).expect("the command in flight is answered");
-    assert_eq!((a.status, a.data.len()), (0, 8));
+    assert_eq!((a.status.0, a.data.len()), (0, 8));
     assert_closed(&mut busy);
     server.join().unwrap();
     assert!(UnixStream::connect(&server.path).is_err());
@@ -653,7 +657,7 @@ fn the_client_refuses_more_data_than_it_asked_for() {
         s.write_all(&r).unwrap();
     });
     let disk = Disk::new();
-    let mut c = reservd_daemon::client::Client::connect(&path).unwrap();
+    let mut c = reservd_client::client::Client::connect(&path).unwrap();
     let e = c.execute(&cdb_in(0, 8), disk.fd(), &[]).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
     fake.join().unwrap();
@@ -672,7 +676,7 @@ impl reservd_daemon::backend::PrBackend for Failing {
     fn execute(
         &self,
         cmd: &reservd_daemon::backend::Command<'_>,
-    ) -> Result<reservd_daemon::sense::Answer, reservd_daemon::backend::BackendError> {
+    ) -> Result<reservd_proto::sense::Answer, reservd_daemon::backend::BackendError> {
         self.seen.lock().unwrap().push(cmd.nexus);
         if cmd.cdb[15] == HOLD {
             return Err(reservd_daemon::backend::BackendError::Service(
@@ -726,7 +730,7 @@ fn the_backend_hears_of_every_connection_that_goes() {
 /// the client reads, every request is answered, in order.
 #[test]
 fn a_client_that_does_not_read_is_not_read() {
-    use reservd_daemon::server::fdpass::send_with_fds;
+    use reservd_client::client::send_with_fds;
     let (server, _) = TestServer::emulated();
     let disk = Disk::new();
     let mut s = server.ready();
@@ -765,7 +769,7 @@ fn a_client_that_does_not_read_is_not_read() {
     s.set_nonblocking(false).unwrap();
     for _ in 0..sent {
         let a = read_answer(&mut s).unwrap();
-        assert_eq!((a.status, a.size), (0, 8));
+        assert_eq!((a.status.0, a.data.len()), (0, 8));
     }
     // Nothing more: the next request gets the next answer.
     send(

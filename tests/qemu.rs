@@ -3,14 +3,16 @@
 //! No guest is booted (`-M none`), so no PR command is sent; the commands
 //! themselves are covered by the protocol and VM tests.
 
-mod frames;
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 
 use nix::sys::signal::Signal;
-use support::*;
+use reservd_testkit::disks::*;
+use reservd_testkit::qemu::*;
+use reservd_testkit::spawn::*;
+
+/// The daemon under test.
+const RESERVD: &str = env!("CARGO_BIN_EXE_reservd");
 
 /// Start QEMU against `sock`, check that its pr-manager is connected, then
 /// quit it through QMP.
@@ -38,7 +40,7 @@ fn qemu_pr_manager_connects_to_reservd() {
     let dir = TempDir::new();
     let sock = dir.join("pr.sock");
     // As libvirt runs it: -k only.
-    let mut r = Proc::reservd(&["-k", sock.to_str().unwrap(), "-vv"]);
+    let mut r = Proc::start(RESERVD, &["-k", sock.to_str().unwrap(), "-vv"]);
     r.wait_socket(&sock);
     assert_qemu_connects(&dir, &sock);
     // reservd saw QEMU connect and leave.
@@ -57,13 +59,16 @@ fn qemu_connects_to_a_daemonized_reservd() {
     let sock = dir.join("pr.sock");
     let pid = dir.join("pr.pid");
     // As older libvirt and init scripts run it: -d -f.
-    let (status, _, stderr) = run_reservd(&[
-        "-d",
-        "-k",
-        sock.to_str().unwrap(),
-        "-f",
-        pid.to_str().unwrap(),
-    ]);
+    let (status, _, stderr) = run_to_end(
+        RESERVD,
+        &[
+            "-d",
+            "-k",
+            sock.to_str().unwrap(),
+            "-f",
+            pid.to_str().unwrap(),
+        ],
+    );
     assert!(status.success(), "{stderr}");
     let daemon: i32 = std::fs::read_to_string(&pid)
         .unwrap()
@@ -107,7 +112,7 @@ fn qemu_without_a_listening_helper_fails_to_start() {
     );
 
     // The same after reservd has stopped: its socket is gone.
-    let mut r = Proc::reservd(&["-k", sock.to_str().unwrap()]);
+    let mut r = Proc::start(RESERVD, &["-k", sock.to_str().unwrap()]);
     r.wait_socket(&sock);
     assert!(r.stop().0.success());
     let (status, _, _) = qemu(&sock, &dir.join("qmp.sock")).finish();

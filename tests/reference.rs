@@ -10,9 +10,6 @@
 //! exercises framing, validation, fd handling, the read-only rule, the
 //! errno mapping and the response encoding end to end.
 
-mod frames;
-mod support;
-
 use std::io::Write;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -20,9 +17,13 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use frames::*;
 use nix::sys::signal::Signal;
-use support::*;
+use reservd_testkit::disks::*;
+use reservd_testkit::frames::*;
+use reservd_testkit::spawn::*;
+
+/// The daemon under test.
+const RESERVD: &str = env!("CARGO_BIN_EXE_reservd");
 
 const HELPER: &str = "/usr/bin/qemu-pr-helper";
 
@@ -42,7 +43,7 @@ impl Pair {
         let h_sock = dir.join("qemu-pr-helper.sock");
         let mut args = vec!["-k", r_sock.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let mut reservd = Proc::reservd(&args);
+        let mut reservd = Proc::start(RESERVD, &args);
         let mut cmd = Command::new(HELPER);
         cmd.arg("-k").arg(&h_sock).args(extra);
         let mut helper = Proc::spawn(cmd);
@@ -64,7 +65,7 @@ impl Pair {
     }
 
     /// Run `exchange` against each server and require identical transcripts.
-    fn same(&self, exchange: impl Fn(&Path, &TempDir) -> Vec<Outcome>) -> Vec<Outcome> {
+    fn same(&self, exchange: impl Fn(&Path, &TempDir) -> Vec<Reply>) -> Vec<Reply> {
         let (r, h) = self.run(exchange);
         assert_eq!(r, h, "reservd (left) and qemu-pr-helper (right) differ");
         r
@@ -79,12 +80,12 @@ fn open(sock: &Path) -> UnixStream {
 }
 
 /// One request: `cdb` with `fds` attached, then `params`, then the outcome.
-fn request(s: &mut UnixStream, cdb: &[u8; 16], fds: &[BorrowedFd<'_>], params: &[u8]) -> Outcome {
+fn request(s: &mut UnixStream, cdb: &[u8; 16], fds: &[BorrowedFd<'_>], params: &[u8]) -> Reply {
     send_frame(s, cdb, fds);
     if !params.is_empty() {
         send_frame(s, params, &[]);
     }
-    read_outcome(s)
+    read_reply(s)
 }
 
 fn rw_null() -> std::fs::File {
@@ -102,9 +103,9 @@ fn read_only(dir: &TempDir, name: &str) -> std::fs::File {
 
 /// CHECK CONDITION with ABORTED COMMAND / 00 / 06 (SG_IO gave ENOTTY), as
 /// fixed-format sense with nothing after byte 17.
-fn assert_enotty_answer(o: &Outcome) {
+fn assert_enotty_answer(o: &Reply) {
     assert_eq!(o.status(), 0x02);
-    assert_eq!(o.len(), 0);
+    assert_eq!(o.data_len(), 0);
     assert_eq!(o.sense_code(), (0x0b, 0x00, 0x06));
     let mut want = [0u8; 96];
     want[0] = 0x70;
@@ -134,7 +135,7 @@ fn requesting_feature_1_closes() {
         let f = regular_file(dir, "disk");
         vec![request(&mut s, &read_keys(8), &[f.as_fd()], &[])]
     });
-    assert_eq!(t, vec![Outcome::Closed]);
+    assert_eq!(t, vec![Reply::Closed]);
 }
 
 // ------------------------------------------------------ request framing
@@ -144,7 +145,7 @@ fn requesting_feature_1_closes() {
 fn request_without_fd_closes() {
     let pair = Pair::start(&[]);
     let t = pair.same(|sock, _| vec![request(&mut open(sock), &read_keys(8), &[], &[])]);
-    assert_eq!(t, vec![Outcome::Closed]);
+    assert_eq!(t, vec![Reply::Closed]);
 }
 
 #[test]
@@ -160,7 +161,7 @@ fn request_with_two_fds_closes() {
             &[],
         )]
     });
-    assert_eq!(t, vec![Outcome::Closed]);
+    assert_eq!(t, vec![Reply::Closed]);
 }
 
 #[test]
@@ -181,7 +182,7 @@ fn opcode_other_than_pr_in_out_closes() {
             request(&mut open(sock), &cdb(&[0xff]), &[f.as_fd()], &[]),
         ]
     });
-    assert_eq!(t, vec![Outcome::Closed, Outcome::Closed]);
+    assert_eq!(t, vec![Reply::Closed, Reply::Closed]);
 }
 
 #[test]
@@ -198,10 +199,10 @@ fn allocation_length_limit_is_8192() {
             request(&mut open(sock), &register(0x2001), &[f.as_fd()], &[]),
         ]
     });
-    assert_eq!(t[0], Outcome::Closed);
+    assert_eq!(t[0], Reply::Closed);
     assert_enotty_answer(&t[1]);
     assert_enotty_answer(&t[2]);
-    assert_eq!(t[3], Outcome::Closed);
+    assert_eq!(t[3], Reply::Closed);
 }
 
 #[test]
@@ -224,13 +225,9 @@ fn eof_in_the_middle_of_a_frame_closes() {
         read_features(&mut c);
         c.write_all(&[0, 0]).unwrap();
         c.shutdown(Shutdown::Write).unwrap();
-        vec![
-            read_outcome(&mut a),
-            read_outcome(&mut b),
-            read_outcome(&mut c),
-        ]
+        vec![read_reply(&mut a), read_reply(&mut b), read_reply(&mut c)]
     });
-    assert_eq!(t, vec![Outcome::Closed; 3]);
+    assert_eq!(t, vec![Reply::Closed; 3]);
 }
 
 #[test]
@@ -249,7 +246,7 @@ fn every_request_needs_its_own_fd() {
     });
     assert_enotty_answer(&t[0]);
     assert_enotty_answer(&t[1]);
-    assert_eq!(t[2], Outcome::Closed);
+    assert_eq!(t[2], Reply::Closed);
 }
 
 #[test]
@@ -264,12 +261,12 @@ fn cdb_split_across_writes_and_pipelined_requests() {
         send_frame(&s, &c[..5], &[f.as_fd()]);
         std::thread::sleep(std::time::Duration::from_millis(20));
         send_frame(&s, &c[5..], &[]);
-        let first = read_outcome(&mut s);
+        let first = read_reply(&mut s);
         // Two complete requests before reading either answer.
         send_frame(&s, &read_keys(8), &[f.as_fd()]);
         send_frame(&s, &register(24), &[f.as_fd()]);
         send_frame(&s, &register_params(7), &[]);
-        vec![first, read_outcome(&mut s), read_outcome(&mut s)]
+        vec![first, read_reply(&mut s), read_reply(&mut s)]
     });
     for o in &t {
         assert_enotty_answer(o);
@@ -288,7 +285,7 @@ fn a_stalled_client_does_not_block_another() {
         let mut b = open(sock);
         let answered = request(&mut b, &read_keys(8), &[f.as_fd()], &[]);
         send_frame(&a, &register_params(1), &[]);
-        vec![answered, read_outcome(&mut a)]
+        vec![answered, read_reply(&mut a)]
     });
     assert_enotty_answer(&t[0]);
     assert_enotty_answer(&t[1]);
@@ -425,9 +422,9 @@ fn fd_outside_the_cdb_closes_in_reservd_only() {
         let mut b = open(sock);
         send_frame(&b, &register(24), &[f.as_fd()]);
         send_frame(&b, &register_params(1), &[f.as_fd()]);
-        vec![with_handshake, read_outcome(&mut b)]
+        vec![with_handshake, read_reply(&mut b)]
     });
-    assert_eq!(r, vec![Outcome::Closed, Outcome::Closed]);
+    assert_eq!(r, vec![Reply::Closed, Reply::Closed]);
     assert_enotty_answer(&h[0]);
     assert_enotty_answer(&h[1]);
 }

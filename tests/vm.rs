@@ -20,12 +20,10 @@
 mod conformance;
 #[path = "e2e/flap.rs"]
 mod flap;
-mod frames;
 #[path = "e2e/guest.rs"]
 mod guest;
 #[path = "e2e/ops.rs"]
 mod ops;
-mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -50,7 +48,7 @@ const GROUP_ENV: &[(&str, &[(&str, &str)])] = &[(
     &[("RESERVD_VM_MAPS", "2"), ("RESERVD_VM_MAPS_NODE2", "1")],
 )];
 /// Shell scenarios run as they are (tests/vm/scenarios/NAME.sh).
-const SHELL_SCENARIOS: &[&str] = &["smoke", "multipath", "libiscsi", "faultpath"];
+const SHELL_SCENARIOS: &[&str] = &["smoke", "multipath", "libiscsi", "kubevirt", "faultpath"];
 /// Shell scenarios on another Debian release's userspace and multipath-tools
 /// (`run-vm.sh --release`), as test `vm_NAME_RELEASE`; the groups and
 /// scenarios above run on the host's (bookworm, or RESERVD_VM_RELEASE).
@@ -61,6 +59,7 @@ const RELEASE_SCENARIOS: &[(&str, &str)] = &[
     ("multipath", "sid"),
     ("libiscsi", "trixie"),
     ("libiscsi", "sid"),
+    ("kubevirt", "sid"),
 ];
 /// Guest groups run again on another release's root, as test
 /// `vm_GROUP_RELEASE` (the conformance table per multipath-tools release).
@@ -162,6 +161,11 @@ fn main() {
             println!("test {name} ... FAILED (packaging/build-deb.sh failed)");
             continue;
         }
+        if name.starts_with("vm_kubevirt") && !build_image(options) {
+            failed += 1;
+            println!("test {name} ... FAILED (packaging/build-image.sh failed)");
+            continue;
+        }
         if name.starts_with("vm_libiscsi") && !build_prshim() {
             failed += 1;
             println!("test {name} ... FAILED (cargo build -p reservd-prshim failed)");
@@ -230,6 +234,26 @@ fn build_deb() -> bool {
         .current_dir(root())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// The kubevirt scenario runs the pr-helper image of the guest's release
+/// (`--release NAME` among the run's options, else RESERVD_VM_RELEASE or
+/// bookworm), built from
+/// the .deb (cached when nothing changed).
+fn build_image(options: &[String]) -> bool {
+    let suite = options
+        .iter()
+        .position(|o| o == "--release")
+        .and_then(|i| options.get(i + 1))
+        .cloned()
+        .or_else(|| std::env::var("RESERVD_VM_RELEASE").ok())
+        .unwrap_or_else(|| "bookworm".into());
+    build_deb()
+        && Command::new(root().join("packaging/build-image.sh"))
+            .args(["--suite", &suite])
+            .current_dir(root())
+            .status()
+            .is_ok_and(|s| s.success())
 }
 
 /// The libiscsi scenario preloads the reservd-prshim library, which no

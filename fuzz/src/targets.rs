@@ -3,7 +3,7 @@
 //! libFuzzer runs them (fuzz/fuzz_targets/, scripts/fuzz.sh); the test
 //! suite replays the stored corpora through the same functions
 //! (tests/fuzz_corpus.rs includes this file), so they must depend on
-//! nothing but reservd-daemon and std.
+//! nothing but reservd's crates and std.
 
 use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -12,18 +12,19 @@ use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use reservd_daemon::backend::emulated::Emulated;
-use reservd_daemon::cdb::{pad16, transfer_length, PrInCdb, PrOutCdb};
-use reservd_daemon::mpath_xlate;
-use reservd_daemon::params::{parse_transport_ids, ProutParams, TransportId};
-use reservd_daemon::prin;
-use reservd_daemon::sense::{Answer, Status};
-use reservd_daemon::server::fdpass::send_with_fds;
+use reservd_client::client::send_with_fds;
 use reservd_daemon::server::{Config, Server};
-use reservd_daemon::wire::{
-    encode_response, Decoder, Event, ResponseHeader, DATA_SIZE, FEATURE_CLEANUP, OP_CLEANUP,
-    RESPONSE_HEADER_SIZE,
+use reservd_proto::cdb::{pad16, transfer_length, PrInCdb, PrOutCdb};
+use reservd_proto::mpath_xlate;
+use reservd_proto::params::{parse_transport_ids, ProutParams, TransportId, MAX_TRANSPORT_IDS};
+use reservd_proto::prin;
+use reservd_proto::sense::{Answer, Status};
+use reservd_proto::wire::{
+    decode_response_header, encode_response, Decoder, Event, DATA_SIZE, FEATURE_CLEANUP,
+    OP_CLEANUP, RESPONSE_HEADER_SIZE,
 };
+use reservd_testkit::disks::unlinked_file;
+use reservd_testkit::emulated::Emulated;
 
 /// Bytes as a stream of events: a control byte (low 5 bits + 1: how many
 /// bytes follow, at most what the decoder wants; bits 5..6: how many fds
@@ -48,7 +49,7 @@ pub fn wire(data: &[u8]) {
         let (chunk, after) = tail.split_at(n);
         rest = after;
         if chunk.is_empty() {
-            assert!(d.eof() != reservd_daemon::wire::ProtoError::Pipelined);
+            assert!(d.eof() != reservd_proto::wire::ProtoError::Pipelined);
             return;
         }
         match d.feed(chunk, fds) {
@@ -73,11 +74,12 @@ pub fn wire(data: &[u8]) {
                     answer.status = Status::CHECK_CONDITION;
                 }
                 let out = encode_response(&req, &answer);
-                let hdr = ResponseHeader::parse(out[..RESPONSE_HEADER_SIZE].try_into().unwrap());
-                assert_eq!(out.len(), RESPONSE_HEADER_SIZE + hdr.len as usize);
-                assert!(hdr.len as usize <= req.max_response_len());
+                let (_, len) =
+                    decode_response_header(out[..RESPONSE_HEADER_SIZE].try_into().unwrap());
+                assert_eq!(out.len(), RESPONSE_HEADER_SIZE + len);
+                assert!(len <= req.max_response_len());
                 if answer.status != Status::GOOD {
-                    assert_eq!(hdr.len, 0);
+                    assert_eq!(len, 0);
                 }
             }
         }
@@ -118,7 +120,13 @@ pub fn params(data: &[u8]) {
         assert_eq!(n, enc.len());
     }
     if let Ok(ids) = parse_transport_ids(p) {
-        assert!(ids.len() <= p.len() / 24 + 1);
+        // At most 32, each at least 8 bytes, together the whole list.
+        assert!(ids.len() <= MAX_TRANSPORT_IDS);
+        assert!(ids.iter().all(|(_, b)| b.len() >= 8));
+        assert_eq!(
+            ids.iter().map(|(_, b)| *b).collect::<Vec<_>>().concat(),
+            p[4..]
+        );
     }
 }
 
@@ -130,7 +138,7 @@ pub fn mpath_xlate(data: &[u8]) {
     let c = pad16(c);
     let params = &rest[..rest.len().min(DATA_SIZE)];
     if let Ok(r) = mpath_xlate::prout_request(&c, params) {
-        assert!(r.transport_ids.len() <= mpath_xlate::MX_TIDS);
+        assert!(r.transport_ids.len() <= MAX_TRANSPORT_IDS);
         assert!(params.len() >= mpath_xlate::PROUT_HEADER_SIZE);
     }
     let sa = c[1] & 0x1f;
@@ -199,15 +207,7 @@ fn harness() -> &'static Harness {
         };
         let server = Server::new(listener, Arc::new(Emulated::new()), config).expect("server");
         std::thread::spawn(move || server.run());
-        let path = std::env::temp_dir().join(format!("{name}-disk"));
-        let disk = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .expect("disk");
-        std::fs::remove_file(&path).expect("unlink the disk file");
+        let disk = unlinked_file("fuzz-disk");
         Harness { addr, disk }
     })
 }
@@ -257,7 +257,7 @@ pub fn server(data: &[u8]) {
     s.read_exact(&mut hello).unwrap();
     let mut hdr = [0u8; RESPONSE_HEADER_SIZE];
     s.read_exact(&mut hdr).expect("a new client is answered");
-    assert_eq!(ResponseHeader::parse(&hdr).status, 0);
+    assert_eq!(decode_response_header(&hdr).0.status, Status::GOOD);
 }
 
 fn connect(addr: &SocketAddr) -> UnixStream {
@@ -288,14 +288,15 @@ fn check_answers(s: &mut UnixStream) {
     let mut at = 4;
     while at < all.len() {
         assert!(at + RESPONSE_HEADER_SIZE <= all.len(), "cut answer header");
-        let hdr = ResponseHeader::parse(all[at..at + RESPONSE_HEADER_SIZE].try_into().unwrap());
-        assert!(hdr.len as usize <= DATA_SIZE);
+        let (answer, len) =
+            decode_response_header(all[at..at + RESPONSE_HEADER_SIZE].try_into().unwrap());
+        assert!(len <= DATA_SIZE);
         assert!(
-            hdr.len == 0 || hdr.status == 0,
+            len == 0 || answer.status == Status::GOOD,
             "data with status {}",
-            hdr.status
+            answer.status.0
         );
-        at += RESPONSE_HEADER_SIZE + hdr.len as usize;
+        at += RESPONSE_HEADER_SIZE + len;
         assert!(at <= all.len(), "cut answer data");
     }
 }

@@ -5,16 +5,16 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use reservd_daemon::cdb::{pr_type, prin_sa, prout_sa};
-use reservd_daemon::prin;
-use reservd_daemon::seccomp::Mode;
+use reservd_daemon::sandbox::seccomp::Mode;
+use reservd_proto::cdb::{pr_type, prin_sa, prout_sa};
+use reservd_proto::prin;
 
 use super::Scenario;
 use super::{
     device_keys, device_reservation, env, expect_good, keys, mp_paths, past_ua, pr_in, pr_out,
     reset_lun,
 };
-use super::{Daemon, TestResult};
+use super::{reservd, Daemon, TestResult};
 
 pub fn scenarios() -> Vec<Scenario> {
     vec![
@@ -114,7 +114,7 @@ fn register_read_keys_unregister(d: &Daemon, dev: &Path) -> TestResult {
 
 fn access_multipath_under_seccomp_enforce() -> TestResult {
     let dev = PathBuf::from(env("RESERVD_MP_DEV"));
-    let d = Daemon::start("reservd-access-enforce", &["--seccomp=enforce", "-v"])?;
+    let d = reservd("reservd-access-enforce", &["--seccomp=enforce", "-v"])?;
     let log = std::fs::read_to_string(&d.log).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut log = log;
@@ -157,6 +157,7 @@ fn logged_syscalls(pid: u32) -> Result<Vec<String>, String> {
 
 /// The detection below is not vacuous: a call outside the list made under
 /// the "log" filter shows up in the kernel log.
+#[allow(unsafe_code)] // prctl and a raw socket, under the log filter
 fn access_seccomp_log_records_a_refused_call() -> TestResult {
     let pid = std::process::id();
     let r = std::thread::spawn(move || -> Result<i32, String> {
@@ -165,7 +166,7 @@ fn access_seccomp_log_records_a_refused_call() -> TestResult {
         if r != 0 {
             return Err("PR_SET_NO_NEW_PRIVS failed".into());
         }
-        reservd_daemon::seccomp::install_this_thread(Mode::Log, pid)
+        reservd_daemon::sandbox::seccomp::install_this_thread(Mode::Log, pid)
             .map_err(|e| format!("{e:#}"))?;
         // SAFETY: socket() with integer arguments; the fd is closed below.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
@@ -196,7 +197,7 @@ fn access_seccomp_log_records_a_refused_call() -> TestResult {
 /// would refuse (the kernel logs none for reservd's pid).
 fn access_multipath_makes_no_call_outside_the_allow_list() -> TestResult {
     let dev = PathBuf::from(env("RESERVD_MP_DEV"));
-    let mut d = Daemon::start("reservd-access-log", &["--seccomp=log", "-v"])?;
+    let mut d = reservd("reservd-access-log", &["--seccomp=log", "-v"])?;
     let pid = d.pid();
     std::thread::sleep(Duration::from_millis(200));
     register_read_keys_unregister(&d, &dev)?;

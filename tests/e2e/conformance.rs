@@ -52,14 +52,14 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use reservd_client::client::Client;
 use reservd_daemon::backend::sgio::{sg_io, Transfer};
-use reservd_daemon::cdb::{pr_type, prin_sa, prout_sa, PrInCdb, PrOutCdb};
-use reservd_daemon::client::{Client, Response};
-use reservd_daemon::params::{ProutParams, TransportId};
-use reservd_daemon::prin;
-use reservd_daemon::sense::SenseCode;
+use reservd_proto::cdb::{pr_type, prin_sa, prout_sa, PrInCdb, PrOutCdb};
+use reservd_proto::params::{ProutParams, TransportId};
+use reservd_proto::prin;
+use reservd_proto::sense::{Answer, SenseCode};
 
-use crate::guest::{Daemon, Scenario, TestResult};
+use crate::guest::{helper, reservd, Scenario, TestResult};
 
 pub fn scenarios() -> Vec<Scenario> {
     vec![("conformance_map_is_one_nexus", map_is_one_nexus)]
@@ -935,12 +935,12 @@ fn sg_cmd(f: &File, cdb: &[u8], io: Io<'_>) -> Reply {
             Transfer::FromDevice(&mut buf)
         }
     };
-    let r = sg_io(f.as_fd(), cdb, xfer, SG_TIMEOUT_MS);
-    buf.truncate(r.transferred);
+    let (answer, transferred) = sg_io(f.as_fd(), cdb, xfer, SG_TIMEOUT_MS);
+    buf.truncate(transferred);
     Reply {
-        status: r.answer.status.0,
-        sense: r.answer.sense_code(),
-        data: if r.answer.status.0 == GOOD {
+        status: answer.status.0,
+        sense: answer.sense_code(),
+        data: if answer.status.0 == GOOD {
             buf
         } else {
             Vec::new()
@@ -1015,7 +1015,7 @@ fn sg_pr(f: &File, cmd: Cmd) -> Result<Reply, String> {
 fn helper_pr(c: &mut Client, dev: &File, cmd: Cmd) -> Result<Reply, String> {
     let (cdb, params) = encode(cmd);
     past_ua(|| {
-        let r: Response = c
+        let r: Answer = c
             .execute(&cdb, dev.as_fd(), &params)
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
@@ -1024,7 +1024,7 @@ fn helper_pr(c: &mut Client, dev: &File, cmd: Cmd) -> Result<Reply, String> {
                 _ => format!("the helper closed the connection or failed: {e}"),
             })?;
         Ok(Reply {
-            status: r.status,
+            status: r.status.0,
             sense: r.sense_code(),
             data: r.data,
         })
@@ -1072,11 +1072,11 @@ fn raw_answer(lu: &Lu, cmd: Cmd, r: &Reply) -> Ans {
                     k.sort_unstable();
                     Data::Keys(k)
                 }
-                Err(_) => Data::Bytes(reservd_daemon::report::hex(&r.data)),
+                Err(_) => Data::Bytes(reservd_client::report::hex(&r.data)),
             },
             prin_sa::READ_RESERVATION => match prin::parse_read_reservation(&r.data) {
                 Ok((_, res)) => Data::Reservation(res.map(|x| (x.key, x.scope, x.pr_type))),
-                Err(_) => Data::Bytes(reservd_daemon::report::hex(&r.data)),
+                Err(_) => Data::Bytes(reservd_client::report::hex(&r.data)),
             },
             prin_sa::READ_FULL_STATUS => match prin::parse_read_full_status(&r.data) {
                 Ok((_, descs)) => {
@@ -1093,9 +1093,9 @@ fn raw_answer(lu: &Lu, cmd: Cmd, r: &Reply) -> Ans {
                     v.sort();
                     Data::Full(v)
                 }
-                Err(_) => Data::Bytes(reservd_daemon::report::hex(&r.data)),
+                Err(_) => Data::Bytes(reservd_client::report::hex(&r.data)),
             },
-            _ => Data::Bytes(reservd_daemon::report::hex(&r.data)),
+            _ => Data::Bytes(reservd_client::report::hex(&r.data)),
         },
         _ => Data::None,
     };
@@ -1387,18 +1387,18 @@ impl View {
 // ---- access probes ----------------------------------------------------------------------------
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Outcome {
+enum IoStatus {
     Good,
     Conflict,
     Other(u8, Option<(u8, u8, u8)>),
 }
 
-impl Outcome {
+impl IoStatus {
     fn text(self) -> String {
         match self {
-            Outcome::Good => "ok".into(),
-            Outcome::Conflict => "RC".into(),
-            Outcome::Other(s, sense) => status_text(s, sense),
+            IoStatus::Good => "ok".into(),
+            IoStatus::Conflict => "RC".into(),
+            IoStatus::Other(s, sense) => status_text(s, sense),
         }
     }
 }
@@ -1406,8 +1406,8 @@ impl Outcome {
 /// A WRITE and a READ through one nexus.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Rw {
-    write: Outcome,
-    read: Outcome,
+    write: IoStatus,
+    read: IoStatus,
 }
 
 impl Rw {
@@ -1438,11 +1438,11 @@ impl Access {
     }
 }
 
-fn outcome(r: &Reply) -> Outcome {
+fn io_status(r: &Reply) -> IoStatus {
     match r.status {
-        GOOD => Outcome::Good,
-        CONFLICT => Outcome::Conflict,
-        s => Outcome::Other(s, r.sense.map(|c| (c.key, c.asc, c.ascq))),
+        GOOD => IoStatus::Good,
+        CONFLICT => IoStatus::Conflict,
+        s => IoStatus::Other(s, r.sense.map(|c| (c.key, c.asc, c.ascq))),
     }
 }
 
@@ -1454,8 +1454,8 @@ fn probe_nexus(lu: &Lu, n: &Nexus) -> Result<Rw, String> {
     let w = past_ua(|| Ok(sg_cmd(&n.sg, &write, Io::Out(&block))))?;
     let r = past_ua(|| Ok(sg_cmd(&n.sg, &read, Io::In(lu.block_len))))?;
     Ok(Rw {
-        write: outcome(&w),
-        read: outcome(&r),
+        write: io_status(&w),
+        read: io_status(&r),
     })
 }
 
@@ -1655,11 +1655,11 @@ fn reset(lu: &Lu, offline: &[String]) -> TestResult {
         return Err(format!("reset of the {}: CLEAR: {}", lu.what, r.text()));
     }
     if let Some(minor) = lu.dm_minor {
-        let mut conn = reservd_daemon::multipathd::Multipathd::from_env()
+        let mut conn = reservd_daemon::backend::multipath::multipathd::Multipathd::from_env()
             .with_timeout(Duration::from_secs(20))
             .connect()
             .map_err(|e| format!("multipathd: {e}"))?;
-        reservd_daemon::multipathd::clear_map_keys(&mut conn, minor)
+        reservd_daemon::backend::multipath::multipathd::clear_map_keys(&mut conn, minor)
             .map_err(|e| format!("multipathd: {e}"))?;
         let key = conn
             .command(&format!("getprkey map dm-{minor}"))
@@ -1703,7 +1703,7 @@ fn reset(lu: &Lu, offline: &[String]) -> TestResult {
 // ---- multipathd and path states ---------------------------------------------------------------
 
 fn multipathd(cmd: &str) -> Result<String, String> {
-    reservd_daemon::multipathd::Multipathd::from_env()
+    reservd_daemon::backend::multipath::multipathd::Multipathd::from_env()
         .with_timeout(Duration::from_secs(20))
         .connect()
         .and_then(|mut c| c.command(cmd))
@@ -2260,10 +2260,10 @@ fn map_is_one_nexus() -> TestResult {
         var("RESERVD_N2_SP_DEV").unwrap_or_default(),
         sp.node2.initiator,
     );
-    let start_reservd = || Daemon::start("reservd-conformance", &[]);
+    let start_reservd = || reservd("reservd-conformance", &[]);
     let mut d = start_reservd()?;
     let qemu_bin = Path::new("/usr/bin/qemu-pr-helper");
-    let start_qemu = || Daemon::start_binary(qemu_bin, "qemu-pr-helper-conformance", &[]);
+    let start_qemu = || helper(qemu_bin, "qemu-pr-helper-conformance", &[]);
     let mut qemu = if qemu_bin.exists() {
         Some(start_qemu()?)
     } else {

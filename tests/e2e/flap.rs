@@ -47,13 +47,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use reservd_client::client::Client;
+use reservd_client::report::answer_text;
 use reservd_daemon::backend::dm::DmControl;
 use reservd_daemon::backend::sgio::{sg_io, Transfer};
-use reservd_daemon::cdb::{prin_sa, prout_sa, PrInCdb, PrOutCdb};
-use reservd_daemon::params::{ProutParams, TransportId};
-use reservd_daemon::prin;
+use reservd_proto::cdb::{prin_sa, prout_sa, PrInCdb, PrOutCdb};
+use reservd_proto::params::{ProutParams, TransportId};
+use reservd_proto::prin;
 
-use crate::guest::{env, keys, pr_in, pr_out, Daemon, Scenario, TestResult};
+use crate::guest::{env, keys, pr_in, pr_out, reservd, Scenario, TestResult};
 
 pub fn scenarios() -> Vec<Scenario> {
     vec![("flap_paths_under_load", flap_paths_under_load)]
@@ -248,11 +250,11 @@ fn raw(f: &File, cdb: &[u8], out: Option<&[u8]>, alloc: usize) -> Reply {
         None if alloc > 0 => Transfer::FromDevice(&mut buf),
         None => Transfer::None,
     };
-    let r = sg_io(f.as_fd(), cdb, xfer, SG_TIMEOUT_MS);
-    buf.truncate(r.transferred);
-    let sense = r.answer.sense_code().map(|c| (c.key, c.asc, c.ascq));
+    let (answer, transferred) = sg_io(f.as_fd(), cdb, xfer, SG_TIMEOUT_MS);
+    buf.truncate(transferred);
+    let sense = answer.sense_code().map(|c| (c.key, c.asc, c.ascq));
     Reply {
-        status: r.answer.status.0,
+        status: answer.status.0,
         sense,
         data: buf,
     }
@@ -369,7 +371,7 @@ fn n2(sa: u8, ty: u8, key: u64, sa_key: u64) -> Prout {
 struct Driver<'a> {
     m: &'a MapBed,
     sh: &'a Shared,
-    c: reservd_daemon::client::Client,
+    c: Client,
     n2: File,
     cycle: u64,
 }
@@ -398,10 +400,7 @@ impl Driver<'_> {
             match crate::guest::past_ua(|| {
                 pr_out(&mut self.c, &self.m.dev, sa, ty, &keys(key, sa_key))
             }) {
-                Ok(r) => (
-                    r.status,
-                    reservd_daemon::report::answer_text(r.status, &r.sense),
-                ),
+                Ok(r) => (r.status.0, answer_text(&r)),
                 Err(e) => (0xff, e),
             }
         } else {
@@ -466,18 +465,14 @@ impl Driver<'_> {
         let st = self.sh.now();
         let fmt_keys = |v: &[u64]| format!("{v:x?}");
         match crate::guest::past_ua(|| pr_in(&mut self.c, &self.m.dev, prin_sa::READ_KEYS, 8192)) {
-            Ok(r) if r.status == GOOD => {
+            Ok(r) if r.status.0 == GOOD => {
                 let mut k = prin::parse_read_keys(&r.data)
                     .map(|x| x.1)
                     .unwrap_or_default();
                 k.sort();
                 self.expect_model("node 1 READ KEYS", fmt_keys(&k), fmt_keys(&st.keys()));
             }
-            Ok(r) => self.expect_model(
-                "node 1 READ KEYS",
-                reservd_daemon::report::answer_text(r.status, &r.sense),
-                "GOOD".into(),
-            ),
+            Ok(r) => self.expect_model("node 1 READ KEYS", answer_text(&r), "GOOD".into()),
             Err(e) => self.expect_model("node 1 READ KEYS", e, "an answer".into()),
         }
         let res = |d: &[u8]| {
@@ -494,14 +489,10 @@ impl Driver<'_> {
         match crate::guest::past_ua(|| {
             pr_in(&mut self.c, &self.m.dev, prin_sa::READ_RESERVATION, 8192)
         }) {
-            Ok(r) if r.status == GOOD => {
+            Ok(r) if r.status.0 == GOOD => {
                 self.expect_model("node 1 READ RESERVATION", res(&r.data), want_res.clone())
             }
-            Ok(r) => self.expect_model(
-                "node 1 READ RESERVATION",
-                reservd_daemon::report::answer_text(r.status, &r.sense),
-                "GOOD".into(),
-            ),
+            Ok(r) => self.expect_model("node 1 READ RESERVATION", answer_text(&r), "GOOD".into()),
             Err(e) => self.expect_model("node 1 READ RESERVATION", e, "an answer".into()),
         }
         let r = raw_in(&self.n2, prin_sa::READ_KEYS);
@@ -1090,7 +1081,7 @@ fn start_state(d: &mut Driver<'_>) -> TestResult {
     if r.status != GOOD {
         return Err(format!("{}: node 2 CLEAR: {}", d.m.alias, r.text()));
     }
-    let mut conn = reservd_daemon::multipathd::Multipathd::from_env()
+    let mut conn = reservd_daemon::backend::multipath::multipathd::Multipathd::from_env()
         .with_timeout(Duration::from_secs(20))
         .connect()
         .map_err(|e| format!("multipathd: {e}"))?;
@@ -1174,7 +1165,7 @@ fn flap_paths_under_load() -> TestResult {
     // would move its resident memory by up to 2 MiB without a byte more
     // in use, and hide a leak or fake one.
     nix::sys::prctl::set_thp_disable(true).map_err(|e| format!("PR_SET_THP_DISABLE: {e}"))?;
-    let d = Daemon::start("reservd-flap", &[verbose])?;
+    let d = reservd("reservd-flap", &[verbose])?;
     let shared: Vec<Shared> = maps
         .iter()
         .map(|_| Shared {

@@ -5,14 +5,14 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use reservd_daemon::cdb::{pr_type, prin_sa, prout_sa, PrInCdb, PrOutCdb};
-use reservd_daemon::client::{Client, Response};
-use reservd_daemon::params::ProutParams;
-use reservd_daemon::prin;
-use reservd_daemon::sense::SenseCode;
+use reservd_client::client::Client;
+use reservd_proto::cdb::{pr_type, prin_sa, prout_sa, PrInCdb, PrOutCdb};
+use reservd_proto::params::ProutParams;
+use reservd_proto::prin;
+use reservd_proto::sense::{Answer, SenseCode, Status};
 
 pub type TestResult = Result<(), String>;
 pub type Scenario = (&'static str, fn() -> TestResult);
@@ -131,113 +131,21 @@ pub fn log_dir() -> PathBuf {
         .unwrap_or_else(|_| std::env::temp_dir())
 }
 
-/// A reservd started as libvirt starts it (`-k SOCKET`), stopped on drop.
-pub struct Daemon {
-    child: Option<Child>,
-    pub socket: PathBuf,
-    pub log: PathBuf,
+pub use reservd_testkit::spawn::Daemon;
+use reservd_testkit::spawn::Ready;
+
+/// reservd started as libvirt starts it (`-k /run/NAME.sock`), its stderr
+/// in the log directory as NAME.log; stopped on drop.
+pub fn reservd(name: &str, extra: &[&str]) -> Result<Daemon, String> {
+    helper(Path::new(env!("CARGO_BIN_EXE_reservd")), name, extra)
 }
 
-impl Daemon {
-    pub fn start(name: &str, extra: &[&str]) -> Result<Daemon, String> {
-        Daemon::start_binary(Path::new(env!("CARGO_BIN_EXE_reservd")), name, extra)
-    }
-
-    pub fn start_binary(bin: &Path, name: &str, extra: &[&str]) -> Result<Daemon, String> {
-        let socket = PathBuf::from(format!("/run/{name}.sock"));
-        let _ = std::fs::remove_file(&socket);
-        let log = log_dir().join(format!("{name}.log"));
-        let err = File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
-        let child = Command::new(bin)
-            .arg("-k")
-            .arg(&socket)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("starting {}: {e}", bin.display()))?;
-        let mut d = Daemon {
-            child: Some(child),
-            socket,
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !d.socket.exists() {
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "{} did not create {}",
-                    bin.display(),
-                    d.socket.display()
-                ));
-            }
-            if let Some(s) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                return Err(format!("{} exited at start-up: {s}", bin.display()));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(d)
-    }
-
-    /// reservd loads libmpathpersist in the background once serving; the
-    /// thread doing it ("reservd-mpath") is started before the first
-    /// command is answered. After one answer, wait for that thread to be
-    /// gone, so that tests counting fds see the daemon settled.
-    pub fn wait_multipath_loaded(&self) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let tasks = format!("/proc/{}/task", self.pid());
-        loop {
-            let loading = std::fs::read_dir(&tasks)
-                .map_err(|e| format!("{tasks}: {e}"))?
-                .filter_map(|t| t.ok())
-                .any(|t| {
-                    std::fs::read_to_string(t.path().join("comm"))
-                        .is_ok_and(|c| c.trim() == "reservd-mpath")
-                });
-            if !loading {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err("libmpathpersist still loading after 10 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
-    }
-
-    pub fn client(&self) -> Result<Client, String> {
-        Client::connect(&self.socket)
-            .map_err(|e| format!("connecting to {}: {e}", self.socket.display()))
-    }
-
-    /// SIGTERM and wait; returns the exit status.
-    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
-        let mut c = self.child.take()?;
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(s)) = c.try_wait() {
-                return Some(s);
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                return c.wait().ok();
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.stop();
-    }
+/// Another helper binary (the package's reservd, Debian's qemu-pr-helper)
+/// started as [`reservd`] is.
+pub fn helper(bin: &Path, name: &str, extra: &[&str]) -> Result<Daemon, String> {
+    let socket = PathBuf::from(format!("/run/{name}.sock"));
+    let log = log_dir().join(format!("{name}.log"));
+    Daemon::helper(bin, &socket, &log, extra)
 }
 
 fn open(dev: &Path, write: bool) -> Result<File, String> {
@@ -249,7 +157,7 @@ fn open(dev: &Path, write: bool) -> Result<File, String> {
 }
 
 /// PR IN through reservd on `dev` (opened read-only, as for a reader).
-pub fn pr_in(c: &mut Client, dev: &Path, sa: u8, alloc: u16) -> Result<Response, String> {
+pub fn pr_in(c: &mut Client, dev: &Path, sa: u8, alloc: u16) -> Result<Answer, String> {
     let f = open(dev, false)?;
     let cdb = PrInCdb {
         service_action: sa,
@@ -267,7 +175,7 @@ pub fn pr_out(
     sa: u8,
     ty: u8,
     p: &ProutParams,
-) -> Result<Response, String> {
+) -> Result<Answer, String> {
     let f = open(dev, true)?;
     let params = p.encode();
     let cdb = PrOutCdb {
@@ -289,11 +197,11 @@ pub fn keys(k: u64, sa: u64) -> ProutParams {
     }
 }
 
-pub fn expect_good(r: &Response, what: &str) -> TestResult {
-    if r.status != 0 {
+pub fn expect_good(r: &Answer, what: &str) -> TestResult {
+    if r.status != Status::GOOD {
         return Err(format!(
             "{what}: {}",
-            reservd_daemon::report::answer_text(r.status, &r.sense)
+            reservd_client::report::answer_text(r)
         ));
     }
     Ok(())
@@ -301,7 +209,7 @@ pub fn expect_good(r: &Response, what: &str) -> TestResult {
 
 /// Run a command a few times while it answers with a unit attention, as an
 /// initiator does; returns the first other answer.
-pub fn past_ua(mut f: impl FnMut() -> Result<Response, String>) -> Result<Response, String> {
+pub fn past_ua(mut f: impl FnMut() -> Result<Answer, String>) -> Result<Answer, String> {
     for _ in 0..4 {
         let r = f()?;
         match r.sense_code() {
@@ -373,7 +281,7 @@ pub fn reset_lun(c: &mut Client, dev: &Path) -> TestResult {
 
 fn sgio_register_and_read_keys() -> TestResult {
     let dev = PathBuf::from(env("RESERVD_SP_DEV"));
-    let d = Daemon::start("reservd-sgio", &[])?;
+    let d = reservd("reservd-sgio", &[])?;
     let mut c = d.client()?;
     reset_lun(&mut c, &dev)?;
     let r = past_ua(|| pr_in(&mut c, &dev, prin_sa::READ_KEYS, 8192))?;
@@ -397,7 +305,7 @@ fn sgio_register_and_read_keys() -> TestResult {
 
     // REGISTER with a wrong key: conflict, nothing changes.
     let r = pr_out(&mut c, &dev, prout_sa::REGISTER, 0, &keys(0x9999, 0x2222))?;
-    check_eq!(r.status, 0x18, "REGISTER with a wrong key");
+    check_eq!(r.status.0, 0x18, "REGISTER with a wrong key");
     check_eq!(
         device_keys(&dev)?,
         vec![0x1111],
@@ -436,7 +344,7 @@ fn sgio_register_and_read_keys() -> TestResult {
 
 fn sgio_every_reservation_type() -> TestResult {
     let dev = PathBuf::from(env("RESERVD_SP_DEV"));
-    let d = Daemon::start("reservd-sgio", &[])?;
+    let d = reservd("reservd-sgio", &[])?;
     let mut c = d.client()?;
     reset_lun(&mut c, &dev)?;
     expect_good(
@@ -468,7 +376,7 @@ fn sgio_every_reservation_type() -> TestResult {
         // CONFLICT) and leaves the reservation; with the right type it works.
         let other = if ty == 1 { 3 } else { 1 };
         let r = pr_out(&mut c, &dev, prout_sa::RELEASE, other, &keys(0xabc, 0))?;
-        check!(r.status != 0, "RELEASE with the wrong type was GOOD");
+        check!(r.status.0 != 0, "RELEASE with the wrong type was GOOD");
         check!(
             device_reservation(&dev)?.is_some(),
             "RELEASE with the wrong type released"
@@ -492,7 +400,7 @@ fn sgio_every_reservation_type() -> TestResult {
 
 fn sgio_capabilities_and_full_status() -> TestResult {
     let dev = PathBuf::from(env("RESERVD_SP_DEV"));
-    let d = Daemon::start("reservd-sgio", &[])?;
+    let d = reservd("reservd-sgio", &[])?;
     let mut c = d.client()?;
     reset_lun(&mut c, &dev)?;
     let r = pr_in(&mut c, &dev, prin_sa::REPORT_CAPABILITIES, 8192)?;
@@ -539,7 +447,7 @@ fn sgio_capabilities_and_full_status() -> TestResult {
 
 fn sgio_truncated_allocation_lengths() -> TestResult {
     let dev = PathBuf::from(env("RESERVD_SP_DEV"));
-    let d = Daemon::start("reservd-sgio", &[])?;
+    let d = reservd("reservd-sgio", &[])?;
     let mut c = d.client()?;
     reset_lun(&mut c, &dev)?;
     expect_good(
@@ -589,7 +497,7 @@ fn sgio_two_initiators_conflict_preempt_clear() -> TestResult {
     // The two paths of the two-path LUN are two I_T nexuses; used directly
     // (not through the map) they are plain SCSI disks for SG_IO.
     let (p1, p2) = mp_paths();
-    let d = Daemon::start("reservd-sgio", &[])?;
+    let d = reservd("reservd-sgio", &[])?;
     let mut c = d.client()?;
     reset_lun(&mut c, &p1)?;
     expect_good(
@@ -602,7 +510,7 @@ fn sgio_two_initiators_conflict_preempt_clear() -> TestResult {
     )?;
     // An unregistered initiator gets RESERVATION CONFLICT.
     let r = pr_out(&mut c, &p2, prout_sa::RESERVE, 1, &keys(0xb, 0))?;
-    check_eq!(r.status, 0x18, "RESERVE from an unregistered initiator");
+    check_eq!(r.status.0, 0x18, "RESERVE from an unregistered initiator");
     expect_good(
         &pr_out(&mut c, &p2, prout_sa::REGISTER, 0, &keys(0, 0xb))?,
         "REGISTER on path 2",
@@ -612,7 +520,9 @@ fn sgio_two_initiators_conflict_preempt_clear() -> TestResult {
     check_eq!(k, vec![0xa, 0xb], "keys seen on path 2");
     // A registered non-holder still cannot reserve.
     check_eq!(
-        pr_out(&mut c, &p2, prout_sa::RESERVE, 1, &keys(0xb, 0))?.status,
+        pr_out(&mut c, &p2, prout_sa::RESERVE, 1, &keys(0xb, 0))?
+            .status
+            .0,
         0x18,
         "RESERVE by a non-holder"
     );
@@ -626,7 +536,7 @@ fn sgio_two_initiators_conflict_preempt_clear() -> TestResult {
     check_eq!(res.0, 0xb, "holder after PREEMPT");
     // Path 1 hears about it with a unit attention, then sees the new state.
     let r = pr_in(&mut c, &p1, prin_sa::READ_KEYS, 8192)?;
-    if r.status == 0x02 {
+    if r.status.0 == 0x02 {
         check_eq!(
             r.sense_code(),
             Some(SenseCode::REGISTRATIONS_PREEMPTED),
@@ -634,7 +544,7 @@ fn sgio_two_initiators_conflict_preempt_clear() -> TestResult {
         );
     }
     let r = past_ua(|| pr_out(&mut c, &p1, prout_sa::RESERVE, 1, &keys(0xa, 0)))?;
-    check_eq!(r.status, 0x18, "RESERVE by the preempted initiator");
+    check_eq!(r.status.0, 0x18, "RESERVE by the preempted initiator");
     // Path 1 registers again and preempts back. (PREEMPT AND ABORT cannot
     // be exercised on this target: Linux 6.1's LIO deadlocks in it, waiting
     // in core_tmr_lun_reset for the very work item that runs the command.)
@@ -681,7 +591,7 @@ fn settle_fds(pid: u32, want: usize) -> TestResult {
 
 fn robust_fd_count_stable() -> TestResult {
     let dev = PathBuf::from(env("RESERVD_SP_DEV"));
-    let d = Daemon::start("reservd-robust", &[])?;
+    let d = reservd("reservd-robust", &[])?;
     let mut c = d.client()?;
     let _ = past_ua(|| pr_in(&mut c, &dev, prin_sa::READ_KEYS, 8192))?;
     d.wait_multipath_loaded()?;
@@ -708,10 +618,10 @@ fn robust_fd_count_stable() -> TestResult {
 }
 
 fn robust_client_vanishes_mid_command() -> TestResult {
-    use reservd_daemon::server::fdpass::send_with_fds;
+    use reservd_client::client::send_with_fds;
     use std::io::{Read, Write};
     let dev = PathBuf::from(env("RESERVD_SP_DEV"));
-    let d = Daemon::start("reservd-robust", &[])?;
+    let d = reservd("reservd-robust", &[])?;
     let mut probe = d.client()?;
     let _ = past_ua(|| pr_in(&mut probe, &dev, prin_sa::READ_KEYS, 8192))?;
     d.wait_multipath_loaded()?;
@@ -723,7 +633,7 @@ fn robust_client_vanishes_mid_command() -> TestResult {
         s.read_exact(&mut hello).map_err(|e| e.to_string())?;
         s.write_all(&[0; 4]).map_err(|e| e.to_string())?;
         let f = open(&dev, i % 2 == 0)?;
-        let cdb = reservd_daemon::cdb::pad16(
+        let cdb = reservd_proto::cdb::pad16(
             &PrInCdb {
                 service_action: prin_sa::READ_KEYS,
                 allocation_length: 8192,
@@ -733,7 +643,7 @@ fn robust_client_vanishes_mid_command() -> TestResult {
         send_with_fds(s.as_fd(), &cdb, &[f.as_fd()]).map_err(|e| e.to_string())?;
         // Gone before the answer (every other time, in the middle of a PR OUT's parameter list).
         if i % 2 == 1 {
-            let cdb = reservd_daemon::cdb::pad16(
+            let cdb = reservd_proto::cdb::pad16(
                 &PrOutCdb {
                     service_action: 0,
                     scope: 0,
@@ -761,7 +671,7 @@ fn robust_path_offline() -> TestResult {
         .ok_or("bad path name")?
         .to_string();
     let state = PathBuf::from(format!("/sys/block/{name}/device/state"));
-    let d = Daemon::start("reservd-robust", &["--sgio-timeout", "5000"])?;
+    let d = reservd("reservd-robust", &["--sgio-timeout", "5000"])?;
     let mut c = d.client()?;
     let _ = past_ua(|| pr_in(&mut c, &p1, prin_sa::READ_KEYS, 8192))?;
     let f1 = open(&p1, false)?;
@@ -776,7 +686,7 @@ fn robust_path_offline() -> TestResult {
         let r = c
             .execute(&cdb, f1.as_fd(), &[])
             .map_err(|e| format!("PR IN on an offline path: {e}"))?;
-        check!(r.status != 0, "GOOD from an offline path");
+        check!(r.status.0 != 0, "GOOD from an offline path");
         check!(
             t.elapsed() < Duration::from_secs(10),
             "the answer took {:?}",
@@ -800,7 +710,7 @@ fn robust_path_offline() -> TestResult {
 
 fn robust_sigterm_with_commands_in_flight() -> TestResult {
     let dev = PathBuf::from(env("RESERVD_SP_DEV"));
-    let mut d = Daemon::start("reservd-robust", &[])?;
+    let mut d = reservd("reservd-robust", &[])?;
     let socket = d.socket.clone();
     let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let workers: Vec<_> = (0..8)
@@ -940,7 +850,7 @@ pub fn normalize_generation(cdb: &[u8; 10], data: &mut [u8], base: u32) {
 
 /// Run `steps` through the helper at `socket` on `dev`; answers with
 /// generations relative to the LUN's generation at the start.
-pub fn run_sequence(socket: &Path, dev: &Path, steps: &[Step]) -> Result<Vec<Response>, String> {
+pub fn run_sequence(socket: &Path, dev: &Path, steps: &[Step]) -> Result<Vec<Answer>, String> {
     let mut c =
         Client::connect(socket).map_err(|e| format!("connecting to {}: {e}", socket.display()))?;
     let base = {
@@ -962,8 +872,8 @@ pub fn run_sequence(socket: &Path, dev: &Path, steps: &[Step]) -> Result<Vec<Res
 
 fn reference_same_bytes_as_qemu_pr_helper() -> TestResult {
     let dev = PathBuf::from(env("RESERVD_SP_DEV"));
-    let ours = Daemon::start("reservd-ref", &[])?;
-    let theirs = Daemon::start_binary(
+    let ours = reservd("reservd-ref", &[])?;
+    let theirs = helper(
         Path::new("/usr/bin/qemu-pr-helper"),
         "qemu-pr-helper-ref",
         &[],
@@ -998,7 +908,7 @@ fn reference_same_bytes_as_qemu_pr_helper() -> TestResult {
 }
 
 fn report_hex(b: &[u8]) -> String {
-    reservd_daemon::report::hex(b)
+    reservd_client::report::hex(b)
 }
 
 /// One step of a two-initiator sequence: which nexus sends it, and what.
@@ -1174,11 +1084,12 @@ struct Comparable {
     data: String,
 }
 
-fn comparable(cdb: &[u8; 10], r: &Response, base: u32) -> Comparable {
+fn comparable(cdb: &[u8; 10], r: &Answer, base: u32) -> Comparable {
     let sense = r.sense_code().map(|c| (c.key, c.asc, c.ascq));
     let mut data = r.data.clone();
     normalize_generation(cdb, &mut data, base);
-    let data = if cdb[0] == 0x5e && (cdb[1] & 0x1f) == prin_sa::READ_FULL_STATUS && r.status == 0 {
+    let data = if cdb[0] == 0x5e && (cdb[1] & 0x1f) == prin_sa::READ_FULL_STATUS && r.status.0 == 0
+    {
         match prin::parse_read_full_status(&data) {
             Ok((g, d)) => format!(
                 "generation {g}: {:?}",
@@ -1192,22 +1103,22 @@ fn comparable(cdb: &[u8; 10], r: &Response, base: u32) -> Comparable {
         report_hex(&data)
     };
     Comparable {
-        status: r.status,
+        status: r.status.0,
         sense,
         data,
     }
 }
 
 fn oracle_emulated_target_answers_as_lio() -> TestResult {
-    use reservd_daemon::backend::emulated::Emulated;
     use reservd_daemon::backend::{execute, Command as BackendCommand};
+    use reservd_testkit::emulated::Emulated;
     // multipathd's path checker sends TEST UNIT READY on both paths, which
     // would take the unit attentions this sequence checks.
     let _ = Command::new("multipathd").arg("shutdown").output();
     std::thread::sleep(Duration::from_millis(500));
     let (p1, p2) = mp_paths();
     let paths = [p1, p2];
-    let d = Daemon::start("reservd-oracle", &[])?;
+    let d = reservd("reservd-oracle", &[])?;
     let mut c = d.client()?;
     reset_lun(&mut c, &paths[0])?;
     // Drain unit attentions left by the reset on both nexuses.
@@ -1231,7 +1142,7 @@ fn oracle_emulated_target_answers_as_lio() -> TestResult {
         let lio = c
             .execute(&s.step.cdb, f.as_fd(), &s.step.params)
             .map_err(|e| format!("{}: {e}", s.step.what))?;
-        let cdb16 = reservd_daemon::cdb::pad16(&s.step.cdb);
+        let cdb16 = reservd_proto::cdb::pad16(&s.step.cdb);
         let cmd = BackendCommand {
             nexus: s.nexus as u64 + 1,
             peer: None,
@@ -1240,8 +1151,8 @@ fn oracle_emulated_target_answers_as_lio() -> TestResult {
             params: &s.step.params,
         };
         let ans = execute(&emu, &cmd).map_err(|e| format!("{}: emulated: {e}", s.step.what))?;
-        let ours = Response {
-            status: ans.status.0,
+        let ours = Answer {
+            status: ans.status,
             sense: ans.sense,
             data: {
                 let mut d = ans.data;
@@ -1289,7 +1200,7 @@ fn oracle_emulated_target_answers_as_lio() -> TestResult {
 
 /// Ask QEMU (over QMP) whether its pr-manager-helper object is connected.
 fn qemu_reports_connected(socket: &Path, name: &str) -> TestResult {
-    use crate::support::{qemu, Qmp};
+    use reservd_testkit::qemu::{qemu, Qmp};
     // (a UNIX socket cannot be bound on the 9p log share)
     let qmp = PathBuf::from(format!("/run/{name}.qmp"));
     let _ = std::fs::remove_file(&qmp);
@@ -1317,7 +1228,7 @@ fn qemu_reports_connected(socket: &Path, name: &str) -> TestResult {
 /// one needs a guest OS, too slow under nested TCG: the reconnect itself is
 /// QEMU's client opening a new connection, checked here at that level.)
 fn qemu_connects_through_restarts() -> TestResult {
-    let mut d = Daemon::start("reservd-qemu", &["-v"])?;
+    let mut d = reservd("reservd-qemu", &["-v"])?;
     // The start-up line comes once the socket exists; the multipath line
     // once libmpathpersist has loaded in the background.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1334,7 +1245,7 @@ fn qemu_connects_through_restarts() -> TestResult {
     let socket = d.socket.clone();
     let status = d.stop().ok_or("reservd was not running")?;
     check!(status.success(), "reservd exited with {status}");
-    let d2 = Daemon::start("reservd-qemu", &[])?;
+    let d2 = reservd("reservd-qemu", &[])?;
     check_eq!(d2.socket, socket, "socket path");
     qemu_reports_connected(&d2.socket, "qemu2")?;
     // And the daemon still answers a real command after QEMU went away.
@@ -1350,7 +1261,7 @@ fn qemu_connects_through_restarts() -> TestResult {
 /// fd needs.
 fn sgio_as_an_unprivileged_user() -> TestResult {
     let dev = PathBuf::from(env("RESERVD_SP_DEV"));
-    let d = Daemon::start("reservd-nobody", &["-u", "nobody", "-g", "nogroup"])?;
+    let d = reservd("reservd-nobody", &["-u", "nobody", "-g", "nogroup"])?;
     let mut c = d.client()?;
     let status =
         std::fs::read_to_string(format!("/proc/{}/status", d.pid())).map_err(|e| e.to_string())?;
@@ -1437,29 +1348,12 @@ fn package_socket_activated_on_a_real_disk() -> TestResult {
         .display()
         .to_string();
     let socket = PathBuf::from("/run/reservd-activated.sock");
-    let _ = std::fs::remove_file(&socket);
-    let log = File::create(log_dir().join("reservd-activated.log")).map_err(|e| e.to_string())?;
-    let mut act = Command::new("systemd-socket-activate")
-        .arg("-l")
-        .arg(&socket)
-        .args(&argv)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("systemd-socket-activate: {e}"))?;
-    let result = (|| -> TestResult {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            check!(
-                Instant::now() < deadline,
-                "{} never appeared",
-                socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+    let mut act = Command::new("systemd-socket-activate");
+    act.arg("-l").arg(&socket).args(&argv);
+    let log = log_dir().join("reservd-activated.log");
+    let result = Daemon::start(act, &socket, &log, Ready::Socket).and_then(|d| {
         // The first connection makes systemd-socket-activate exec reservd.
-        let mut c = Client::connect(&socket).map_err(|e| format!("connect: {e}"))?;
+        let mut c = d.client()?;
         let dev = PathBuf::from(env("RESERVD_SP_DEV"));
         reset_lun(&mut c, &dev)?;
         expect_good(
@@ -1468,12 +1362,7 @@ fn package_socket_activated_on_a_real_disk() -> TestResult {
         )?;
         check_eq!(device_keys(&dev)?, vec![0xdeb], "device keys");
         reset_lun(&mut c, &dev)
-    })();
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(act.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = act.wait();
+    });
     let _ = std::fs::remove_dir_all(&pkg);
     result
 }

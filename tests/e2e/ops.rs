@@ -6,11 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use reservd_daemon::cdb::{prin_sa, prout_sa};
+use reservd_proto::cdb::{prin_sa, prout_sa};
+
+use reservd_testkit::spawn::{Daemon, Ready};
 
 use crate::guest::{
-    device_keys, env, expect_good, keys, mp_paths, past_ua, pr_in, pr_out, reset_lun, sg_persist,
-    Daemon, Scenario, TestResult,
+    device_keys, env, expect_good, keys, mp_paths, past_ua, pr_in, pr_out, reservd, reset_lun,
+    sg_persist, Scenario, TestResult,
 };
 
 macro_rules! check {
@@ -57,53 +59,41 @@ fn name(p: &Path) -> String {
     p.file_name().unwrap().to_string_lossy().into_owned()
 }
 
-/// reservd started as systemd would start it: in a scratch directory under
-/// /run (its socket `s.sock`), with one variable of systemd's environment
-/// and stderr as given. Killed, and the directory removed, when dropped.
-struct UnderSystemd {
-    dir: PathBuf,
-    child: std::process::Child,
-}
+/// A scratch directory under /run, made empty, removed when dropped.
+struct Scratch(PathBuf);
 
-impl UnderSystemd {
-    /// The scratch directory, made empty, for what the variable names.
-    fn scratch(tag: &str) -> Result<PathBuf, String> {
+impl Scratch {
+    fn new(tag: &str) -> Result<Scratch, String> {
         let dir = PathBuf::from(format!("/run/reservd-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        Ok(dir)
+        Ok(Scratch(dir))
     }
 
-    fn start(
-        dir: PathBuf,
-        args: &[&str],
-        var: (&str, &std::ffi::OsStr),
-        stderr: Stdio,
-    ) -> Result<UnderSystemd, String> {
-        let child = Command::new(env!("CARGO_BIN_EXE_reservd"))
-            .arg("-k")
-            .arg(dir.join("s.sock"))
-            .args(args)
-            .env(var.0, var.1)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .map_err(|e| format!("starting reservd: {e}"))?;
-        Ok(UnderSystemd { dir, child })
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.join("s.sock")
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
     }
 }
 
-impl Drop for UnderSystemd {
+impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// reservd started as systemd would start it: in `dir` (its socket
+/// `s.sock`), with one variable of systemd's environment, its stderr in
+/// `log`.
+fn under_systemd(
+    dir: &Scratch,
+    args: &[&str],
+    var: (&str, &std::ffi::OsStr),
+    log: &Path,
+) -> Result<Daemon, String> {
+    let socket = dir.join("s.sock");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_reservd"));
+    cmd.arg("-k").arg(&socket).args(args).env(var.0, var.1);
+    Daemon::start(cmd, &socket, log, Ready::Socket)
 }
 
 /// Under systemd (Type=notify), reservd says READY=1 with a status line
@@ -111,17 +101,17 @@ impl Drop for UnderSystemd {
 /// the background, is active.
 fn ops_systemd_status_follows_multipath_loading() -> TestResult {
     use std::os::unix::net::UnixDatagram;
-    let dir = UnderSystemd::scratch("notify")?;
+    let dir = Scratch::new("notify")?;
     let notify_path = dir.join("notify");
     let notify = UnixDatagram::bind(&notify_path).map_err(|e| e.to_string())?;
     notify
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
-    let _d = UnderSystemd::start(
-        dir,
+    let _d = under_systemd(
+        &dir,
         &[],
         ("NOTIFY_SOCKET", notify_path.as_os_str()),
-        Stdio::null(),
+        &dir.join("stderr"),
     )?;
     let mut buf = [0u8; 512];
     let mut recv = || -> Result<String, String> {
@@ -154,7 +144,7 @@ fn ops_systemd_status_follows_multipath_loading() -> TestResult {
 fn ops_library_messages_reach_reservds_log_at_their_level() -> TestResult {
     use std::os::unix::fs::MetadataExt;
     use std::os::unix::net::UnixDatagram;
-    let dir = UnderSystemd::scratch("journal")?;
+    let dir = Scratch::new("journal")?;
     // /dev/log stands for the journal's syslog socket (none in the bed).
     let devlog = Path::new("/dev/log");
     let _ = std::fs::remove_file(devlog);
@@ -184,23 +174,17 @@ fn ops_library_messages_reach_reservds_log_at_their_level() -> TestResult {
     // -vv: libmultipath at verbosity 3, which has something to say about
     // any command on a map.
     let stream = format!("{}:{}", meta.dev(), meta.ino());
-    let d = UnderSystemd::start(
-        dir,
+    drop(err);
+    // Its stderr is that file (the same inode, truncated again).
+    let d = under_systemd(
+        &dir,
         &["-v", "-v"],
         ("JOURNAL_STREAM", stream.as_ref()),
-        Stdio::from(err),
+        &err_path,
     )?;
-    let socket = d.socket();
+    let socket = d.socket.clone();
     let result = (|| -> TestResult {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            check!(
-                Instant::now() < deadline,
-                "reservd did not create its socket"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let mut c = reservd_daemon::client::Client::connect(&socket)
+        let mut c = reservd_client::client::Client::connect(&socket)
             .map_err(|e| format!("connect: {e}"))?;
         c.stream()
             .set_read_timeout(Some(Duration::from_secs(30)))
@@ -299,7 +283,7 @@ fn unregister_path(path: &Path) -> TestResult {
 }
 
 fn ops_status_consistent_map() -> TestResult {
-    let d = Daemon::start("reservd-ops", &[])?;
+    let d = reservd("reservd-ops", &[])?;
     registered_map(&d)?;
     let (p1, p2) = mp_paths();
     let dev = mp_dev();
@@ -356,7 +340,7 @@ fn ops_status_consistent_map() -> TestResult {
 }
 
 fn ops_status_path_lost_its_key_and_repair() -> TestResult {
-    let d = Daemon::start("reservd-ops", &[])?;
+    let d = reservd("reservd-ops", &[])?;
     registered_map(&d)?;
     let (p1, p2) = mp_paths();
     let dev = mp_dev();
@@ -474,7 +458,7 @@ fn ops_status_path_lost_its_key_and_repair() -> TestResult {
 }
 
 fn ops_check_all_good() -> TestResult {
-    let d = Daemon::start("reservd-ops", &["--enable-cleanup"])?;
+    let d = reservd("reservd-ops", &["--enable-cleanup"])?;
     let o = reservdctl(&["-k", d.socket.to_str().unwrap(), "check"], Stdio::null())?;
     let t = stdout(&o);
     check!(o.status.code() == Some(0), "exit status {}", o.status);
@@ -546,7 +530,7 @@ fn audit_lines(log: &Path, n: usize) -> Result<Vec<String>, String> {
 fn ops_audit_trail() -> TestResult {
     let dev = mp_dev();
     let sp = PathBuf::from(env("RESERVD_SP_DEV"));
-    let d = Daemon::start("reservd-ops-audit", &[])?;
+    let d = reservd("reservd-ops-audit", &[])?;
     let mut c = d.client()?;
     // Settle pending unit attentions with PR IN, which is not audited.
     let _ = past_ua(|| pr_in(&mut c, &dev, prin_sa::READ_KEYS, 8192))?;
@@ -563,7 +547,11 @@ fn ops_audit_trail() -> TestResult {
     }
     // A refused command on the single-path disk (SG_IO backend).
     let r = pr_out(&mut c, &sp, prout_sa::REGISTER, 0, &keys(0x5ad, 0x5ae))?;
-    check!(r.status == 0x18, "REGISTER with a wrong key: {}", r.status);
+    check!(
+        r.status.0 == 0x18,
+        "REGISTER with a wrong key: {}",
+        r.status.0
+    );
 
     let lines = audit_lines(&d.log, 5)?;
     for l in &lines {
@@ -599,7 +587,7 @@ fn ops_audit_trail() -> TestResult {
     );
     // -q silences the audit trail.
     drop(c);
-    let q = Daemon::start("reservd-ops-quiet", &["-q"])?;
+    let q = reservd("reservd-ops-quiet", &["-q"])?;
     let mut c = q.client()?;
     let _ = pr_out(&mut c, &sp, prout_sa::REGISTER, 0, &keys(0x5ad, 0x5ae))?;
     // The log line is written before the answer: nothing to wait for.
@@ -608,7 +596,7 @@ fn ops_audit_trail() -> TestResult {
 }
 
 fn ops_status_offline_path_is_not_counted() -> TestResult {
-    let d = Daemon::start("reservd-ops", &[])?;
+    let d = reservd("reservd-ops", &[])?;
     registered_map(&d)?;
     let (_, p2) = mp_paths();
     let dev = mp_dev();

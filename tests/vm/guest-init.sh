@@ -183,7 +183,6 @@ devices {
         path_grouping_policy multibus
         hardware_handler "1 alua"
         prio alua
-        path_checker tur
         no_path_retry 12
     }
 }

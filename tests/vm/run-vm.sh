@@ -26,9 +26,10 @@ GUEST_INIT=$HERE/guest-init.sh
 INITRD_INIT=$HERE/initramfs-init.sh
 # Userspace roots of other Debian releases (debootstrap --variant=minbase plus
 # these): what guest-init.sh and the scenarios run, qemu-pr-helper
-# (qemu-system-common) and iscsi-test-cu (libiscsi-bin) as baselines, systemd.
+# (qemu-system-common) and iscsi-test-cu (libiscsi-bin) as baselines, systemd,
+# podman (the kubevirt scenario's container runtime).
 ROOT_PACKAGES=(multipath-tools sg3-utils udev kmod procps python3 qemu-system-common
-               libiscsi-bin systemd)
+               libiscsi-bin systemd podman)
 ROOT_MAX_AGE_DAYS=7
 
 log() { printf '[run-vm] %s\n' "$*" >&2; }

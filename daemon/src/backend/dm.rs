@@ -13,7 +13,7 @@
 //! SG_IO.
 //!
 //! For the commands reservd runs on a map's paths itself (see
-//! [`crate::onenexus`]), [`DmControl::map_paths`] reads the map's paths and
+//! [`reservd_proto::onenexus`]), [`DmControl::map_paths`] reads the map's paths and
 //! whether the kernel uses each (the same status), and
 //! [`DmControl::suspend`] / [`DmControl::resume`] suspend the map without
 //! flushing (I/O queues meanwhile) and resume it, as multipath-tools does
@@ -29,13 +29,26 @@ use std::path::Path;
 pub const CONTROL_PATH: &str = "/dev/mapper/control";
 
 const DM_VERSION_MAJOR: u32 = 4;
-/// `_IOWR(0xfd, 12, struct dm_ioctl)`.
-const DM_TABLE_STATUS: libc::c_ulong = 0xc138_fd0c;
-/// `_IOWR(0xfd, 0, struct dm_ioctl)`.
-const DM_VERSION: libc::c_ulong = 0xc138_fd00;
-/// `_IOWR(0xfd, 6, struct dm_ioctl)`: suspend (with DM_SUSPEND_FLAG) or
-/// resume.
-const DM_DEV_SUSPEND: libc::c_ulong = 0xc138_fd06;
+/// `_IOWR(0xfd, nr, struct dm_ioctl)`, struct dm_ioctl being 312 bytes.
+const fn dm_ioctl(nr: u64) -> u64 {
+    0xc138_fd00 | nr
+}
+/// The interface's version; reservd checks it at start-up.
+pub const DM_VERSION: u64 = dm_ioctl(0);
+/// libdevmapper's, for libmpathpersist: list the maps.
+pub const DM_LIST_DEVICES: u64 = dm_ioctl(2);
+/// Suspend (with DM_SUSPEND_FLAG) or resume a map.
+pub const DM_DEV_SUSPEND: u64 = dm_ioctl(6);
+/// libdevmapper's: a map's status.
+pub const DM_DEV_STATUS: u64 = dm_ioctl(7);
+/// libdevmapper's: a map's dependencies.
+pub const DM_TABLE_DEPS: u64 = dm_ioctl(11);
+/// A map's table status: is this a multipath map, and its paths.
+pub const DM_TABLE_STATUS: u64 = dm_ioctl(12);
+/// libdevmapper's: the targets' versions.
+pub const DM_LIST_VERSIONS: u64 = dm_ioctl(13);
+/// libdevmapper's: one target's version.
+pub const DM_GET_TARGET_VERSION: u64 = dm_ioctl(17);
 const DM_SUSPEND_FLAG: u32 = 1 << 1;
 const DM_SKIP_LOCKFS_FLAG: u32 = 1 << 10;
 const DM_NOFLUSH_FLAG: u32 = 1 << 11;
@@ -161,7 +174,7 @@ impl DmControl {
         Ok(dm)
     }
 
-    fn ioctl(&self, request: libc::c_ulong, b: &mut Buffer) -> io::Result<()> {
+    fn ioctl(&self, request: u64, b: &mut Buffer) -> io::Result<()> {
         // SAFETY: `b` is a dm_ioctl header followed by its data area, all in
         // one allocation of `data_size` bytes; the kernel reads and writes
         // within `data_size`. `self.fd` is an open control node.

@@ -7,15 +7,11 @@
 use std::fmt;
 use std::os::fd::BorrowedFd;
 
-use crate::cdb::PERSISTENT_RESERVE_OUT;
-use crate::sense::{Answer, SenseCode};
-use crate::wire::OP_CLEANUP;
+use reservd_proto::cdb::PERSISTENT_RESERVE_OUT;
+use reservd_proto::sense::{Answer, SenseCode};
+use reservd_proto::wire::OP_CLEANUP;
 
 pub mod dm;
-#[cfg(any(test, feature = "emulated"))]
-pub mod emulated;
-pub mod mpath;
-pub mod mpath_log;
 pub mod multipath;
 pub mod router;
 pub mod sgio;

@@ -14,7 +14,7 @@ use super::dm::{DmControl, MapKind};
 use super::multipath::{Loader, Multipath};
 use super::sgio::SgIo;
 use super::{BackendError, Command, PrBackend};
-use crate::sense::Answer;
+use reservd_proto::sense::Answer;
 
 /// Tells whether an fd is a multipath map.
 pub trait MapProbe: Send + Sync {
@@ -105,15 +105,16 @@ impl PrBackend for Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::mpath::PersistLib;
+    use crate::backend::multipath::library::PersistLib;
+    use crate::backend::multipath::multipathd::fake::Fake;
+    use crate::backend::multipath::multipathd::Multipathd;
     use crate::backend::multipath::{Diagnostics, MapDevices, Via};
-    use crate::cdb::{pad16, PrInCdb, PrOutCdb};
-    use crate::mpath_xlate::ProutRequest;
-    use crate::multipathd::fake::Fake;
-    use crate::multipathd::Multipathd;
-    use crate::onenexus::Fixes;
-    use crate::sense::{mpath_pr, SenseCode, Status};
-    use crate::wire::OP_CLEANUP;
+    use reservd_proto::cdb::{pad16, PrInCdb, PrOutCdb};
+    use reservd_proto::mpath;
+    use reservd_proto::mpath_xlate::ProutRequest;
+    use reservd_proto::onenexus::Fixes;
+    use reservd_proto::sense::{SenseCode, Status};
+    use reservd_proto::wire::OP_CLEANUP;
     use std::os::fd::AsFd;
     use std::path::PathBuf;
     use std::sync::Mutex;
@@ -166,7 +167,7 @@ mod tests {
     impl PersistLib for FakeLib {
         fn reserve_in(&self, _fd: BorrowedFd<'_>, sa: u8) -> (i32, Vec<u8>) {
             self.calls.lock().unwrap().push(Call::In(sa));
-            let mut r = vec![0u8; crate::mpath_xlate::prin_buffer_size(sa)];
+            let mut r = vec![0u8; reservd_proto::mpath_xlate::prin_buffer_size(sa)];
             r[..self.resp.len()].copy_from_slice(&self.resp);
             (self.code, r)
         }
@@ -347,7 +348,7 @@ mod tests {
 
     #[test]
     fn multipath_prout_translates_and_maps_codes() {
-        let lib = FakeLib::new(mpath_pr::RESERV_CONFLICT, vec![]);
+        let lib = FakeLib::new(mpath::RESERV_CONFLICT, vec![]);
         let r = router(MapKind::Multipath { minor: 3 }, lib.clone(), nowhere());
         let a = run(&r, &prout_cdb(1, 5, 24), &basic(0xab, 0)).unwrap();
         assert_eq!(a, Answer::status(Status::RESERVATION_CONFLICT));
@@ -386,16 +387,16 @@ mod tests {
     fn lost_sense_is_recovered_with_test_unit_ready() {
         // NOT READY from the library; the TUR on the fd (a regular file,
         // ENOTTY) fails, and its answer is what the guest gets.
-        let lib = FakeLib::new(mpath_pr::SENSE_NOT_READY, vec![]);
+        let lib = FakeLib::new(mpath::SENSE_NOT_READY, vec![]);
         let r = router(MapKind::Multipath { minor: 3 }, lib, nowhere());
         let a = run(&r, &prout_cdb(0, 0, 24), &basic(0, 1)).unwrap();
         assert_eq!(a, Answer::check(SenseCode::IO_ERROR));
         // Codes without a TUR are mapped directly.
-        let lib = FakeLib::new(mpath_pr::SENSE_UNIT_ATTENTION, vec![]);
+        let lib = FakeLib::new(mpath::SENSE_UNIT_ATTENTION, vec![]);
         let r = router(MapKind::Multipath { minor: 3 }, lib, nowhere());
         let a = run(&r, &prout_cdb(0, 0, 24), &basic(0, 1)).unwrap();
         assert_eq!(a, Answer::check(SenseCode::SCSI_BUS_RESET));
-        let lib = FakeLib::new(mpath_pr::DMMP_ERROR, vec![]);
+        let lib = FakeLib::new(mpath::DMMP_ERROR, vec![]);
         let r = router(MapKind::Multipath { minor: 3 }, lib, nowhere());
         let a = run(&r, &prout_cdb(0, 0, 24), &basic(0, 1)).unwrap();
         assert_eq!(a, Answer::check(SenseCode::LUN_COMM_FAILURE));

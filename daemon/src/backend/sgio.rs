@@ -5,43 +5,13 @@
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use super::{BackendError, Command, PrBackend};
-use crate::cdb::{transfer_length, PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT};
-use crate::sense::{failure_answer, Answer, Failure, Status, SENSE_SIZE};
-use crate::wire::{DATA_SIZE, OP_CLEANUP};
-
-const SG_IO: libc::c_ulong = 0x2285;
-const SG_DXFER_NONE: i32 = -1;
-const SG_DXFER_TO_DEV: i32 = -2;
-const SG_DXFER_FROM_DEV: i32 = -3;
-/// `SG_ERR_DRIVER_TIMEOUT`, used as a mask the way QEMU does.
-const DRIVER_TIMEOUT_MASK: u16 = 0x06;
-
-/// `struct sg_io_hdr` from `<scsi/sg.h>`.
-#[repr(C)]
-struct SgIoHdr {
-    interface_id: i32,
-    dxfer_direction: i32,
-    cmd_len: u8,
-    mx_sb_len: u8,
-    iovec_count: u16,
-    dxfer_len: u32,
-    dxferp: *mut libc::c_void,
-    cmdp: *const u8,
-    sbp: *mut u8,
-    timeout: u32,
-    flags: u32,
-    pack_id: i32,
-    usr_ptr: *mut libc::c_void,
-    status: u8,
-    masked_status: u8,
-    msg_status: u8,
-    sb_len_wr: u8,
-    host_status: u16,
-    driver_status: u16,
-    resid: i32,
-    duration: u32,
-    info: u32,
-}
+use reservd_proto::cdb::{transfer_length, PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT};
+use reservd_proto::sense::{failure_answer, Answer, Failure, Status, SENSE_SIZE};
+use reservd_proto::sg::{
+    SgIoHdr, DID_NO_CONNECT, DRIVER_TIMEOUT_MASK, SG_DXFER_FROM_DEV, SG_DXFER_NONE,
+    SG_DXFER_TO_DEV, SG_IO,
+};
+use reservd_proto::wire::{DATA_SIZE, OP_CLEANUP};
 
 /// Data direction of one SG_IO call.
 pub enum Transfer<'a> {
@@ -50,25 +20,31 @@ pub enum Transfer<'a> {
     FromDevice(&'a mut [u8]),
 }
 
-/// What the device (or the kernel) made of one SG_IO call.
-pub struct SgResult {
-    pub answer: Answer,
-    /// Bytes actually transferred from the device.
-    pub transferred: usize,
-    /// The kernel refused the command before it reached the device: the
-    /// ioctl failed (e.g. ENODEV for a SCSI device set offline), or the
-    /// SCSI layer rejected it for a device that is offline or gone (host
-    /// status DID_NO_CONNECT). The device did not execute it.
-    pub not_issued: bool,
+/// Issue one SCSI command with SG_IO and turn the result into an answer,
+/// following qemu-pr-helper's status rules. Returns the answer (without
+/// data) and how many bytes the device transferred into a
+/// [`Transfer::FromDevice`] buffer (0 unless GOOD).
+pub fn sg_io(
+    fd: BorrowedFd<'_>,
+    cdb: &[u8],
+    xfer: Transfer<'_>,
+    timeout_ms: u32,
+) -> (Answer, usize) {
+    let (answer, transferred, _) = sg_io_reached(fd, cdb, xfer, timeout_ms);
+    (answer, transferred)
 }
 
-/// Host status: the SCSI layer could not send the command (device
-/// offline or gone).
-const DID_NO_CONNECT: u16 = 0x01;
-
-/// Issue one SCSI command with SG_IO and turn the result into an answer,
-/// following qemu-pr-helper's status rules.
-pub fn sg_io(fd: BorrowedFd<'_>, cdb: &[u8], xfer: Transfer<'_>, timeout_ms: u32) -> SgResult {
+/// [`sg_io`], and whether the command reached the device. It did not when
+/// the kernel refused it first: the ioctl failed (ENODEV for a SCSI device
+/// set offline), or the SCSI midlayer did not send it (host status
+/// DID_NO_CONNECT: the device is offline or gone). Such a command may go
+/// down another path of a map; nothing of it was executed.
+pub fn sg_io_reached(
+    fd: BorrowedFd<'_>,
+    cdb: &[u8],
+    xfer: Transfer<'_>,
+    timeout_ms: u32,
+) -> (Answer, usize, bool) {
     let mut sense = [0u8; SENSE_SIZE];
     let (dir, ptr, len) = match xfer {
         Transfer::None => (SG_DXFER_NONE, std::ptr::null_mut(), 0usize),
@@ -112,25 +88,18 @@ pub fn sg_io(fd: BorrowedFd<'_>, cdb: &[u8], xfer: Transfer<'_>, timeout_ms: u32
         let errno = std::io::Error::last_os_error()
             .raw_os_error()
             .unwrap_or(libc::EIO);
-        return SgResult {
-            answer: failure_answer(Failure::Errno(errno)),
-            transferred: 0,
-            not_issued: true,
-        };
+        return (failure_answer(Failure::Errno(errno)), 0, false);
     }
     if hdr.host_status != 0 {
-        return SgResult {
-            answer: failure_answer(Failure::HostStatus(hdr.host_status)),
-            transferred: 0,
-            not_issued: hdr.host_status == DID_NO_CONNECT,
-        };
+        let reached = hdr.host_status != DID_NO_CONNECT;
+        return (
+            failure_answer(Failure::HostStatus(hdr.host_status)),
+            0,
+            reached,
+        );
     }
     if hdr.driver_status & DRIVER_TIMEOUT_MASK != 0 {
-        return SgResult {
-            answer: failure_answer(Failure::DriverTimeout),
-            transferred: 0,
-            not_issued: false,
-        };
+        return (failure_answer(Failure::DriverTimeout), 0, true);
     }
     let status = Status(hdr.status);
     if status != Status::GOOD {
@@ -140,18 +109,10 @@ pub fn sg_io(fd: BorrowedFd<'_>, cdb: &[u8], xfer: Transfer<'_>, timeout_ms: u32
         } else {
             Answer::status(status)
         };
-        return SgResult {
-            answer,
-            transferred: 0,
-            not_issued: false,
-        };
+        return (answer, 0, true);
     }
     let transferred = len.saturating_sub(hdr.resid.max(0) as usize);
-    SgResult {
-        answer: Answer::good(Vec::new()),
-        transferred,
-        not_issued: false,
-    }
+    (Answer::good(Vec::new()), transferred, true)
 }
 
 /// The SG_IO backend.
@@ -172,8 +133,8 @@ impl Default for SgIo {
 }
 
 impl SgIo {
-    /// A PR IN or OUT: its answer, and whether the kernel refused it before
-    /// it reached the device ([`SgResult::not_issued`]).
+    /// A PR IN or OUT: its answer, and whether it reached the device
+    /// ([`sg_io_reached`]).
     pub fn pr_command(&self, cmd: &Command<'_>) -> (Answer, bool) {
         // PR IN/OUT are 10-byte CDBs; the rest of the 16 bytes is padding.
         let cdb = &cmd.cdb[..10];
@@ -181,15 +142,15 @@ impl SgIo {
             // The device sends at most the allocation length.
             let len = transfer_length(cmd.cdb).min(DATA_SIZE);
             return with_zeroed_buffer(len, |buf| {
-                let r = sg_io(cmd.fd, cdb, Transfer::FromDevice(buf), self.timeout_ms);
-                let mut answer = r.answer;
+                let (mut answer, transferred, reached) =
+                    sg_io_reached(cmd.fd, cdb, Transfer::FromDevice(buf), self.timeout_ms);
                 if answer.status == Status::GOOD {
-                    answer.data = buf[..r.transferred].to_vec();
+                    answer.data = buf[..transferred].to_vec();
                     // The kernel's count: the device wrote no further.
-                    ((answer, r.not_issued), r.transferred)
+                    ((answer, reached), transferred)
                 } else {
                     // Whatever happened, it may have written anywhere.
-                    ((answer, r.not_issued), len)
+                    ((answer, reached), len)
                 }
             });
         }
@@ -198,8 +159,8 @@ impl SgIo {
         } else {
             Transfer::ToDevice(cmd.params)
         };
-        let r = sg_io(cmd.fd, cdb, xfer, self.timeout_ms);
-        (r.answer, r.not_issued)
+        let (answer, _, reached) = sg_io_reached(cmd.fd, cdb, xfer, self.timeout_ms);
+        (answer, reached)
     }
 }
 
@@ -210,7 +171,9 @@ impl PrBackend for SgIo {
             // CLEANUP concerns multipathd only; nothing to do on a plain device.
             OP_CLEANUP => Ok(Answer::status(Status::GOOD)),
             // The wire decoder lets no other opcode through; never forward one.
-            _ => Ok(Answer::check(crate::sense::SenseCode::INVALID_OPCODE)),
+            _ => Ok(Answer::check(
+                reservd_proto::sense::SenseCode::INVALID_OPCODE,
+            )),
         }
     }
 }
@@ -259,35 +222,33 @@ fn with_zeroed_buffer<T>(len: usize, f: impl FnOnce(&mut [u8]) -> (T, usize)) ->
 
 #[cfg(test)]
 mod tests {
-    use super::{sg_io, with_zeroed_buffer, Command, SgIo, Status, Transfer};
+    use super::{sg_io_reached, with_zeroed_buffer, Command, SgIo, Status, Transfer};
+    use std::os::fd::AsFd;
 
     #[test]
-    fn a_command_the_kernel_refuses_is_marked_not_issued() {
+    fn a_command_the_kernel_refuses_did_not_reach_the_device() {
         // A regular file: the SG_IO ioctl itself fails (ENOTTY), as it
         // fails with ENODEV on a SCSI device set offline.
         let path = std::env::temp_dir().join(format!("reservd-sgio-{}", std::process::id()));
         std::fs::write(&path, [0u8; 512]).unwrap();
         let f = std::fs::File::open(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
         let mut buf = [0u8; 8];
         let cdb = [0x5e, 0, 0, 0, 0, 0, 0, 0, 8, 0];
-        let r = sg_io(
-            std::os::fd::AsFd::as_fd(&f),
-            &cdb,
-            Transfer::FromDevice(&mut buf),
-            1000,
-        );
-        let _ = std::fs::remove_file(&path);
-        assert!(r.not_issued);
-        assert_eq!(r.answer.status, Status::CHECK_CONDITION);
-        let (a, not_issued) = SgIo::default().pr_command(&Command {
+        let (answer, transferred, reached) =
+            sg_io_reached(f.as_fd(), &cdb, Transfer::FromDevice(&mut buf), 1000);
+        assert!(!reached);
+        assert_eq!(transferred, 0);
+        assert_eq!(answer.status, Status::CHECK_CONDITION);
+        let (a, reached) = SgIo::default().pr_command(&Command {
             nexus: 0,
             peer: None,
-            fd: std::os::fd::AsFd::as_fd(&f),
-            cdb: &crate::cdb::pad16(&cdb),
+            fd: f.as_fd(),
+            cdb: &reservd_proto::cdb::pad16(&cdb),
             params: &[],
         });
-        assert!(not_issued);
-        assert_eq!(a, r.answer);
+        assert!(!reached);
+        assert_eq!(a, answer);
     }
 
     #[test]

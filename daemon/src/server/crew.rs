@@ -23,6 +23,12 @@
 //! client's command through a hand-off for as long as it hangs. Commands
 //! running at once are capped (`max_workers`): past the cap they wait in a
 //! queue for the first thread that finishes, and the loop goes on.
+//!
+//! A panic on a thread of the crew outside a command (the server catches
+//! the commands' own) is a bug in the loop or the crew: their state can no
+//! longer be trusted. The crew logs it at error level and [`run`] returns
+//! an error, so the daemon ends with a non-zero exit status (and systemd
+//! restarts it) rather than keep its socket open with nobody serving it.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -77,6 +83,8 @@ struct State<L: Loop> {
     starting: usize,
     /// What the loop returned, for `run`.
     done: Option<L::Output>,
+    /// Why a thread of the crew panicked, for `run`.
+    panicked: Option<String>,
     finished: bool,
 }
 
@@ -161,6 +169,7 @@ fn run_with<L: Loop>(
             due: None,
             starting: 0,
             done: None,
+            panicked: None,
             finished: false,
         }),
         work: Condvar::new(),
@@ -172,11 +181,38 @@ fn run_with<L: Loop>(
     let mut st = shared.lock();
     spawn(&shared, &mut st, Some(lp))?;
     loop {
+        if let Some(why) = st.panicked.take() {
+            return Err(std::io::Error::other(format!(
+                "a thread of the event loop panicked (a bug in reservd): {why}"
+            )));
+        }
         if let Some(out) = st.done.take() {
             return Ok(out);
         }
         st = shared.over.wait(st).unwrap_or_else(|e| e.into_inner());
     }
+}
+
+/// The text of a panic's payload.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_string())
+}
+
+/// A thread of the crew panicked: the crew stops and `run` returns an
+/// error. The loop, on the stack of the thread that panicked if it ran
+/// there, has been dropped by the unwinding.
+fn panicked<L: Loop>(shared: &Shared<L>, why: String) {
+    log::error!("a thread of the event loop panicked (a bug in reservd): {why}; stopping");
+    let mut st = shared.lock();
+    st.panicked.get_or_insert(why);
+    st.finished = true;
+    shared.over.notify_all();
+    shared.work.notify_all();
+    // Wake the standby thread so that it leaves.
+    shared.arm(&mut st, Instant::now(), Duration::from_nanos(1));
 }
 
 /// Start one more thread; the caller holds the lock.
@@ -188,7 +224,13 @@ fn spawn<L: Loop>(
     let s = Arc::clone(shared);
     std::thread::Builder::new()
         .name("reservd-loop".into())
-        .spawn(move || serve(&s, first))?;
+        .spawn(move || {
+            let served =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve(&s, first)));
+            if let Err(p) = served {
+                panicked(&s, panic_message(p.as_ref()));
+            }
+        })?;
     st.starting += 1;
     Ok(())
 }
@@ -706,5 +748,53 @@ mod tests {
         assert!(seen.len() <= 2, "{} threads", seen.len());
         tx.send(None).unwrap();
         assert_eq!(h.join().unwrap(), "over");
+    }
+
+    /// A loop whose turn panics.
+    struct Panics {
+        after: Option<Job>,
+    }
+
+    impl Loop for Panics {
+        type Output = ();
+        fn turn(&mut self) -> Turn<()> {
+            match self.after.take() {
+                Some(job) => Turn::Jobs(vec![job]),
+                None => panic!("a bug in the loop"),
+            }
+        }
+        fn waker(&self) -> Arc<dyn Fn() + Send + Sync> {
+            Arc::new(|| {})
+        }
+    }
+
+    /// `run(lp)`, which must return within 10 s.
+    fn run_bounded(lp: Panics) -> std::io::Result<()> {
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(run(lp, 4));
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("run returns when the loop's thread panics")
+    }
+
+    #[test]
+    fn a_panic_in_the_loop_ends_run_with_an_error() {
+        let e = run_bounded(Panics { after: None }).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "a thread of the event loop panicked (a bug in reservd): a bug in the loop"
+        );
+        // The same after a lone command ran on the loop's thread.
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r = Arc::clone(&ran);
+        let lp = Panics {
+            after: Some(job(move || {
+                r.fetch_add(1, Ordering::SeqCst);
+            })),
+        };
+        let e = run_bounded(lp).unwrap_err();
+        assert!(e.to_string().ends_with("a bug in the loop"), "{e}");
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
     }
 }

@@ -1,11 +1,11 @@
-//! Receiving bytes with SCM_RIGHTS file descriptors, and sending them (for
-//! clients). Every received descriptor is owned from the moment it arrives.
+//! Receiving bytes with SCM_RIGHTS file descriptors (every received
+//! descriptor is owned from the moment it arrives), and sending answers.
 #![allow(unsafe_code)]
 
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 
 /// Room for as many fds as one message can carry (the kernel's
 /// SCM_MAX_FD), so that the control data is never truncated. A truncated
@@ -41,7 +41,7 @@ pub fn peek_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Receive
 /// no room for control data, so the kernel drops its own references to the
 /// fds that came with them and installs none here.
 pub fn discard_peeked(sock: BorrowedFd<'_>, n: usize) -> io::Result<()> {
-    let mut buf = [0u8; crate::wire::CDB_SIZE];
+    let mut buf = [0u8; reservd_proto::wire::CDB_SIZE];
     let mut got = 0;
     while got < n {
         match nix::sys::socket::recv(sock.as_raw_fd(), &mut buf[got..n], MsgFlags::empty()) {
@@ -86,21 +86,8 @@ fn recv(sock: BorrowedFd<'_>, buf: &mut [u8], flags: MsgFlags) -> io::Result<Rec
     })
 }
 
-/// Send `data`, attaching `fds` (if any) to it.
-pub fn send_with_fds(
-    sock: BorrowedFd<'_>,
-    data: &[u8],
-    fds: &[BorrowedFd<'_>],
-) -> io::Result<usize> {
-    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let cmsg = [ControlMessage::ScmRights(&raw)];
-    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
-    sendmsg::<()>(
-        sock.as_raw_fd(),
-        &[IoSlice::new(data)],
-        cmsgs,
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    )
-    .map_err(io::Error::from)
+/// Send `data` (an answer: the server never sends fds); a closed peer is
+/// an error (EPIPE), not a SIGPIPE.
+pub fn send(sock: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
+    nix::sys::socket::send(sock.as_raw_fd(), data, MsgFlags::MSG_NOSIGNAL).map_err(io::Error::from)
 }

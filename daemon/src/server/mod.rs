@@ -25,7 +25,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use crate::backend::{self, BackendError, Command, Peer, PrBackend};
-use crate::wire::{encode_response, Decoder, Event, ProtoError, Request, DATA_SIZE};
+use reservd_proto::wire::{encode_response, Decoder, Event, ProtoError, Request, DATA_SIZE};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -52,7 +52,7 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Clients allowed to connect (`--allow-uid`, `--allow-gid`); None
     /// serves every client.
-    pub allow: Option<crate::access::AllowList>,
+    pub allow: Option<crate::sandbox::access::AllowList>,
     /// A connection that has started a frame (or has not finished its
     /// handshake) and does not complete it within this time is closed.
     /// `None`: no limit. Idle connections between frames are never timed out.
@@ -116,11 +116,11 @@ struct Conn {
 struct Completion {
     key: usize,
     id: u64,
-    outcome: Outcome,
+    ended: Ended,
 }
 
 /// How a command ended.
-enum Outcome {
+enum Ended {
     /// The answer was sent, but for `unsent` (the socket was full).
     Answered { unsent: Vec<u8> },
     /// Writing the answer failed: the client is gone.
@@ -147,9 +147,12 @@ pub struct Server {
     next_id: u64,
     in_flight: usize,
     buf: Vec<u8>,
-    refusals: crate::access::RefusalLog,
+    refusals: crate::sandbox::access::RefusalLog,
     /// When the next scan for timed-out frames is due.
     next_scan: Option<Instant>,
+    /// Test builds only: panic at the first accept (RESERVD_TEST_LOOP_PANIC).
+    #[cfg(all(feature = "test-hooks", debug_assertions))]
+    panic_on_accept: bool,
 }
 
 impl Server {
@@ -181,8 +184,10 @@ impl Server {
             next_id: 1,
             in_flight: 0,
             buf: vec![0; DATA_SIZE],
-            refusals: crate::access::RefusalLog::new(),
+            refusals: crate::sandbox::access::RefusalLog::new(),
             next_scan: None,
+            #[cfg(all(feature = "test-hooks", debug_assertions))]
+            panic_on_accept: std::env::var_os("RESERVD_TEST_LOOP_PANIC").is_some(),
         })
     }
 
@@ -421,6 +426,10 @@ impl Server {
                     return;
                 }
             };
+            #[cfg(all(feature = "test-hooks", debug_assertions))]
+            if self.panic_on_accept {
+                panic!("RESERVD_TEST_LOOP_PANIC is set: a test of a bug in the event loop");
+            }
             let peer_cred = peer_cred(&stream);
             let peer = peer_cred.map_or_else(|| "unknown peer".to_string(), |p| p.to_string());
             if let Some(allow) = &self.config.allow {
@@ -593,25 +602,25 @@ impl Server {
                 };
                 backend::execute(backend.as_ref(), &cmd)
             }))
-            .unwrap_or_else(|p| Err(BackendError::Panicked(panic_message(p.as_ref()))));
+            .unwrap_or_else(|p| Err(BackendError::Panicked(crew::panic_message(p.as_ref()))));
             // The client's fd is closed after every request.
             drop(fd);
-            let outcome = match result {
+            let ended = match result {
                 Ok(answer) => {
                     let bytes = encode_response(&request, &answer);
                     let discarded = fdpass::discard_peeked(stream.as_fd(), peeked);
                     match discarded.and_then(|()| write_some(&stream, &bytes)) {
-                        Ok(n) => Outcome::Answered {
+                        Ok(n) => Ended::Answered {
                             unsent: bytes[n..].to_vec(),
                         },
-                        Err(e) => Outcome::WriteFailed(e),
+                        Err(e) => Ended::WriteFailed(e),
                     }
                 }
-                Err(e) => Outcome::Failed(e),
+                Err(e) => Ended::Failed(e),
             };
             drop(stream);
             // The crew wakes the loop if another thread has it.
-            let _ = tx.send(Completion { key, id, outcome });
+            let _ = tx.send(Completion { key, id, ended });
         }));
     }
 
@@ -625,8 +634,8 @@ impl Server {
             };
             // The command is over, whatever its result.
             conn.state = ConnState::Reading;
-            match c.outcome {
-                Outcome::Answered { unsent } => {
+            match c.ended {
+                Ended::Answered { unsent } => {
                     conn.out.extend(unsent);
                     conn.decoder.complete();
                     self.flush(c.key);
@@ -636,11 +645,11 @@ impl Server {
                         self.on_readable(c.key);
                     }
                 }
-                Outcome::WriteFailed(e) => {
+                Ended::WriteFailed(e) => {
                     log::debug!("connection {}: write failed: {e}", conn.id);
                     self.close(c.key, None);
                 }
-                Outcome::Failed(e) => {
+                Ended::Failed(e) => {
                     // A panic is a bug in reservd: louder than a transport failure.
                     let level = match e {
                         BackendError::Panicked(_) => log::Level::Error,
@@ -664,7 +673,7 @@ impl Server {
         };
         while !conn.out.is_empty() {
             let (a, _) = conn.out.as_slices();
-            match fdpass::send_with_fds(conn.stream.as_fd(), a, &[]) {
+            match fdpass::send(conn.stream.as_fd(), a) {
                 Ok(n) => {
                     conn.out.drain(..n);
                 }
@@ -717,14 +726,6 @@ impl Server {
             self.backend.disconnect(conn.id);
         }
     }
-}
-
-/// The text of a panic's payload.
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".to_string())
 }
 
 /// The server and its event buffer, run by the crew one turn at a time.
@@ -801,7 +802,7 @@ pub fn raise_fd_limit(max_connections: usize, max_workers: usize) {
 fn write_some(stream: &UnixStream, bytes: &[u8]) -> io::Result<usize> {
     let mut sent = 0;
     while sent < bytes.len() {
-        match fdpass::send_with_fds(stream.as_fd(), &bytes[sent..], &[]) {
+        match fdpass::send(stream.as_fd(), &bytes[sent..]) {
             Ok(n) => sent += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -8,20 +8,27 @@ use std::path::Path;
 use std::time::Duration;
 
 use reservd_daemon::backend::dm::DmControl;
-use reservd_daemon::backend::mpath::Libmpathpersist;
-use reservd_daemon::multipathd::Multipathd;
-use reservd_daemon::report::json_str;
-use reservd_daemon::{mpconf, privs, wire};
+use reservd_daemon::backend::multipath::library::Libmpathpersist;
+use reservd_daemon::backend::multipath::multipathd::Multipathd;
+use reservd_daemon::sandbox::privs;
+use reservd_proto::{mpconf, wire};
+use serde::Serialize;
 
 /// Exit status when a check found a problem.
 pub const EXIT_PROBLEMS: u8 = 5;
 
-/// The outcome of every check.
-#[derive(Default)]
+/// What every check found; `--json` prints it as it is.
+#[derive(Default, Serialize)]
 struct Findings {
     ok: Vec<String>,
-    /// (what is wrong, how to fix it)
-    problems: Vec<(String, String)>,
+    problems: Vec<Problem>,
+}
+
+/// One problem and its fix.
+#[derive(Serialize)]
+struct Problem {
+    problem: String,
+    fix: String,
 }
 
 impl Findings {
@@ -30,7 +37,10 @@ impl Findings {
     }
 
     fn problem(&mut self, what: impl Into<String>, fix: impl Into<String>) {
-        self.problems.push((what.into(), fix.into()));
+        self.problems.push(Problem {
+            problem: what.into(),
+            fix: fix.into(),
+        });
     }
 }
 
@@ -102,7 +112,7 @@ pub fn run(socket: &Path, json: bool) -> u8 {
                     lib.path().unwrap_or(mpath_sys::DEFAULT_LIBRARY),
                     lib.version_string()
                 ));
-                let fixes = reservd_daemon::onenexus::Fixes::for_version(version);
+                let fixes = reservd_proto::onenexus::Fixes::for_version(version);
                 let applied = fixes.describe();
                 if applied.is_empty() {
                     f.ok(format!(
@@ -217,23 +227,16 @@ pub fn run(socket: &Path, json: bool) -> u8 {
     }
 
     if json {
-        let ok: Vec<String> = f.ok.iter().map(|s| json_str(s)).collect();
-        let problems: Vec<String> = f
-            .problems
-            .iter()
-            .map(|(w, x)| format!("{{\"problem\":{},\"fix\":{}}}", json_str(w), json_str(x)))
-            .collect();
         println!(
-            "{{\"ok\":[{}],\"problems\":[{}]}}",
-            ok.join(","),
-            problems.join(",")
+            "{}",
+            serde_json::to_string(&f).expect("the findings serialize")
         );
     } else {
         for s in &f.ok {
             println!("ok: {s}");
         }
-        for (w, x) in &f.problems {
-            println!("PROBLEM: {w}; fix: {x}");
+        for p in &f.problems {
+            println!("PROBLEM: {}; fix: {}", p.problem, p.fix);
         }
         if f.problems.is_empty() {
             println!("All good.");

@@ -80,6 +80,15 @@ pub enum Cmd {
     /// Prints one line per check, each problem with its fix. Exit status: 0
     /// when everything is in order, 5 when a problem was found.
     Check,
+    /// CLEANUP (the proposed extension, opcode 0xFF, feature bit 1): on a
+    /// multipath map, multipathd forgets the map's key and the map's I_T
+    /// nexuses are unregistered; on any other device, nothing.
+    ///
+    /// reservd offers it when started with --enable-cleanup.
+    Cleanup {
+        /// Block or SCSI generic device (opened read-write).
+        device: PathBuf,
+    },
     /// Any CDB, given in hex, with optional parameter data in hex.
     Raw {
         device: PathBuf,

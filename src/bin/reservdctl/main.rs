@@ -12,15 +12,19 @@
 
 use std::fs::OpenOptions;
 use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use reservd_daemon::cdb::{prin_sa, prout_sa, PrInCdb, PrOutCdb};
-use reservd_daemon::client::{Client, Response};
-use reservd_daemon::params::ProutParams;
-use reservd_daemon::report;
+use reservd_client::client::Client;
+use reservd_client::report::{self, PrinJson};
+use reservd_proto::cdb::{prin_sa, prout_sa, PrInCdb, PrOutCdb};
+use reservd_proto::params::ProutParams;
+use reservd_proto::sense::{Answer, Status};
+use reservd_proto::wire::{FEATURE_CLEANUP, OP_CLEANUP};
+use serde::Serialize;
 
 mod check;
 mod cli;
@@ -28,15 +32,19 @@ mod status;
 
 use cli::{Cli, Cmd, InAction, OutAction};
 
-fn parse_hex(s: &str) -> anyhow::Result<Vec<u8>> {
-    let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
-    if s.len() % 2 != 0 {
-        bail!("odd number of hex digits");
+/// The bytes `s` spells in hex, two digits a byte, white space ignored;
+/// anything else is a usage error naming `option`.
+fn parse_hex(option: &str, s: &str) -> anyhow::Result<Vec<u8>> {
+    let digits: Vec<u8> = s
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .map(|c| c.to_digit(16).map(|d| d as u8))
+        .collect::<Option<_>>()
+        .with_context(|| format!("{option}: '{s}' is not hex"))?;
+    if digits.len() % 2 != 0 {
+        bail!("{option}: odd number of hex digits in '{s}'");
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).context("invalid hex"))
-        .collect()
+    Ok(digits.chunks(2).map(|d| (d[0] << 4) | d[1]).collect())
 }
 
 fn main() -> ExitCode {
@@ -56,14 +64,37 @@ fn exchange(
     write: bool,
     cdb: &[u8],
     params: &[u8],
-) -> anyhow::Result<Response> {
+) -> anyhow::Result<Answer> {
+    exchange_with(cli, device, write, cdb, params, 0)
+}
+
+/// [`exchange`] on a connection that negotiated `features`, which the
+/// server must offer.
+fn exchange_with(
+    cli: &Cli,
+    device: &PathBuf,
+    write: bool,
+    cdb: &[u8],
+    params: &[u8],
+    features: u32,
+) -> anyhow::Result<Answer> {
     let dev = OpenOptions::new()
         .read(true)
         .write(write)
         .open(device)
         .with_context(|| format!("opening {}", device.display()))?;
-    let mut client = Client::connect(&cli.socket)
+    let stream = UnixStream::connect(&cli.socket)
         .with_context(|| format!("connecting to {}", cli.socket.display()))?;
+    let mut client = Client::negotiate(stream, features)
+        .with_context(|| format!("handshake with {}", cli.socket.display()))?;
+    if client.server_features & features != features {
+        bail!(
+            "{} does not offer the features {features:#x} (it offers {:#x}); CLEANUP needs \
+             reservd --enable-cleanup",
+            cli.socket.display(),
+            client.server_features
+        );
+    }
     client
         .execute(cdb, dev.as_fd(), params)
         .context("exchanging the command (the connection was closed?)")
@@ -126,58 +157,85 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             .encode();
             (exchange(cli, device, true, &cdb, &params)?, None)
         }
+        Cmd::Cleanup { device } => (
+            exchange_with(cli, device, true, &[OP_CLEANUP], &[], FEATURE_CLEANUP)?,
+            None,
+        ),
         Cmd::Raw {
             device,
             cdb,
             data,
             read_only,
         } => {
-            let cdb = parse_hex(cdb)?;
+            let cdb = parse_hex("--cdb", cdb)?;
             if cdb.is_empty() || cdb.len() > 16 {
                 bail!("a CDB has 1 to 16 bytes");
             }
-            let data = parse_hex(data)?;
+            let data = parse_hex("--data", data)?;
             let resp = exchange(cli, device, !read_only, &cdb, &data)?;
             if cli.json {
-                println!(
-                    "{{\"status\":{},\"sense\":{},\"data\":{}}}",
-                    resp.status,
-                    report::json_str(&report::hex(&resp.sense)),
-                    report::json_str(&report::hex(&resp.data))
-                );
+                /// `raw --json`: the answer as it came, in hex.
+                #[derive(Serialize)]
+                struct Raw {
+                    status: u8,
+                    sense: String,
+                    data: String,
+                }
+                print_json(&Raw {
+                    status: resp.status.0,
+                    sense: report::hex(&resp.sense),
+                    data: report::hex(&resp.data),
+                });
             } else {
                 println!(
                     "status 0x{:02x} {}",
-                    resp.status,
-                    report::answer_text(resp.status, &resp.sense)
+                    resp.status.0,
+                    report::answer_text(&resp)
                 );
                 println!("sense {}", report::hex(&resp.sense));
                 println!("data {}", report::hex(&resp.data));
             }
-            return Ok(exit_code(resp.status));
+            return Ok(exit_code(resp.status.0));
         }
     };
     if cli.json {
-        let body = match (prin, resp.status) {
-            (Some(sa), 0) => report::prin_json(sa, &resp.data).unwrap_or_else(|_| "null".into()),
-            _ => "null".into(),
+        /// `in`, `out` and `cleanup --json`: the answer, and PR IN data
+        /// decoded (null when there is none, or it is truncated).
+        #[derive(Serialize)]
+        struct Reply {
+            status: u8,
+            status_text: String,
+            /// The fixed-format sense's 18 bytes, in hex.
+            sense: String,
+            result: Option<PrinJson>,
+        }
+        let result = match prin {
+            Some(sa) if resp.status == Status::GOOD => report::prin_json(sa, &resp.data).ok(),
+            _ => None,
         };
-        println!(
-            "{{\"status\":{},\"status_text\":{},\"sense\":{},\"result\":{}}}",
-            resp.status,
-            report::json_str(&report::answer_text(resp.status, &resp.sense)),
-            report::json_str(&report::hex(&resp.sense[..18])),
-            body
-        );
-    } else if resp.status != 0 {
-        println!("{}", report::answer_text(resp.status, &resp.sense));
+        print_json(&Reply {
+            status: resp.status.0,
+            status_text: report::answer_text(&resp),
+            sense: report::hex(&resp.sense[..18]),
+            result,
+        });
+    } else if resp.status != Status::GOOD {
+        println!("{}", report::answer_text(&resp));
     } else if let Some(sa) = prin {
         match report::prin_text(sa, &resp.data) {
             Ok(t) => print!("{t}"),
             Err(_) => println!("  truncated data: {}", report::hex(&resp.data)),
         }
     }
-    Ok(exit_code(resp.status))
+    Ok(exit_code(resp.status.0))
+}
+
+/// One JSON document on a line of its own.
+fn print_json(doc: &impl Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string(doc).expect("reservdctl's JSON serializes")
+    );
 }
 
 fn exit_code(status: u8) -> ExitCode {

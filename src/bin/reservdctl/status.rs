@@ -7,7 +7,7 @@
 //! (`device/vpd_pg83`) and, on Fibre Channel, initiator port
 //! (`fc_host/hostN/port_name`). Each path gets PR IN READ KEYS, READ
 //! RESERVATION and READ FULL STATUS directly with SG_IO (root only). The
-//! verdict is [`reservd_daemon::pathcheck::verdict`].
+//! verdict is [`reservd_client::pathcheck::verdict`].
 //!
 //! `--repair` registers a missing key with libmpathpersist on the map, in
 //! this process: REGISTER AND IGNORE EXISTING KEY with the key as service
@@ -25,16 +25,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use reservd_daemon::audit::read_sysfs;
+use reservd_client::pathcheck::{self, MapStatus, PathRead, PathState, Verdict};
+use reservd_client::report;
 use reservd_daemon::backend::dm::{DmControl, MapKind};
-use reservd_daemon::backend::mpath::{Libmpathpersist, PersistLib};
+use reservd_daemon::backend::multipath::library::{Libmpathpersist, PersistLib};
+use reservd_daemon::backend::multipath::multipathd::Multipathd;
 use reservd_daemon::backend::sgio::{sg_io, Transfer};
-use reservd_daemon::cdb::{prin_sa, prout_sa, PrInCdb};
-use reservd_daemon::mpath_xlate::ProutRequest;
-use reservd_daemon::multipathd::Multipathd;
-use reservd_daemon::pathcheck::{self, MapStatus, PathRead, PathState, Verdict};
-use reservd_daemon::report;
-use reservd_daemon::sense::Status;
+use reservd_daemon::observe::audit::read_sysfs;
+use reservd_proto::cdb::{prin_sa, prout_sa, PrInCdb};
+use reservd_proto::mpath_xlate::ProutRequest;
+use reservd_proto::sense::Status;
 
 /// Exit status of `status` when a usable path lacks a key.
 pub const EXIT_INCONSISTENT: u8 = 5;
@@ -75,15 +75,15 @@ fn prin(fd: BorrowedFd<'_>, sa: u8) -> Result<Vec<u8>, String> {
     .encode();
     for _ in 0..4 {
         let mut buf = vec![0u8; 8192];
-        let r = sg_io(fd, &cdb, Transfer::FromDevice(&mut buf), SG_TIMEOUT_MS);
-        if r.answer.status == Status::GOOD {
-            buf.truncate(r.transferred);
+        let (answer, transferred) = sg_io(fd, &cdb, Transfer::FromDevice(&mut buf), SG_TIMEOUT_MS);
+        if answer.status == Status::GOOD {
+            buf.truncate(transferred);
             return Ok(buf);
         }
-        if r.answer.sense_code().is_some_and(|c| c.key == 0x06) {
+        if answer.sense_code().is_some_and(|c| c.key == 0x06) {
             continue;
         }
-        return Err(report::answer_text(r.answer.status.0, &r.answer.sense));
+        return Err(report::answer_text(&answer));
     }
     Err("unit attentions kept coming".into())
 }
@@ -385,12 +385,12 @@ fn mpath_sys_default() -> &'static str {
 }
 
 fn mpath_code_text(code: i32) -> &'static str {
-    use reservd_daemon::sense::mpath_pr;
+    use reservd_proto::mpath;
     match code {
-        mpath_pr::SYNTAX_ERROR => "refused: the key differs from multipath.conf's reservation_key",
-        mpath_pr::RESERV_CONFLICT => "reservation conflict",
-        mpath_pr::FILE_ERROR => "a path device could not be opened",
-        mpath_pr::DMMP_ERROR => "no usable path, or multipathd refused the key",
+        mpath::SYNTAX_ERROR => "refused: the key differs from multipath.conf's reservation_key",
+        mpath::RESERV_CONFLICT => "reservation conflict",
+        mpath::FILE_ERROR => "a path device could not be opened",
+        mpath::DMMP_ERROR => "no usable path, or multipathd refused the key",
         _ => "see libmpathpersist's MPATH_PR_* codes",
     }
 }

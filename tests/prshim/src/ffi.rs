@@ -6,11 +6,11 @@ use std::os::fd::BorrowedFd;
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use reservd_daemon::cdb::PERSISTENT_RESERVE_IN;
+use reservd_proto::cdb::PERSISTENT_RESERVE_IN;
 
-use crate::hdr::{SgIoHdr, SgIovec, SG_IO};
 use crate::route;
 use crate::translate::{complete, gather, is_pr, prepare, scatter};
+use reservd_proto::sg::{SgIoHdr, SgIovec, SG_IO};
 
 /// The C library's `int ioctl(int, unsigned long, ...)`, called as the
 /// variadic function it is.

@@ -13,7 +13,7 @@
 //! For each such command the library connects to the socket named by
 //! `RESERVD_PRSHIM_SOCKET` (once per process, with the handshake), sends
 //! the CDB with the caller's fd and the PR OUT parameter list
-//! ([`reservd_daemon::client`]), and fills the caller's `sg_io_hdr` with
+//! ([`reservd_client::client`]), and fills the caller's `sg_io_hdr` with
 //! reservd's answer as the kernel fills it after a command
 //! ([`translate::complete`]). `RESERVD_PRSHIM_TRACE=FILE` appends one line
 //! per command routed (CDB, answer) to FILE.
@@ -22,11 +22,9 @@
 //! reachable, the connection lost) make the ioctl fail with EIO and say why
 //! on stderr: an answer is always reservd's.
 //!
-//! `unsafe` lives in [`ffi`], the exported `ioctl` and the accesses to the
+//! `unsafe` lives in the `ffi` module, the exported `ioctl` and the accesses to the
 //! caller's memory that the sg_io_hdr points to.
-#![deny(unsafe_code)]
 
-pub mod hdr;
 pub mod route;
 pub mod translate;
 

@@ -6,7 +6,8 @@ use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use reservd_daemon::client::{Client, Response};
+use reservd_client::client::Client;
+use reservd_proto::sense::Answer;
 
 use crate::translate::{describe, Prepared};
 
@@ -27,7 +28,7 @@ static STATE: Mutex<Option<State>> = Mutex::new(None);
 /// its answer. Connects (with the handshake, no features requested) on
 /// first use; a connection that fails is dropped, and the next command
 /// connects again, as QEMU's client does. `Err` says why no answer came.
-pub fn execute(fd: BorrowedFd<'_>, req: &Prepared, params: &[u8]) -> Result<Response, String> {
+pub fn execute(fd: BorrowedFd<'_>, req: &Prepared, params: &[u8]) -> Result<Answer, String> {
     let mut guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
     let state = guard.get_or_insert_with(|| State {
         socket: std::env::var_os(SOCKET_VAR).map(PathBuf::from),
@@ -61,7 +62,7 @@ fn run(
     fd: BorrowedFd<'_>,
     req: &Prepared,
     params: &[u8],
-) -> Result<Response, String> {
+) -> Result<Answer, String> {
     let Some(socket) = &state.socket else {
         return Err(format!("{SOCKET_VAR} is not set"));
     };

@@ -1,12 +1,11 @@
 //! From an SG_IO call to a helper-protocol request, and from reservd's
 //! answer back to what the kernel writes into the `sg_io_hdr`. No I/O.
 
-use reservd_daemon::cdb::{pad16, transfer_length, PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT};
-use reservd_daemon::client::Response;
-use reservd_daemon::sense::{Status, SENSE_SIZE};
-use reservd_daemon::wire::{CDB_SIZE, DATA_SIZE};
+use reservd_proto::cdb::{pad16, transfer_length, PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT};
+use reservd_proto::sense::{Answer, Status, SENSE_SIZE};
+use reservd_proto::wire::{CDB_SIZE, DATA_SIZE};
 
-use crate::hdr::{SG_DXFER_FROM_DEV, SG_DXFER_TO_DEV};
+use reservd_proto::sg::{SG_DXFER_FROM_DEV, SG_DXFER_TO_DEV};
 
 /// `DRIVER_SENSE`: the kernel's driver status when sense came back.
 pub const DRIVER_SENSE: u16 = 0x08;
@@ -91,9 +90,9 @@ pub struct Completion {
 /// to `mx_sb_len`, and `resid` is the part of the buffer not filled.
 /// (QEMU's client, for a guest, copies `min(mx_sb_len, 96)` bytes of
 /// sense for CHECK CONDITION; the bytes a caller looks at are the same.)
-pub fn complete(resp: &Response, pr_in: bool, dxfer_len: usize, mx_sb_len: u8) -> Completion {
-    let status = resp.status;
-    let good = status == Status::GOOD.0;
+pub fn complete(resp: &Answer, pr_in: bool, dxfer_len: usize, mx_sb_len: u8) -> Completion {
+    let status = resp.status.0;
+    let good = resp.status == Status::GOOD;
     let sense_len = if !good && resp.sense[0] & 0x70 == 0x70 {
         (8 + resp.sense[7] as usize)
             .min(SENSE_SIZE)
@@ -160,7 +159,7 @@ pub fn scatter(data: &[u8], pieces: &mut [&mut [u8]]) -> usize {
 
 /// One line for the trace file: the CDB's opcode and service action, and
 /// the answer.
-pub fn describe(cdb: &[u8; CDB_SIZE], resp: &Response) -> String {
+pub fn describe(cdb: &[u8; CDB_SIZE], resp: &Answer) -> String {
     let what = if cdb[0] == PERSISTENT_RESERVE_IN {
         "PR IN"
     } else {
@@ -171,7 +170,7 @@ pub fn describe(cdb: &[u8; CDB_SIZE], resp: &Response) -> String {
         cdb[1] & 0x1f,
         cdb[2] & 0x0f,
         transfer_length(cdb),
-        resp.status
+        resp.status.0
     );
     if let Some(c) = resp.sense_code() {
         s.push_str(&format!(
@@ -188,7 +187,7 @@ pub fn describe(cdb: &[u8; CDB_SIZE], resp: &Response) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reservd_daemon::sense::SenseCode;
+    use reservd_proto::sense::SenseCode;
 
     fn pr_out(sa: u8, len: u16) -> [u8; 10] {
         let mut c = [0u8; 10];
@@ -206,11 +205,11 @@ mod tests {
         c
     }
 
-    fn response(status: u8, sense: &[u8], data: &[u8]) -> Response {
+    fn response(status: u8, sense: &[u8], data: &[u8]) -> Answer {
         let mut s = [0u8; SENSE_SIZE];
         s[..sense.len()].copy_from_slice(sense);
-        Response {
-            status,
+        Answer {
+            status: Status(status),
             sense: s,
             data: data.to_vec(),
         }

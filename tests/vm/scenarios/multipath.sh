@@ -8,13 +8,13 @@
 # included), so enforce mode would have behaved the same.
 #
 # Runs inside the test VM: tests/vm/run-vm.sh tests/vm/scenarios/multipath.sh
-# (needs target/debug/reservd and target/debug/examples/prclient built).
+# (needs target/debug/reservd and target/debug/reservdctl built).
 set -euo pipefail
 
 : "${RESERVD_MP_DEV:?not inside the reservd test VM}"
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 RESERVD=${RESERVD_BIN:-$ROOT/target/debug/reservd}
-PRC=${RESERVD_PRCLIENT:-$ROOT/target/debug/examples/prclient}
+CTL=${RESERVD_RESERVDCTL:-$ROOT/target/debug/reservdctl}
 read -r -a PATHS <<<"$RESERVD_MP_PATHS"
 read -r -a INITIATORS <<<"$RESERVD_MP_INITIATORS"
 MP=$RESERVD_MP_DEV
@@ -33,14 +33,36 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# pr DEV ARGS...: one command through reservd; sets STATUS, SENSE, DATA
+# pr DEV ARGS...: one command through reservd (reservdctl); sets STATUS,
+# SENSE, DATA. ARGS: in SA [ALLOC] | out SA TYPE KEY SA_KEY [FLAGS] |
+# raw CDB [PARAMS] | cleanup. PR IN opens DEV read-only, the others
+# read-write.
 pr() {
-    local out
-    out=$("$PRC" "$SOCK" "$@") || die "prclient $* failed"
-    echo "  reservd $* -> $out"
-    [[ $out =~ ^status\ (0x[0-9a-f]+)\ sense\ ([0-9a-f]*)\ data\ ([0-9a-f]*)$ ]] ||
-        die "unexpected prclient output: $out"
-    STATUS=${BASH_REMATCH[1]} SENSE=${BASH_REMATCH[2]} DATA=${BASH_REMATCH[3]}
+    local dev=$1 what=$2 out cdb data= ro=
+    shift 2
+    case $what in
+    in) cdb=$(printf '5e%02x0000000000%04x00' "$1" "${2:-8192}") ro=--read-only ;;
+    out)
+        cdb=$(printf '5f%02x%02x00000000001800' "$1" "$2")
+        data=$(printf '%016x%016x00000000%02x000000' "$3" "$4" "${5:-0}")
+        ;;
+    raw) cdb=$1 data=${2:-} ;;
+    cleanup) ;;
+    *) die "pr: unknown command $what" ;;
+    esac
+    # A refusal is an exit status of its own: the JSON says which.
+    if [[ $what == cleanup ]]; then
+        out=$("$CTL" -k "$SOCK" --json cleanup "$dev") || true
+    else
+        out=$("$CTL" -k "$SOCK" --json raw "$dev" --cdb "$cdb" --data "$data" $ro) || true
+    fi
+    echo "  reservd $dev $what $* -> $out"
+    [[ $out =~ \"status\":([0-9]+) ]] || die "unexpected reservdctl output: $out"
+    STATUS=$(printf '0x%02x' "${BASH_REMATCH[1]}")
+    SENSE= DATA=
+    [[ $out =~ \"sense\":\"([0-9a-f]*)\" ]] && SENSE=${BASH_REMATCH[1]}
+    [[ $out =~ \"data\":\"([0-9a-f]*)\" ]] && DATA=${BASH_REMATCH[1]}
+    return 0
 }
 # good DEV ARGS...: the command must answer GOOD
 good() { pr "$@"; [[ $STATUS == 0x00 ]] || die "expected GOOD for '$*', got $STATUS sense $SENSE"; }
@@ -98,7 +120,7 @@ wait_state() {
     die "$1: multipathd state '$st', expected '$2'"
 }
 
-[[ -x $RESERVD && -x $PRC ]] || die "build reservd and the prclient example first"
+[[ -x $RESERVD && -x $CTL ]] || die "build reservd and reservdctl first"
 echo "map $MP over ${PATHS[*]}, single-path $SP"
 
 step "reservd starts with multipath support"

@@ -1,0 +1,383 @@
+//! The multipath backend on a simulated map (the test kit's [`SimMap`]:
+//! the in-memory SPC-4 target behind two paths, and a libmpathpersist that
+//! behaves as multipath-tools 0.9.4's): the map answers as one I_T nexus.
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use reservd_daemon::backend::multipath::library::PersistLib;
+use reservd_daemon::backend::multipath::multipathd::Multipathd;
+use reservd_daemon::backend::multipath::{
+    basic_params, prin_cdb, prout_cdb, Diagnostics, MapDevices, Multipath,
+};
+use reservd_daemon::backend::Command;
+use reservd_proto::cdb::prout_sa::*;
+use reservd_proto::cdb::{pad16, prin_sa};
+use reservd_proto::mpath;
+use reservd_proto::mpath_xlate::prout_request;
+use reservd_proto::onenexus::Fixes;
+use reservd_proto::prin;
+use reservd_proto::sense::{Answer, SenseCode, Status};
+use reservd_testkit::sim::{SimMap, NODE2};
+
+const K: u64 = 0xaaaa;
+const OTHER: u64 = 0xbbbb;
+
+fn multipath(sim: &Arc<SimMap>, fixes: Fixes) -> Multipath {
+    Multipath::new(
+        Arc::clone(sim) as Arc<dyn PersistLib>,
+        Arc::clone(sim) as Arc<dyn MapDevices>,
+        Multipathd::from_env_value(Some("/nonexistent/reservd-test/multipathd.socket")),
+        Diagnostics::default(),
+        fixes,
+        1000,
+    )
+}
+
+/// A PR OUT through reservd on the map.
+fn out(m: &Multipath, sim: &SimMap, sa: u8, t: u8, key: u64, sa_key: u64) -> Answer {
+    let cdb = pad16(&prout_cdb(sa, 0, t));
+    m.execute(
+        &Command {
+            nexus: 1,
+            peer: None,
+            fd: sim.lu.as_fd(),
+            cdb: &cdb,
+            params: &basic_params(key, sa_key),
+        },
+        7,
+    )
+    .unwrap()
+}
+
+fn prin(m: &Multipath, sim: &SimMap, sa: u8) -> Answer {
+    let cdb = pad16(&prin_cdb(sa));
+    m.execute(
+        &Command {
+            nexus: 1,
+            peer: None,
+            fd: sim.lu.as_fd(),
+            cdb: &cdb,
+            params: &[],
+        },
+        7,
+    )
+    .unwrap()
+}
+
+fn conflict() -> Answer {
+    Answer::status(Status::RESERVATION_CONFLICT)
+}
+
+fn ok() -> Answer {
+    Answer::status(Status::GOOD)
+}
+
+/// Node 2 registers OTHER and holds a type 5 reservation; the map
+/// (two paths) registers K through reservd.
+fn two_nodes(m: &Multipath, sim: &SimMap) {
+    assert_eq!(sim.out(NODE2, REGISTER, 0, 0, OTHER), ok());
+    assert_eq!(sim.out(NODE2, RESERVE, 5, OTHER, 0), ok());
+    assert_eq!(out(m, sim, REGISTER, 0, 0, K), ok());
+    assert_eq!(sim.keys(NODE2), vec![OTHER, K, K]);
+}
+
+#[test]
+fn release_by_a_non_holder_keeps_the_other_nodes_reservation() {
+    // Without the one-nexus rule: the 0.9.4 library's fallback
+    // clears the LU (the bug this guards against).
+    let sim = SimMap::new(2);
+    let m = multipath(&sim, Fixes::ALL);
+    two_nodes(&m, &sim);
+    let req = prout_request(&pad16(&prout_cdb(RELEASE, 0, 5)), &basic_params(K, 0)).unwrap();
+    assert_eq!(sim.reserve_out(sim.lu.as_fd(), &req), mpath::SUCCESS);
+    assert_eq!(sim.reservation(NODE2), None, "the library keeps it?");
+    // With it.
+    let sim = SimMap::new(2);
+    let m = multipath(&sim, Fixes::ALL);
+    two_nodes(&m, &sim);
+    sim.take_events();
+    assert_eq!(out(&m, &sim, RELEASE, 5, K, 0), ok());
+    assert_eq!(
+        sim.reservation(NODE2).map(|r| (r.key, r.pr_type)),
+        Some((OTHER, 5))
+    );
+    assert_eq!(sim.keys(NODE2), vec![OTHER, K, K]);
+    // One RELEASE down one path, no library call.
+    assert_eq!(sim.take_events(), vec!["sg 2 on 1"]);
+}
+
+#[test]
+fn a_reserve_the_library_sends_down_a_path_not_registered_yet_goes_down_the_map() {
+    let sim = SimMap::new(2);
+    let m = multipath(&sim, Fixes::ALL);
+    assert_eq!(sim.out(NODE2, REGISTER, 0, 0, OTHER), ok());
+    assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+    // Path 1 fails; node 2 fences the map, which registers again
+    // (through path 2 only).
+    sim.set_active(0, false);
+    assert_eq!(sim.out(NODE2, PREEMPT, 5, OTHER, K), ok());
+    assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+    assert!(!sim.registered(1) && sim.registered(2));
+    // Path 1 is back before multipathd registered the key on it: the
+    // library sends the RESERVE down it, and the LU refuses.
+    sim.set_returning(0, true);
+    sim.take_events();
+    assert_eq!(out(&m, &sim, RESERVE, 5, K, 0), ok());
+    let r = sim.reservation(NODE2).unwrap();
+    assert_eq!((r.key, r.pr_type), (K, 5));
+    assert_eq!(sim.take_events(), vec!["lib 1 on 1", "sg 1 on 2"]);
+    // A refusal that is the LU's: node 2 holds the reservation.
+    assert_eq!(out(&m, &sim, RELEASE, 5, K, 0), ok());
+    // (node 2 first takes its unit attention, RESERVATIONS RELEASED)
+    let mut a = sim.out(NODE2, RESERVE, 5, OTHER, 0);
+    if a.status == Status::CHECK_CONDITION && a.sense_code().is_some_and(|c| c.key == 0x06) {
+        a = sim.out(NODE2, RESERVE, 5, OTHER, 0);
+    }
+    assert_eq!(a, ok());
+    sim.take_events();
+    assert_eq!(out(&m, &sim, RESERVE, 5, K, 0), conflict());
+    assert_eq!(
+        sim.reservation(NODE2).map(|r| (r.key, r.pr_type)),
+        Some((OTHER, 5))
+    );
+}
+
+#[test]
+fn a_path_failing_under_the_library_while_it_registers_is_no_failure() {
+    let sim = SimMap::new(2);
+    let m = multipath(&sim, Fixes::ALL);
+    *sim.fails_under_library.lock().unwrap() = Some(0);
+    assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+    assert_eq!(sim.keys(NODE2), vec![K]);
+    assert!(!sim.registered(1) && sim.registered(2));
+    // The library's second call no longer sees path 1.
+    assert_eq!(
+        sim.take_events(),
+        vec!["lib 6 on 1", "lib 6 on 2", "lib 6 on 2"]
+    );
+    assert_eq!(*sim.prkey.lock().unwrap(), Some(K));
+}
+
+#[test]
+fn self_preempt_keeps_every_path_registered() {
+    let sim = SimMap::new(2);
+    let m = multipath(&sim, Fixes::ALL);
+    assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+    assert_eq!(out(&m, &sim, RESERVE, 5, K, 0), ok());
+    sim.take_events();
+    // Change the type by preempting oneself.
+    assert_eq!(out(&m, &sim, PREEMPT, 6, K, K), ok());
+    assert!(sim.registered(1) && sim.registered(2));
+    assert_eq!(sim.keys(NODE2), vec![K, K]);
+    let r = sim.reservation(NODE2).unwrap();
+    assert_eq!((r.key, r.pr_type), (K, 6));
+    // The PREEMPT and the registration again ran while suspended (the
+    // first REGISTER AND IGNORE met path 2's unit attention,
+    // REGISTRATIONS PREEMPTED, and was sent again).
+    assert_eq!(
+        sim.take_events(),
+        vec!["suspend", "sg 4 on 1", "sg 6 on 2", "sg 6 on 2", "resume"]
+    );
+    // With a library that does it itself, the library is called.
+    let sim = SimMap::new(2);
+    let m = multipath(&sim, Fixes::NONE);
+    assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+    assert_eq!(out(&m, &sim, RESERVE, 5, K, 0), ok());
+    sim.take_events();
+    assert_eq!(out(&m, &sim, PREEMPT, 6, K, K), ok());
+    assert_eq!(sim.take_events(), vec!["lib 4 on 1"]);
+}
+
+#[test]
+fn preempting_an_all_registrants_reservation_keeps_the_maps_paths() {
+    let sim = SimMap::new(2);
+    let m = multipath(&sim, Fixes::ALL);
+    assert_eq!(sim.out(NODE2, REGISTER, 0, 0, OTHER), ok());
+    assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+    assert_eq!(out(&m, &sim, RESERVE, 7, K, 0), ok());
+    // Zero: every other registration goes, node 2's included.
+    assert_eq!(out(&m, &sim, PREEMPT, 5, K, 0), ok());
+    assert_eq!(sim.keys(1), vec![K, K]);
+    let r = sim.reservation(1).unwrap();
+    assert_eq!((r.key, r.pr_type), (K, 5));
+}
+
+#[test]
+fn register_with_a_wrong_key_is_a_reservation_conflict() {
+    let sim = SimMap::new(2);
+    let m = multipath(&sim, Fixes::ALL);
+    assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+    sim.take_events();
+    assert_eq!(out(&m, &sim, REGISTER, 0, 0x9999, 0x1111), conflict());
+    assert!(sim.take_events().is_empty(), "nothing sent");
+    // From an unregistered map too.
+    let sim = SimMap::new(2);
+    let m = multipath(&sim, Fixes::ALL);
+    assert_eq!(out(&m, &sim, REGISTER, 0, 0x9999, 0x1111), conflict());
+    assert_eq!(sim.keys(NODE2), Vec::<u64>::new());
+}
+
+#[test]
+fn refused_commands_get_the_devices_answer() {
+    let sim = SimMap::new(2);
+    let m = multipath(&sim, Fixes::ALL);
+    assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+    // A wrong key: the device's conflict, not the library's error.
+    assert_eq!(out(&m, &sim, RESERVE, 5, 0x9999, 0), conflict());
+    // An invalid type: the device's ILLEGAL REQUEST, INVALID FIELD IN
+    // CDB (the library keeps only the sense key).
+    assert_eq!(
+        out(&m, &sim, RESERVE, 2, K, 0),
+        Answer::check(SenseCode::INVALID_FIELD)
+    );
+    // PREEMPT with key 0 of a reservation that is not all registrants.
+    assert_eq!(out(&m, &sim, RESERVE, 5, K, 0), ok());
+    assert_eq!(
+        out(&m, &sim, PREEMPT, 5, K, 0),
+        Answer::check(SenseCode::INVALID_PARAM)
+    );
+    // An unregistered map's RESERVE.
+    let sim = SimMap::new(2);
+    let m = multipath(&sim, Fixes::ALL);
+    assert_eq!(out(&m, &sim, RESERVE, 5, K, 0), conflict());
+}
+
+#[test]
+fn release_with_a_wrong_key_while_holding_through_another_path() {
+    let sim = SimMap::new(2);
+    let m = multipath(&sim, Fixes::ALL);
+    assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+    sim.set_active(0, false);
+    assert_eq!(out(&m, &sim, RESERVE, 5, K, 0), ok());
+    sim.set_active(0, true);
+    // Path 1 (where the kernel sends it) is not the holder.
+    assert_eq!(out(&m, &sim, RELEASE, 5, 0x9999, 0), conflict());
+    assert_eq!(sim.reservation(1).map(|r| r.key), Some(K));
+}
+
+#[test]
+fn reserve_again_while_holding_through_another_path() {
+    let sim = SimMap::new(2);
+    let m = multipath(&sim, Fixes::ALL);
+    assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+    // Reserve through path 2 (path 1 down), then path 1 comes back.
+    sim.set_active(0, false);
+    assert_eq!(out(&m, &sim, RESERVE, 5, K, 0), ok());
+    sim.set_active(0, true);
+    // Path 1 does not hold it; the map does.
+    assert_eq!(sim.out(1, RESERVE, 5, K, 0), conflict());
+    assert_eq!(out(&m, &sim, RESERVE, 5, K, 0), ok());
+    assert_eq!(out(&m, &sim, RESERVE, 6, K, 0), conflict());
+}
+
+#[test]
+fn release_when_the_holding_path_is_down() {
+    let sim = SimMap::new(2);
+    let m = multipath(&sim, Fixes::ALL);
+    assert_eq!(sim.out(NODE2, REGISTER, 0, 0, OTHER), ok());
+    assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+    assert_eq!(out(&m, &sim, RESERVE, 5, K, 0), ok());
+    // The holder (path 1) goes down.
+    sim.set_active(0, false);
+    sim.take_events();
+    assert_eq!(out(&m, &sim, RELEASE, 5, K, 0), ok());
+    assert_eq!(sim.reservation(NODE2), None);
+    // Node 2 kept its registration; path 2 is registered.
+    let keys = sim.keys(NODE2);
+    assert!(keys.contains(&OTHER), "{keys:?}");
+    assert!(sim.registered(2));
+    assert_eq!(
+        sim.take_events(),
+        vec!["sg 2 on 2", "suspend", "sg 4 on 2", "sg 2 on 2", "resume"]
+    );
+    // The holder's refusal of another type.
+    let sim = SimMap::new(2);
+    let m = multipath(&sim, Fixes::ALL);
+    assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+    assert_eq!(out(&m, &sim, RESERVE, 5, K, 0), ok());
+    assert_eq!(
+        out(&m, &sim, RELEASE, 6, K, 0),
+        Answer::check(SenseCode::INVALID_RELEASE)
+    );
+    assert!(sim.reservation(1).is_some());
+    assert_eq!(out(&m, &sim, RELEASE, 5, K, 0), ok());
+    assert_eq!(sim.reservation(1), None);
+}
+
+#[test]
+fn unregistering_while_holding_through_a_down_path_releases() {
+    let sim = SimMap::new(2);
+    let m = multipath(&sim, Fixes::ALL);
+    assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+    assert_eq!(out(&m, &sim, RESERVE, 5, K, 0), ok());
+    sim.set_active(0, false);
+    assert_eq!(out(&m, &sim, REGISTER, 0, K, 0), ok());
+    assert_eq!(sim.reservation(NODE2), None);
+    assert!(!sim.registered(2));
+    // The down path lost its registration too (moved, then released).
+    assert!(!sim.registered(1));
+    assert_eq!(*sim.prkey.lock().unwrap(), None);
+}
+
+#[test]
+fn a_key_change_follows_a_reservation_held_by_a_down_path() {
+    let sim = SimMap::new(2);
+    let m = multipath(&sim, Fixes::ALL);
+    assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+    assert_eq!(out(&m, &sim, RESERVE, 5, K, 0), ok());
+    sim.set_active(0, false);
+    assert_eq!(out(&m, &sim, REGISTER, 0, K, 0x77), ok());
+    let r = sim.reservation(2).unwrap();
+    assert_eq!((r.key, r.pr_type), (0x77, 5));
+    assert_eq!(*sim.prkey.lock().unwrap(), Some(0x77));
+}
+
+#[test]
+fn read_keys_lists_the_maps_registration_once() {
+    let sim = SimMap::new(2);
+    let m = multipath(&sim, Fixes::ALL);
+    two_nodes(&m, &sim);
+    let a = prin(&m, &sim, prin_sa::READ_KEYS);
+    assert_eq!(prin::parse_read_keys(&a.data).unwrap().1, vec![OTHER, K]);
+    // When multipathd cannot say which key is the map's: all of them.
+    let mut unknown = SimMap::new(2);
+    Arc::get_mut(&mut unknown).unwrap().multipathd_up = false;
+    let m = multipath(&unknown, Fixes::ALL);
+    assert_eq!(unknown.out(1, REGISTER, 0, 0, K), ok());
+    assert_eq!(unknown.out(2, REGISTER, 0, 0, K), ok());
+    let a = prin(&m, &unknown, prin_sa::READ_KEYS);
+    assert_eq!(prin::parse_read_keys(&a.data).unwrap().1, vec![K, K]);
+}
+
+#[test]
+fn without_multipathd_release_still_runs_on_the_paths() {
+    let mut sim = SimMap::new(2);
+    Arc::get_mut(&mut sim).unwrap().multipathd_up = false;
+    let m = multipath(&sim, Fixes::ALL);
+    assert_eq!(sim.out(NODE2, REGISTER, 0, 0, OTHER), ok());
+    assert_eq!(sim.out(NODE2, RESERVE, 5, OTHER, 0), ok());
+    assert_eq!(sim.out(1, REGISTER, 0, 0, K), ok());
+    assert_eq!(sim.out(2, REGISTER, 0, 0, K), ok());
+    sim.take_events();
+    assert_eq!(out(&m, &sim, RELEASE, 5, K, 0), ok());
+    assert_eq!(sim.reservation(NODE2).map(|r| r.key), Some(OTHER));
+    assert_eq!(sim.take_events(), vec!["sg 2 on 1", "sg 2 on 2"]);
+}
+
+#[test]
+fn a_fenced_map_is_unregistered_for_its_guest() {
+    let sim = SimMap::new(2);
+    let m = multipath(&sim, Fixes::ALL);
+    two_nodes(&m, &sim);
+    // Node 2 preempts the map's key: every path of the map loses it.
+    assert_eq!(sim.out(NODE2, PREEMPT, 5, OTHER, K), ok());
+    // multipathd still has K; the guest's commands with K conflict as
+    // from an unregistered nexus.
+    assert_eq!(*sim.prkey.lock().unwrap(), Some(K));
+    assert_eq!(out(&m, &sim, RESERVE, 5, K, 0), conflict());
+    assert_eq!(out(&m, &sim, REGISTER, 0, K, K), conflict());
+    // It may register again, ignoring the key.
+    assert_eq!(out(&m, &sim, REGISTER_AND_IGNORE, 0, 0, K), ok());
+    assert!(sim.registered(1) && sim.registered(2));
+}
