@@ -962,6 +962,86 @@ fn listen_fds_for_another_process_is_ignored() {
     assert!(status.success());
 }
 
+/// The notifications received on `notify` until `quiet` passes with none
+/// (or 50 of them).
+fn notifications(notify: &UnixDatagram, quiet: Duration) -> Vec<String> {
+    notify.set_read_timeout(Some(quiet)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while got.len() < 50 {
+        let Ok(n) = notify.recv(&mut buf) else { break };
+        got.push(String::from_utf8_lossy(&buf[..n]).to_string());
+    }
+    got
+}
+
+#[test]
+fn watchdog_keepalives_come_from_the_turning_loop() {
+    let dir = TempDir::new();
+    let sock = dir.join("s.sock");
+    let notify_path = dir.join("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    let mut cmd = Command::new(RESERVD);
+    cmd.args(["-k", sock.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "200000");
+    let mut p = Proc::spawn(cmd);
+    p.wait_socket(&sock);
+    // Half the interval: about ten keep-alives in a second, READY=1 first.
+    notify
+        .set_read_timeout(Some(Duration::from_millis(250)))
+        .unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while started.elapsed() < Duration::from_secs(1) {
+        if let Ok(n) = notify.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).to_string());
+        }
+    }
+    assert!(got[0].starts_with("READY=1\n"), "{got:?}");
+    let pings = got.iter().filter(|m| m.as_str() == "WATCHDOG=1").count();
+    assert!(pings >= 3, "{pings} keep-alives in a second: {got:?}");
+    // A stopped daemon sends none (systemd then restarts it); they resume
+    // once it runs again.
+    p.signal(Signal::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(100));
+    let _ = notifications(&notify, Duration::from_millis(10));
+    let silent = notifications(&notify, Duration::from_millis(600));
+    p.signal(Signal::SIGCONT);
+    assert!(silent.is_empty(), "keep-alives while stopped: {silent:?}");
+    notify.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut buf = [0u8; 64];
+    let n = notify
+        .recv(&mut buf)
+        .expect("a keep-alive once running again");
+    assert_eq!(&buf[..n], b"WATCHDOG=1");
+    let (status, _) = p.stop();
+    assert!(status.success());
+}
+
+#[test]
+fn no_watchdog_keepalives_for_another_process() {
+    // WATCHDOG_PID names someone else (the process before a fork): the
+    // watchdog is not reservd's.
+    let dir = TempDir::new();
+    let sock = dir.join("s.sock");
+    let notify_path = dir.join("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    let mut cmd = Command::new(RESERVD);
+    cmd.args(["-k", sock.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "200000")
+        .env("WATCHDOG_PID", "1");
+    let mut p = Proc::spawn(cmd);
+    p.wait_socket(&sock);
+    let got = notifications(&notify, Duration::from_millis(600));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].starts_with("READY=1\n"), "{got:?}");
+    let (status, _) = p.stop();
+    assert!(status.success());
+}
+
 #[test]
 fn readiness_is_notified_once_listening() {
     use std::os::linux::net::SocketAddrExt;

@@ -587,6 +587,22 @@ fn units_listen_where_reservd_does_and_keep_devices_visible() {
     ] {
         assert_eq!(get(&service, k), Some(v), "{k}");
     }
+    // reservd installs its own filter under systemd's: seccomp(2) is in
+    // none of systemd's groups (the VM tier's systemd group starts the unit).
+    assert!(
+        get(&service, "SystemCallFilter")
+            .is_some_and(|f| f.split_whitespace().any(|w| w == "seccomp")),
+        "SystemCallFilter without seccomp: the service cannot start"
+    );
+    assert_eq!(get(&service, "WatchdogSec"), Some("30s"));
+    // A conflict without an ordering lets systemd stop one socket while it
+    // starts the other, and RemoveOnStop= can delete the other's path.
+    let after = |u: &[(String, String)], what: &str| {
+        u.iter()
+            .any(|(k, v)| k == "After" && v.split_whitespace().any(|w| w == what))
+    };
+    assert!(after(&socket, "qemu-pr-helper.socket"));
+    assert!(after(&service, "qemu-pr-helper.service"));
     // multipathd's abstract socket is in the host network namespace;
     // libmpathpersist opens /dev/mapper/control and the path devices.
     for k in [

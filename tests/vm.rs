@@ -22,8 +22,12 @@ mod conformance;
 mod flap;
 #[path = "e2e/guest.rs"]
 mod guest;
+#[path = "e2e/nested.rs"]
+mod nested;
 #[path = "e2e/ops.rs"]
 mod ops;
+#[path = "e2e/systemd.rs"]
+mod systemd;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -47,6 +51,9 @@ const GROUP_ENV: &[(&str, &[(&str, &str)])] = &[(
     "flap",
     &[("RESERVD_VM_MAPS", "2"), ("RESERVD_VM_MAPS_NODE2", "1")],
 )];
+/// Groups that need a run-vm.sh option: systemd as the guest's PID 1
+/// (`--systemd`), a guest inside the guest (`--nested`).
+const OPTION_GROUPS: &[(&str, &str)] = &[("systemd", "--systemd"), ("nested", "--nested")];
 /// Shell scenarios run as they are (tests/vm/scenarios/NAME.sh).
 const SHELL_SCENARIOS: &[&str] = &["smoke", "multipath", "libiscsi", "kubevirt", "faultpath"];
 /// Shell scenarios on another Debian release's userspace and multipath-tools
@@ -112,6 +119,16 @@ fn main() {
             ));
         }
     }
+    for (g, option) in OPTION_GROUPS {
+        let name = format!("vm_{g}");
+        if selected(&name) {
+            runs.push((
+                name,
+                vec![option.to_string()],
+                vec![exe.display().to_string(), "--guest".into(), g.to_string()],
+            ));
+        }
+    }
     for (g, release) in RELEASE_GROUPS {
         let name = format!("vm_{g}_{release}");
         if selected(&name) {
@@ -156,7 +173,7 @@ fn main() {
     let (mut passed, mut failed) = (0, 0);
     for (name, options, scenario) in &runs {
         let t = Instant::now();
-        if name == "vm_package" && !build_deb() {
+        if (name == "vm_package" || name == "vm_systemd") && !build_deb() {
             failed += 1;
             println!("test {name} ... FAILED (packaging/build-deb.sh failed)");
             continue;

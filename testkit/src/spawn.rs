@@ -42,6 +42,29 @@ fn poll_until(limit: Duration, every: Duration, mut cond: impl FnMut() -> bool) 
     }
 }
 
+/// Poll `check` every 100 ms (for checks that run a command or read
+/// /proc, such as the VM tier's) until it says yes: an error naming `what`
+/// once `limit` has passed, or the first error of `check`.
+pub fn wait_for(
+    limit: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<bool, String>,
+) -> Result<(), String> {
+    let mut failed = None;
+    let yes = poll_until(limit, Duration::from_millis(100), || match check() {
+        Ok(yes) => yes,
+        Err(e) => {
+            failed = Some(e);
+            true
+        }
+    });
+    match failed {
+        Some(e) => Err(e),
+        None if yes => Ok(()),
+        None => Err(format!("after {} s: {what}", limit.as_secs_f64())),
+    }
+}
+
 /// Whether `path` is a UNIX socket.
 pub fn is_socket(path: &Path) -> bool {
     std::fs::symlink_metadata(path)

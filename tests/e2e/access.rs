@@ -112,9 +112,60 @@ fn register_read_keys_unregister(d: &Daemon, dev: &Path) -> TestResult {
     Ok(())
 }
 
+/// libmpathpersist's path checker for the LIO paths, selected for the
+/// reservd started next: `tur` as the test bed's multipath.conf has it,
+/// or `directio` (the default for LIO from multipath-tools 0.9.5 on,
+/// which needs Linux AIO under reservd's filter; `detect_checker no`, or
+/// 0.9.4 picks tur for ALUA devices whatever is set) with a `conf.d` entry that
+/// only libraries initialised while it exists read (multipathd read its
+/// configuration at start). Removed when dropped.
+struct Checker {
+    name: &'static str,
+    file: Option<PathBuf>,
+}
+
+impl Checker {
+    const ALL: [&'static str; 2] = ["tur", "directio"];
+
+    fn select(name: &'static str) -> Result<Checker, String> {
+        if name == "tur" {
+            return Ok(Checker { name, file: None });
+        }
+        let dir = Path::new("/etc/multipath/conf.d");
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let file = dir.join("zz-reservd-access-checker.conf");
+        let text = format!(
+            "devices {{\n    device {{\n        vendor \"LIO-ORG\"\n        product \".*\"\n        \
+             path_checker {name}\n        detect_checker no\n    }}\n}}\n"
+        );
+        std::fs::write(&file, text).map_err(|e| format!("{}: {e}", file.display()))?;
+        Ok(Checker {
+            name,
+            file: Some(file),
+        })
+    }
+}
+
+impl Drop for Checker {
+    fn drop(&mut self) {
+        if let Some(f) = &self.file {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
 fn access_multipath_under_seccomp_enforce() -> TestResult {
+    for name in Checker::ALL {
+        let checker = Checker::select(name)?;
+        multipath_under_seccomp_enforce(checker.name)
+            .map_err(|e| format!("path checker {}: {e}", checker.name))?;
+    }
+    Ok(())
+}
+
+fn multipath_under_seccomp_enforce(checker: &str) -> TestResult {
     let dev = PathBuf::from(env("RESERVD_MP_DEV"));
-    let d = reservd("reservd-access-enforce", &["--seccomp=enforce", "-v"])?;
+    let d = reservd("reservd-access-enforce", &["--seccomp=enforce", "-vv"])?;
     let log = std::fs::read_to_string(&d.log).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut log = log;
@@ -127,6 +178,20 @@ fn access_multipath_under_seccomp_enforce() -> TestResult {
         log = std::fs::read_to_string(&d.log).unwrap_or_default();
     }
     register_read_keys_unregister(&d, &dev)?;
+    // libmultipath says which checker it selected for each path (at
+    // verbosity 3, which -vv gives it).
+    let log = std::fs::read_to_string(&d.log).unwrap_or_default();
+    let selected: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("path_checker = "))
+        .collect();
+    check!(
+        !selected.is_empty()
+            && selected
+                .iter()
+                .all(|l| l.contains(&format!("= {checker} "))),
+        "libmultipath's checker selections: {selected:?}"
+    );
     // Every thread, the per-path threads' parents included, is filtered.
     let s = seccomp_of_threads(d.pid())?;
     check!(
@@ -196,6 +261,15 @@ fn access_seccomp_log_records_a_refused_call() -> TestResult {
 /// With --seccomp=log, the multipath sequence makes no call the filter
 /// would refuse (the kernel logs none for reservd's pid).
 fn access_multipath_makes_no_call_outside_the_allow_list() -> TestResult {
+    for name in Checker::ALL {
+        let checker = Checker::select(name)?;
+        multipath_makes_no_call_outside_the_allow_list()
+            .map_err(|e| format!("path checker {}: {e}", checker.name))?;
+    }
+    Ok(())
+}
+
+fn multipath_makes_no_call_outside_the_allow_list() -> TestResult {
     let dev = PathBuf::from(env("RESERVD_MP_DEV"));
     let mut d = reservd("reservd-access-log", &["--seccomp=log", "-v"])?;
     let pid = d.pid();

@@ -89,6 +89,8 @@ pub fn run(group: &str) -> i32 {
         "access" => access::scenarios(),
         "conformance" => crate::conformance::scenarios(),
         "flap" => crate::flap::scenarios(),
+        "systemd" => crate::systemd::scenarios(),
+        "nested" => crate::nested::scenarios(),
         _ => {
             eprintln!("unknown guest group '{group}'");
             return 2;
@@ -1224,9 +1226,8 @@ fn qemu_reports_connected(socket: &Path, name: &str) -> TestResult {
 
 /// QEMU's pr-manager-helper connects to reservd (multipath support active
 /// in the guest) and, after reservd restarts on the same socket, a new
-/// connection is served. (QEMU reconnects on its next PR command; sending
-/// one needs a guest OS, too slow under nested TCG: the reconnect itself is
-/// QEMU's client opening a new connection, checked here at that level.)
+/// connection is served. (QEMU reconnects on its next PR command: the
+/// `nested` group sends one from a guest OS across a restart.)
 fn qemu_connects_through_restarts() -> TestResult {
     let mut d = reservd("reservd-qemu", &["-v"])?;
     // The start-up line comes once the socket exists; the multipath line

@@ -6,7 +6,8 @@
 # SCSI disks and dm-multipath inside the guest (tests/vm/guest-init.sh) and runs
 # SCENARIO there. See tests/vm/README.md.
 #
-# Usage: tests/vm/run-vm.sh [--timeout SECS] [--release NAME] SCENARIO [ARGS...]
+# Usage: tests/vm/run-vm.sh [--timeout SECS] [--release NAME] [--systemd] [--nested]
+#                           SCENARIO [ARGS...]
 #        tests/vm/run-vm.sh [--release NAME] --prepare   (install + kernel + initramfs
 #                                                         [+ root] only)
 set -euo pipefail
@@ -23,6 +24,15 @@ PACKAGES=(qemu-system-x86 busybox-static cpio kmod multipath-tools sg3-utils ude
 # Modules the initramfs loads (their dependencies are resolved with modprobe).
 INITRD_MODULES=(virtio_pci 9pnet_virtio 9p overlay)
 GUEST_INIT=$HERE/guest-init.sh
+# --systemd: systemd is PID 1 and runs guest-init.sh as a unit
+SYSTEMD_INIT=$HERE/systemd-boot.sh
+SYSTEMD=0
+# --nested: an initramfs for a guest inside the guest (QEMU in the VM), with
+# busybox, these programs and the modules of a virtio-scsi disk
+NESTED=0
+NESTED_INIT=$HERE/nested-init.sh
+NESTED_MODULES=(virtio_pci virtio_scsi sd_mod sg)
+NESTED_PROGRAMS=(sg_persist)
 INITRD_INIT=$HERE/initramfs-init.sh
 # Userspace roots of other Debian releases (debootstrap --variant=minbase plus
 # these): what guest-init.sh and the scenarios run, qemu-pr-helper
@@ -37,14 +47,18 @@ die() { log "error: $*"; exit 2; }
 
 usage() {
     cat <<EOF
-usage: ${0##*/} [--timeout SECS] [--release NAME] SCENARIO [ARGS...]
+usage: ${0##*/} [--timeout SECS] [--release NAME] [--systemd] [--nested] SCENARIO [ARGS...]
        ${0##*/} [--release NAME] --prepare
 
 Runs SCENARIO (an executable on the host; the guest sees the host's / read-only)
 as root inside a QEMU guest with LIO SCSI disks and dm-multipath set up.
 --release bookworm (default) boots the host's own root; trixie or sid boot a
 Debian root of that release (built with debootstrap, cached), with the
-repository shared at its host path.
+repository shared at its host path. --systemd boots systemd as PID 1 on a
+writable overlay of the root (packages can be installed); the disks are set up
+by a unit. --nested also prepares (cached) an initramfs for a guest that the
+scenario boots with QEMU inside the VM (RESERVD_VM_NESTED_KERNEL and
+RESERVD_VM_NESTED_INITRD name the kernel and the initramfs).
 Exits with the scenario's status; 124 on timeout, 125 when the guest setup
 failed or the guest died without reporting a status, 2 on harness errors.
 
@@ -88,6 +102,8 @@ while (($#)); do
         --prepare) PREPARE_ONLY=1; shift ;;
         --release) (($# >= 2)) || die "--release needs a value"; RELEASE=$2; shift 2 ;;
         --release=*) RELEASE=${1#*=}; shift ;;
+        --systemd) SYSTEMD=1; shift ;;
+        --nested) NESTED=1; shift ;;
         -h|--help) usage; exit 0 ;;
         --) shift; break ;;
         -*) usage >&2; die "unknown option: $1" ;;
@@ -100,6 +116,11 @@ case $RELEASE in
     *) die "unknown release '$RELEASE' (bookworm, trixie or sid)" ;;
 esac
 [[ $RELEASE != bookworm ]] && PACKAGES+=(debootstrap)
+# --systemd on the host's root boots the host's systemd (a release's root has its own)
+((SYSTEMD)) && [[ $RELEASE == bookworm ]] && PACKAGES+=(systemd)
+# (the nested guest's kernel and initramfs are read from the cache, which only
+# the host's root shows)
+((NESTED == 0)) || [[ $RELEASE == bookworm ]] || die "--nested needs the host's root (bookworm)"
 if ((PREPARE_ONLY == 0)); then
     (($# >= 1)) || { usage >&2; exit 2; }
     SCENARIO=$1; shift
@@ -142,6 +163,8 @@ ensure_packages() {
         type -P "$c" >/dev/null || die "command not found after install: $c"
     done
     [[ -x /lib/systemd/systemd-udevd ]] || die "/lib/systemd/systemd-udevd missing"
+    ((SYSTEMD == 0)) || [[ $RELEASE != bookworm || -x /lib/systemd/systemd ]] ||
+        die "/lib/systemd/systemd missing"
     [[ $RELEASE == bookworm ]] || type -P debootstrap >/dev/null || die "debootstrap missing after install"
     # mount point for the guest's module share (the guest's / is the host's /, read-only)
     [[ -d /usr/lib/modules ]] || mkdir -p /usr/lib/modules
@@ -289,6 +312,76 @@ ensure_initramfs() {
     find "$CACHE" -maxdepth 1 -name 'initramfs-*.cpio' ! -name "${INITRD##*/}" -mmin +60 -delete 2>/dev/null || true
 }
 
+# ---- phase: nested initramfs (--nested) ----------------------------------------------
+# The guest inside the guest runs under TCG inside TCG (about 60 times slower
+# than this VM), so its initramfs is small and uncompressed, and its modules
+# lose their signatures: each insmod then skips an RSA verification (seconds
+# each; the kernel notes that it is tainted).
+NESTED_INITRD=
+strip_module_signature() {   # $1 = .ko file, in place
+    local f=$1 size siglen
+    [[ $(tail -c 28 "$f") == '~Module signature appended~' ]] || return 0
+    size=$(stat -c %s "$f")
+    # struct module_signature (12 bytes) before the marker: sig_len, big-endian, last
+    siglen=$(tail -c 40 "$f" | head -c 12 | od -An -tu1 -j8 -N4 |
+        awk '{ print $1 * 16777216 + $2 * 65536 + $3 * 256 + $4 }')
+    truncate -s $((size - 40 - siglen)) "$f"
+}
+build_nested_initramfs() {   # $1 = output file
+    local out=$1 d line mod n=0 a p lib
+    d=$(mktemp -d "$CACHE/nested-build.XXXXXX")
+    mkdir -p "$d"/{bin,dev,proc,sys,modules}
+    cp /bin/busybox "$d/bin/busybox"
+    for a in $(/bin/busybox --list); do
+        [[ $a == busybox ]] || ln -s busybox "$d/bin/$a"
+    done
+    for p in "${NESTED_PROGRAMS[@]}"; do
+        p=$(type -P "$p") || { rm -rf "$d"; die "$p not found for the nested initramfs"; }
+        cp "$p" "$d/bin/"
+        # its shared libraries and the loader, at their paths
+        for lib in $(ldd "$p" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'); do
+            mkdir -p "$d${lib%/*}"
+            cp -L "$lib" "$d$lib"
+        done
+    done
+    while read -r line mod _; do
+        [[ $line == insmod ]] || continue
+        n=$((n + 1))
+        a=${mod##*/}; a=${a%%.ko*}
+        case $mod in
+            *.ko.xz) xz -dc "$mod" ;;
+            *.ko.zst) zstd -dc "$mod" ;;
+            *.ko.gz) gzip -dc "$mod" ;;
+            *) cat "$mod" ;;
+        esac >"$d/modules/$(printf '%02d' "$n")-$a.ko"
+        strip_module_signature "$d/modules/$(printf '%02d' "$n")-$a.ko"
+    done < <(modprobe -d "$KDIR/root" -S "$KVER" -a --show-depends "${NESTED_MODULES[@]}" | awk '!seen[$0]++')
+    ((n > 0)) || die "no modules resolved for the nested initramfs"
+    install -m 0755 "$NESTED_INIT" "$d/init"
+    mknod -m 0600 "$d/dev/console" c 5 1 2>/dev/null || true
+    (cd "$d" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet) >"$out.tmp"
+    mv "$out.tmp" "$out"
+    rm -rf "$d"
+}
+ensure_nested_initramfs() {
+    local hash p
+    hash=$({
+        printf '%s\n' "$KDIR" "$KVER" "${NESTED_MODULES[@]}" "${NESTED_PROGRAMS[@]}"
+        sha256sum </bin/busybox
+        for p in "${NESTED_PROGRAMS[@]}"; do sha256sum <"$(type -P "$p")"; done
+        sha256sum <"$NESTED_INIT"
+        declare -f build_nested_initramfs strip_module_signature
+    } | sha256sum | cut -c1-16)
+    NESTED_INITRD=$CACHE/nested-initramfs-$hash.cpio
+    if [[ ! -s $NESTED_INITRD ]]; then
+        build_nested_initramfs "$NESTED_INITRD"
+        REBUILT=1
+    fi
+    touch "$NESTED_INITRD"
+    find "$CACHE" -maxdepth 1 -name 'nested-initramfs-*.cpio' ! -name "${NESTED_INITRD##*/}" -mtime +7 \
+        -delete 2>/dev/null || true
+}
+
 # ---- phase: root (releases other than the host's) ----------------------------------
 # $CACHE/roots/RELEASE-KEY-EPOCH/{root/,.complete,mpath-version,.lock}: KEY
 # changes with the package list and the build recipe, EPOCH is the build time.
@@ -396,6 +489,10 @@ phase_begin; ensure_packages; phase_end install
 phase_begin; ensure_kernel; phase_end kernel "$KVER"
 REBUILT=0
 phase_begin; ensure_initramfs; phase_end initramfs "$( ((REBUILT)) && echo built || echo cached)"
+if ((NESTED)); then
+    REBUILT=0
+    phase_begin; ensure_nested_initramfs; phase_end nested-initramfs "$( ((REBUILT)) && echo built || echo cached)"
+fi
 if [[ $RELEASE != bookworm ]]; then
     phase_begin; ensure_root; phase_end root "$RELEASE, $ROOT_NOTE"
 fi
@@ -458,6 +555,10 @@ case $CWD in /run|/run/*|/proc*|/sys*|/dev|/dev/*) CWD=/ ;; esac
     printf 'RVM_TIMEOUT=%q\n' "$TIMEOUT"
     printf 'RVM_RELEASE=%q\n' "$RELEASE"
     printf 'RVM_MPATH_VERSION=%q\n' "$MPATH_VERSION"
+    if ((NESTED)); then
+        printf 'export RESERVD_VM_NESTED_KERNEL=%q\n' "$VMLINUX"
+        printf 'export RESERVD_VM_NESTED_INITRD=%q\n' "$NESTED_INITRD"
+    fi
     printf 'RVM_ARGV=('; printf '%q ' "$SCENARIO" "$@"; printf ')\n'
     while read -r name; do
         [[ $name =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || continue
@@ -466,7 +567,15 @@ case $CWD in /run|/run/*|/proc*|/sys*|/dev|/dev/*) CWD=/ ;; esac
     done < <({ compgen -e | grep -E '^(RESERVD_|RUST_)' || true; tr ' ' '\n' <<<"${RESERVD_VM_PASS_ENV:-}"; } | sort -u)
 } >"$XCHG/job"
 
-CMDLINE="console=ttyS0 panic=-1 loglevel=4 mitigations=off no_timer_check rvm_xchg=$XCHG rvm_init=$GUEST_INIT"
+CMDLINE="console=ttyS0 panic=-1 loglevel=4 mitigations=off no_timer_check rvm_xchg=$XCHG"
+if ((SYSTEMD)); then
+    CMDLINE+=" rvm_init=$SYSTEMD_INIT"
+    # the host's root as the lower layer of a whole-root overlay (a release's
+    # root is one already): dpkg can install into /usr and /lib
+    [[ $RELEASE == bookworm ]] && CMDLINE+=" rvm_root=overlay rvm_shares="
+else
+    CMDLINE+=" rvm_init=$GUEST_INIT"
+fi
 ROOT_FS=/ SHARES=()
 if [[ $RELEASE != bookworm ]]; then
     # A release's root: the guest's / is an overlay (that root read-only, tmpfs
@@ -512,7 +621,7 @@ done
 # shellcheck disable=SC2206
 [[ -n ${RESERVD_VM_QEMU_ARGS:-} ]] && QEMU+=(${RESERVD_VM_QEMU_ARGS})
 
-log "booting $KVER on the $RELEASE root${SHARES[*]:+ (shared: ${SHARES[*]})}, scenario:$(printf ' %q' "$SCENARIO" "$@") (timeout ${TIMEOUT}s)"
+log "booting $KVER on the $RELEASE root$( ((SYSTEMD)) && echo ' with systemd as PID 1')${SHARES[*]:+ (shared: ${SHARES[*]})}, scenario:$(printf ' %q' "$SCENARIO" "$@") (timeout ${TIMEOUT}s)"
 BOOT_T0=$(now_us)
 timeout -k 10 "$TIMEOUT" "${QEMU[@]}" </dev/null >"$CONSOLE" 2>&1 &
 QPID=$!

@@ -57,6 +57,10 @@ pub struct Config {
     /// handshake) and does not complete it within this time is closed.
     /// `None`: no limit. Idle connections between frames are never timed out.
     pub frame_timeout: Option<Duration>,
+    /// Send systemd's watchdog keep-alive (`WATCHDOG=1`) from the event
+    /// loop at this interval; `None`: no watchdog. A loop that stops
+    /// turning stops the keep-alives, and systemd restarts the service.
+    pub watchdog: Option<Duration>,
 }
 
 impl Default for Config {
@@ -68,6 +72,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(120),
             allow: None,
             frame_timeout: Some(DEFAULT_FRAME_TIMEOUT),
+            watchdog: None,
         }
     }
 }
@@ -150,6 +155,8 @@ pub struct Server {
     refusals: crate::sandbox::access::RefusalLog,
     /// When the next scan for timed-out frames is due.
     next_scan: Option<Instant>,
+    /// When the next watchdog keep-alive is due.
+    next_ping: Option<Instant>,
     /// Test builds only: panic at the first accept (RESERVD_TEST_LOOP_PANIC).
     #[cfg(all(feature = "test-hooks", debug_assertions))]
     panic_on_accept: bool,
@@ -180,12 +187,13 @@ impl Server {
             done_rx,
             shutdown: Arc::new(AtomicBool::new(false)),
             signals: None,
-            config,
             next_id: 1,
             in_flight: 0,
             buf: vec![0; DATA_SIZE],
             refusals: crate::sandbox::access::RefusalLog::new(),
             next_scan: None,
+            next_ping: config.watchdog.map(|_| Instant::now()),
+            config,
             #[cfg(all(feature = "test-hooks", debug_assertions))]
             panic_on_accept: std::env::var_os("RESERVD_TEST_LOOP_PANIC").is_some(),
         })
@@ -240,11 +248,14 @@ impl Server {
             }
             let r = match self.drain_deadline {
                 None => {
-                    let timeout = self
-                        .next_scan
-                        .map(|t| t.saturating_duration_since(Instant::now()));
+                    let due = match (self.next_scan, self.next_ping) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    let timeout = due.map(|t| t.saturating_duration_since(Instant::now()));
                     let r = self.poll_once(events, timeout);
                     self.expire_frames();
+                    self.ping_watchdog();
                     r
                 }
                 Some(deadline) => {
@@ -255,6 +266,7 @@ impl Server {
                     let left = deadline.saturating_duration_since(Instant::now());
                     let r = self.poll_once(events, Some(left.min(Duration::from_millis(200))));
                     self.close_finished();
+                    self.ping_watchdog();
                     r
                 }
             };
@@ -291,6 +303,18 @@ impl Server {
         }
         self.collect_completions();
         Ok(())
+    }
+
+    /// Tell systemd that the loop turns, once per watchdog interval.
+    fn ping_watchdog(&mut self) {
+        let (Some(interval), Some(due)) = (self.config.watchdog, self.next_ping) else {
+            return;
+        };
+        let now = Instant::now();
+        if now >= due {
+            crate::observe::notify::notify("WATCHDOG=1");
+            self.next_ping = Some(now + interval);
+        }
     }
 
     /// How often started frames are checked against the frame timeout.

@@ -1,10 +1,10 @@
-//! Detaching (`-d`) and telling whoever started reservd that it serves:
-//! the waiting parent of a daemonized reservd, or systemd (Type=notify).
+//! Detaching (`-d`), and telling the waiting parent of a daemonized
+//! reservd that it serves (systemd is told through
+//! [`crate::observe::notify`]).
 #![allow(unsafe_code)]
 
 use std::fs::File;
 use std::io::Write;
-use std::path::Path;
 
 use anyhow::Context;
 
@@ -92,33 +92,4 @@ fn detach_child() -> anyhow::Result<()> {
     nix::unistd::dup2_stdout(&null).context("failed to daemonize: dup2")?;
     nix::unistd::dup2_stderr(&null).context("failed to daemonize: dup2")?;
     Ok(())
-}
-
-/// Tell systemd the service is ready, when started as Type=notify, with
-/// a status line for `systemctl status`.
-pub fn notify_ready(status: &str) {
-    notify(&format!("READY=1\nSTATUS={status}"));
-}
-
-/// Send `message` (newline-separated `KEY=value` assignments) to systemd's
-/// notification socket, if there is one.
-pub fn notify(message: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let sock = match std::os::unix::net::UnixDatagram::unbound() {
-        Ok(s) => s,
-        Err(_) => return,
-    };
-    let bytes = path.as_encoded_bytes();
-    let r = if let Some(abs) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abs)
-            .and_then(|a| sock.send_to_addr(message.as_bytes(), &a))
-    } else {
-        sock.send_to(message.as_bytes(), Path::new(&path))
-    };
-    if let Err(e) = r {
-        log::warn!("cannot notify systemd: {e}");
-    }
 }

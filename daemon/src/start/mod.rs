@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::backend;
-use crate::observe::{audit, journal, logging, trace};
+use crate::observe::{audit, journal, logging, notify, trace};
 use crate::sandbox::{access, privs, seccomp};
 use crate::server;
 use cli::Cli;
@@ -100,7 +100,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             return Err(e);
         }
     };
-    daemonize::notify_ready(&status);
+    notify::notify_ready(&status);
     if let Some(d) = detached {
         d.ready();
     }
@@ -258,7 +258,7 @@ fn start(
                     timeout,
                     journal::stderr_is_journal(),
                 );
-                daemonize::notify(&format!("STATUS={}", serving_status(&loaded.summary)));
+                notify::notify(&format!("STATUS={}", serving_status(&loaded.summary)));
                 if loaded.multipath.is_some() {
                     loaded.log();
                 } else {
@@ -287,6 +287,7 @@ fn start(
         frame_timeout: (cli.frame_timeout > 0)
             .then(|| std::time::Duration::from_secs(cli.frame_timeout.into())),
         allow: access.allow.clone(),
+        watchdog: notify::watchdog_interval(),
         ..Default::default()
     };
     let server_allow = access.allow;
