@@ -603,6 +603,14 @@ fn units_listen_where_reservd_does_and_keep_devices_visible() {
     };
     assert!(after(&socket, "qemu-pr-helper.socket"));
     assert!(after(&service, "qemu-pr-helper.service"));
+    // The metrics socket reservdctl reads by default is in the only
+    // directory the service may write (ProtectSystem=strict).
+    let metrics = Path::new(reservd_client::metrics::DEFAULT_SOCKET);
+    assert_eq!(
+        metrics.parent().and_then(|d| d.strip_prefix("/run").ok()),
+        get(&service, "RuntimeDirectory").map(Path::new),
+        "reservdctl metrics' default socket and the service's RuntimeDirectory="
+    );
     // multipathd's abstract socket is in the host network namespace;
     // libmpathpersist opens /dev/mapper/control and the path devices.
     for k in [

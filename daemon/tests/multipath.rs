@@ -157,6 +157,22 @@ fn a_path_failing_under_the_library_while_it_registers_is_no_failure() {
         vec!["lib 6 on 1", "lib 6 on 2", "lib 6 on 2"]
     );
     assert_eq!(*sim.prkey.lock().unwrap(), Some(K));
+    // The metrics count both calls.
+    assert_eq!(
+        m.stats.library_counts(),
+        vec![
+            (
+                reservd_daemon::backend::multipath::stats::Call::ReserveOut,
+                "SUCCESS",
+                1
+            ),
+            (
+                reservd_daemon::backend::multipath::stats::Call::ReserveOut,
+                "FILE_ERROR",
+                1
+            ),
+        ]
+    );
 }
 
 #[test]
@@ -380,4 +396,192 @@ fn a_fenced_map_is_unregistered_for_its_guest() {
     // It may register again, ignoring the key.
     assert_eq!(out(&m, &sim, REGISTER_AND_IGNORE, 0, 0, K), ok());
     assert!(sim.registered(1) && sim.registered(2));
+}
+
+/// What the metrics read: libmpathpersist's return codes per call, and
+/// the route each PR OUT took.
+#[test]
+fn library_outcomes_and_routes_are_counted() {
+    use reservd_daemon::backend::multipath::stats::Call;
+    let sim = SimMap::new(2);
+    let m = multipath(&sim, Fixes::ALL);
+    assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+    assert_eq!(out(&m, &sim, RESERVE, 5, K, 0), ok());
+    // A registration with a wrong key: answered by reservd, nothing sent.
+    assert_eq!(out(&m, &sim, REGISTER, 0, OTHER, 0x1111), conflict());
+    // A RESERVE with one: down one path, the device refuses it.
+    assert_eq!(out(&m, &sim, RESERVE, 5, OTHER, 0), conflict());
+    assert_eq!(prin(&m, &sim, prin_sa::READ_KEYS).status, Status::GOOD);
+    assert_eq!(out(&m, &sim, RELEASE, 5, K, 0), ok());
+    let routes: Vec<(&str, u64)> = m
+        .stats
+        .route_counts()
+        .into_iter()
+        .filter(|r| r.1 > 0)
+        .collect();
+    assert_eq!(
+        routes,
+        vec![
+            ("answer", 1),
+            ("one_path", 1),
+            ("library", 1),
+            ("library_register", 1),
+            ("release_on_paths", 1)
+        ]
+    );
+    assert_eq!(
+        m.stats.library_counts(),
+        vec![
+            (Call::ReserveIn, "SUCCESS", 1),
+            (Call::ReserveOut, "SUCCESS", 2)
+        ]
+    );
+    // Registration checks are off unless the metrics turn them on.
+    assert!(m.stats.maps().is_empty());
+}
+
+/// With registration checks on, each PR OUT on a map is followed by one
+/// READ KEYS on the map, whose count says whether every active path holds
+/// the map's key; PR IN adds no command.
+#[test]
+fn a_pr_out_counts_the_maps_registrations() {
+    let sim = SimMap::new(2);
+    let mut m = multipath(&sim, Fixes::ALL);
+    m.registration_checks = true;
+    // Before any registration: no key, nothing lacking.
+    assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+    let check = |m: &Multipath| {
+        let maps = m.stats.maps();
+        assert_eq!(maps.len(), 1);
+        // The simulated LU is a regular file: the map is named by minor.
+        assert_eq!(
+            (maps[0].name.as_str(), maps[0].wwid.as_deref()),
+            ("dm-7", None)
+        );
+        maps[0].outcome.clone().unwrap()
+    };
+    let c = check(&m);
+    assert_eq!(
+        (
+            c.active_paths,
+            c.registered,
+            c.key_registrations,
+            c.paths_lacking_key()
+        ),
+        (2, true, 2, 0)
+    );
+    // Path 2's nexus loses its registration behind reservd's back: the
+    // next PR OUT finds one registration for two paths.
+    assert_eq!(sim.out(2, REGISTER, 0, K, 0), ok());
+    assert_eq!(out(&m, &sim, RESERVE, 5, K, 0), ok());
+    let c = check(&m);
+    assert_eq!((c.key_registrations, c.paths_lacking_key()), (1, 1));
+    // Path 2 fails: one active path, which holds the key.
+    sim.set_active(1, false);
+    assert_eq!(out(&m, &sim, RELEASE, 5, K, 0), ok());
+    let c = check(&m);
+    assert_eq!((c.active_paths, c.paths_lacking_key()), (1, 0));
+    sim.set_active(1, true);
+    // Unregistered: no key, nothing lacking.
+    assert_eq!(out(&m, &sim, REGISTER, 0, K, 0), ok());
+    let c = check(&m);
+    assert_eq!(
+        (c.registered, c.key_registrations, c.paths_lacking_key()),
+        (false, 0, 0)
+    );
+}
+
+/// Without multipathd the map's key is unknown: the check says it failed,
+/// and the command's answer is what it was.
+#[test]
+fn a_registration_count_that_cannot_be_taken_is_a_failed_check() {
+    let mut sim = SimMap::new(2);
+    Arc::get_mut(&mut sim).unwrap().multipathd_up = false;
+    let mut m = multipath(&sim, Fixes::ALL);
+    m.registration_checks = true;
+    let r = out(&m, &sim, RELEASE, 5, K, 0);
+    assert_eq!(r, ok());
+    let maps = m.stats.maps();
+    assert_eq!(maps.len(), 1);
+    assert!(
+        maps[0].outcome.as_ref().unwrap_err().contains("multipathd"),
+        "{:?}",
+        maps[0].outcome
+    );
+}
+
+/// The map's devices, counting the commands reservd sends itself.
+struct Counting {
+    sim: Arc<SimMap>,
+    runs: std::sync::atomic::AtomicUsize,
+}
+
+impl MapDevices for Counting {
+    fn map_key(&self, minor: u32) -> Result<Option<u64>, String> {
+        self.sim.map_key(minor)
+    }
+    fn active_paths(
+        &self,
+        map: std::os::fd::BorrowedFd<'_>,
+    ) -> std::io::Result<Vec<std::path::PathBuf>> {
+        self.sim.active_paths(map)
+    }
+    fn run(
+        &self,
+        via: reservd_daemon::backend::multipath::Via<'_>,
+        cdb: &[u8; 10],
+        params: &[u8],
+    ) -> Answer {
+        self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.sim.run(via, cdb, params)
+    }
+    fn suspend(&self, map: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+        self.sim.suspend(map)
+    }
+    fn resume(&self, map: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+        self.sim.resume(map)
+    }
+}
+
+/// The registration count costs one command after a PR OUT (READ KEYS on
+/// the map), and none at all after a PR IN.
+#[test]
+fn the_registration_count_adds_one_read_keys_to_pr_out_only() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let sim = SimMap::new(2);
+    let devices = Arc::new(Counting {
+        sim: Arc::clone(&sim),
+        runs: Default::default(),
+    });
+    let mut m = Multipath::new(
+        Arc::clone(&sim) as Arc<dyn PersistLib>,
+        Arc::clone(&devices) as Arc<dyn MapDevices>,
+        Multipathd::from_env_value(Some("/nonexistent/reservd-test/multipathd.socket")),
+        Diagnostics::default(),
+        Fixes::ALL,
+        1000,
+    );
+    assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+    let sent = |f: &dyn Fn(&Multipath)| {
+        let before = devices.runs.load(SeqCst);
+        f(&m);
+        devices.runs.load(SeqCst) - before
+    };
+    let reserve = |m: &Multipath| assert_eq!(out(m, &sim, RESERVE, 5, K, 0), ok());
+    let release = |m: &Multipath| assert_eq!(out(m, &sim, RELEASE, 5, K, 0), ok());
+    let read = |m: &Multipath| {
+        for sa in [prin_sa::READ_KEYS, prin_sa::READ_RESERVATION] {
+            assert_eq!(prin(m, &sim, sa).status, Status::GOOD);
+        }
+    };
+    let off = (sent(&reserve), sent(&read), sent(&release));
+    m.registration_checks = true;
+    let sent = |f: &dyn Fn(&Multipath)| {
+        let before = devices.runs.load(SeqCst);
+        f(&m);
+        devices.runs.load(SeqCst) - before
+    };
+    let on = (sent(&reserve), sent(&read), sent(&release));
+    assert_eq!(on, (off.0 + 1, off.1, off.2 + 1), "off {off:?}, on {on:?}");
+    assert_eq!(off.1, 0, "PR IN goes through the library alone");
 }

@@ -12,6 +12,18 @@ pub mod prin_sa {
     pub const READ_RESERVATION: u8 = 0x01;
     pub const REPORT_CAPABILITIES: u8 = 0x02;
     pub const READ_FULL_STATUS: u8 = 0x03;
+
+    /// The service action's name, as reservd's metrics label it
+    /// (`READ_KEYS`), or `UNKNOWN`.
+    pub fn name(sa: u8) -> &'static str {
+        match sa {
+            READ_KEYS => "READ_KEYS",
+            READ_RESERVATION => "READ_RESERVATION",
+            REPORT_CAPABILITIES => "REPORT_CAPABILITIES",
+            READ_FULL_STATUS => "READ_FULL_STATUS",
+            _ => "UNKNOWN",
+        }
+    }
 }
 
 /// PR OUT service actions.
@@ -25,6 +37,23 @@ pub mod prout_sa {
     pub const REGISTER_AND_IGNORE: u8 = 0x06;
     pub const REGISTER_AND_MOVE: u8 = 0x07;
     pub const REPLACE_LOST_RESERVATION: u8 = 0x08;
+
+    /// The service action's name, as the audit trail and the metrics
+    /// give it (`REGISTER_AND_IGNORE`), or `UNKNOWN`.
+    pub fn name(sa: u8) -> &'static str {
+        match sa {
+            REGISTER => "REGISTER",
+            RESERVE => "RESERVE",
+            RELEASE => "RELEASE",
+            CLEAR => "CLEAR",
+            PREEMPT => "PREEMPT",
+            PREEMPT_AND_ABORT => "PREEMPT_AND_ABORT",
+            REGISTER_AND_IGNORE => "REGISTER_AND_IGNORE",
+            REGISTER_AND_MOVE => "REGISTER_AND_MOVE",
+            REPLACE_LOST_RESERVATION => "REPLACE_LOST_RESERVATION",
+            _ => "UNKNOWN",
+        }
+    }
 }
 
 /// Persistent reservation types (SPC-4 table 219).
@@ -139,6 +168,38 @@ pub fn pad16(cdb: &[u8]) -> [u8; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_action_names() {
+        let prin: Vec<&str> = (0..5).map(prin_sa::name).collect();
+        assert_eq!(
+            prin,
+            [
+                "READ_KEYS",
+                "READ_RESERVATION",
+                "REPORT_CAPABILITIES",
+                "READ_FULL_STATUS",
+                "UNKNOWN"
+            ]
+        );
+        let prout: Vec<&str> = (0..10).map(prout_sa::name).collect();
+        assert_eq!(
+            prout,
+            [
+                "REGISTER",
+                "RESERVE",
+                "RELEASE",
+                "CLEAR",
+                "PREEMPT",
+                "PREEMPT_AND_ABORT",
+                "REGISTER_AND_IGNORE",
+                "REGISTER_AND_MOVE",
+                "REPLACE_LOST_RESERVATION",
+                "UNKNOWN"
+            ]
+        );
+        assert_eq!(prout_sa::name(0x1f), "UNKNOWN");
+    }
 
     #[test]
     fn prin_read_keys_golden() {

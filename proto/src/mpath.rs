@@ -26,6 +26,36 @@ pub const RETRYABLE_ERROR: i32 = 16;
 /// From multipath-tools 0.13, "internal only".
 pub const SUCCESS_UNREGISTER: i32 = 17;
 
+/// The codes [`name`] knows, from [`SKIP`] to [`SUCCESS_UNREGISTER`].
+pub const CODES: std::ops::RangeInclusive<i32> = SKIP..=SUCCESS_UNREGISTER;
+
+/// A return code's name without its `MPATH_PR_` prefix (`DMMP_ERROR`), or
+/// `UNKNOWN` (0.9.4 returns -1 when SG_IO fails: `SKIP`'s value).
+pub fn name(code: i32) -> &'static str {
+    match code {
+        SKIP => "SKIP",
+        SUCCESS => "SUCCESS",
+        SYNTAX_ERROR => "SYNTAX_ERROR",
+        SENSE_NOT_READY => "SENSE_NOT_READY",
+        SENSE_MEDIUM_ERROR => "SENSE_MEDIUM_ERROR",
+        SENSE_HARDWARE_ERROR => "SENSE_HARDWARE_ERROR",
+        ILLEGAL_REQ => "ILLEGAL_REQ",
+        SENSE_UNIT_ATTENTION => "SENSE_UNIT_ATTENTION",
+        SENSE_INVALID_OP => "SENSE_INVALID_OP",
+        SENSE_ABORTED_COMMAND => "SENSE_ABORTED_COMMAND",
+        NO_SENSE => "NO_SENSE",
+        SENSE_MALFORMED => "SENSE_MALFORMED",
+        RESERV_CONFLICT => "RESERV_CONFLICT",
+        FILE_ERROR => "FILE_ERROR",
+        DMMP_ERROR => "DMMP_ERROR",
+        THREAD_ERROR => "THREAD_ERROR",
+        OTHER => "OTHER",
+        RETRYABLE_ERROR => "RETRYABLE_ERROR",
+        SUCCESS_UNREGISTER => "SUCCESS_UNREGISTER",
+        _ => "UNKNOWN",
+    }
+}
+
 /// The answer the guest sees for a libmpathpersist return code:
 /// qemu-pr-helper's table (`mpath_reconstruct_sense`), but for unknown
 /// codes, which are failures.
@@ -70,6 +100,22 @@ pub fn wants_tur(code: i32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn code_names() {
+        assert_eq!(name(SUCCESS), "SUCCESS");
+        assert_eq!(name(DMMP_ERROR), "DMMP_ERROR");
+        assert_eq!(name(SKIP), "SKIP");
+        assert_eq!(name(SUCCESS_UNREGISTER), "SUCCESS_UNREGISTER");
+        assert_eq!(name(-22), "UNKNOWN");
+        assert_eq!(name(18), "UNKNOWN");
+        // Every code of the range has its own name.
+        let mut names: Vec<&str> = CODES.map(name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), CODES.count());
+        assert!(!names.contains(&"UNKNOWN"));
+    }
 
     #[test]
     fn mpath_return_code_table() {

@@ -233,6 +233,39 @@ pub enum Route {
     ChangeKeyHolding { old: u64 },
 }
 
+impl Route {
+    /// Every route's name, in the order of [`Route::index`].
+    pub const NAMES: [&'static str; 8] = [
+        "answer",
+        "one_path",
+        "library",
+        "library_register",
+        "release_on_paths",
+        "release_then_unregister",
+        "preempt_own_paths",
+        "change_key_holding",
+    ];
+
+    /// The route's place in [`Route::NAMES`].
+    pub fn index(&self) -> usize {
+        match self {
+            Route::Answer(_) => 0,
+            Route::OnePath => 1,
+            Route::Library => 2,
+            Route::LibraryRegister => 3,
+            Route::ReleaseOnPaths => 4,
+            Route::ReleaseThenUnregister => 5,
+            Route::PreemptOwnPaths => 6,
+            Route::ChangeKeyHolding { .. } => 7,
+        }
+    }
+
+    /// The route's name, as reservd's metrics label it.
+    pub fn name(&self) -> &'static str {
+        Route::NAMES[self.index()]
+    }
+}
+
 fn conflict() -> Answer {
     Answer::status(Status::RESERVATION_CONFLICT)
 }
@@ -403,6 +436,26 @@ pub fn full_status_as_one(data: &[u8], own: u64) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn route_names() {
+        let routes = [
+            Route::Answer(conflict()),
+            Route::OnePath,
+            Route::Library,
+            Route::LibraryRegister,
+            Route::ReleaseOnPaths,
+            Route::ReleaseThenUnregister,
+            Route::PreemptOwnPaths,
+            Route::ChangeKeyHolding { old: 1 },
+        ];
+        let names: Vec<&str> = routes.iter().map(Route::name).collect();
+        assert_eq!(names, Route::NAMES);
+        assert_eq!(
+            Route::ChangeKeyHolding { old: 7 }.name(),
+            "change_key_holding"
+        );
+    }
     use crate::cdb::pr_type::*;
     use crate::cdb::prout_sa::*;
 

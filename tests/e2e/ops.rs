@@ -1,6 +1,8 @@
 //! Guest scenarios for the operator tools: `reservdctl status` (per-path
-//! keys, verdict, `--repair`), `reservdctl check`, and reservd's audit
-//! trail, on the test bed's two-path multipath map.
+//! keys, verdict, `--repair`), `reservdctl check`, reservd's audit trail,
+//! its metrics (`--metrics-socket`, `--metrics-file`, `reservdctl
+//! metrics`) and `reservdctl validate`, on the test bed's two-path
+//! multipath map.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -11,8 +13,8 @@ use reservd_proto::cdb::{prin_sa, prout_sa};
 use reservd_testkit::spawn::{Daemon, Ready};
 
 use crate::guest::{
-    device_keys, env, expect_good, keys, mp_paths, past_ua, pr_in, pr_out, reservd, reset_lun,
-    sg_persist, Scenario, TestResult,
+    device_keys, device_reservation, env, expect_good, keys, mp_paths, past_ua, pr_in, pr_out,
+    reservd, reset_lun, sg_persist, Scenario, TestResult,
 };
 
 macro_rules! check {
@@ -42,6 +44,18 @@ pub fn scenarios() -> Vec<Scenario> {
         (
             "ops_library_messages_reach_reservds_log_at_their_level",
             ops_library_messages_reach_reservds_log_at_their_level,
+        ),
+        (
+            "ops_metrics_count_the_commands_on_the_map",
+            ops_metrics_count_the_commands_on_the_map,
+        ),
+        (
+            "ops_validate_passes_on_a_clean_map",
+            ops_validate_passes_on_a_clean_map,
+        ),
+        (
+            "ops_validate_refuses_a_map_another_node_holds",
+            ops_validate_refuses_a_map_another_node_holds,
         ),
         // Last: multipathd may re-register the key when the path returns.
         (
@@ -622,4 +636,458 @@ fn ops_status_offline_path_is_not_counted() -> TestResult {
         "verdict"
     );
     Ok(())
+}
+
+/// The map's LU empty (CLEAR through reservd) and multipathd without a key
+/// for the map, as before it goes live.
+fn clean_map(c: &mut reservd_client::client::Client) -> TestResult {
+    use reservd_daemon::backend::multipath::multipathd::{clear_map_keys, Multipathd};
+    use std::os::unix::fs::MetadataExt;
+    reset_lun(c, &mp_dev())?;
+    let dm = std::fs::metadata(env("RESERVD_MP_DM")).map_err(|e| e.to_string())?;
+    let minor = libc::minor(dm.rdev());
+    let mut conn = Multipathd::from_env()
+        .with_timeout(Duration::from_secs(20))
+        .connect()
+        .map_err(|e| format!("multipathd: {e}"))?;
+    clear_map_keys(&mut conn, minor).map_err(|e| format!("multipathd: {e}"))?;
+    check!(map_key()?.is_none(), "multipathd keeps a key for the map");
+    Ok(())
+}
+
+/// The key multipathd holds for the map.
+fn map_key() -> Result<Option<u64>, String> {
+    use reservd_daemon::backend::multipath::multipathd::Multipathd;
+    let r = Multipathd::from_env()
+        .with_timeout(Duration::from_secs(20))
+        .connect()
+        .and_then(|mut c| c.command(&format!("getprkey map {}", env("RESERVD_MP_ALIAS"))))
+        .map_err(|e| format!("multipathd: {e}"))?;
+    reservd_client::pathcheck::parse_getprkey(&r)
+}
+
+/// The samples on reservd's metrics socket.
+fn metrics(socket: &Path) -> Result<Vec<reservd_client::metrics::Sample>, String> {
+    let text = reservd_client::metrics::fetch(socket, Duration::from_secs(10))
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    reservd_client::metrics::parse(&text)
+}
+
+/// The value of `name` with `labels`, summed over the samples that have
+/// them.
+fn value(s: &[reservd_client::metrics::Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    reservd_client::metrics::sum(s, name, labels)
+}
+
+/// reservd with its metrics on a socket and in a file: a few commands on
+/// the map give exactly those counts, the verdict after each PR OUT says
+/// whether every path holds the map's key, and the file has what the
+/// socket has.
+fn ops_metrics_count_the_commands_on_the_map() -> TestResult {
+    let dir = Scratch::new("metrics")?;
+    let msock = dir.join("m.sock");
+    let file = dir.join("reservd.prom");
+    let d = reservd(
+        "reservd-ops-metrics",
+        &[
+            "--metrics-socket",
+            msock.to_str().unwrap(),
+            "--metrics-file",
+            file.to_str().unwrap(),
+            "--metrics-interval",
+            "1",
+        ],
+    )?;
+    let dev = mp_dev();
+    let (p1, p2) = mp_paths();
+    let alias = env("RESERVD_MP_ALIAS");
+    let wwid = env("RESERVD_MP_WWID");
+    let mut c = d.client()?;
+    clean_map(&mut c)?;
+    // Unit attentions settled: each command below is sent once.
+    let _ = past_ua(|| pr_in(&mut c, &dev, prin_sa::READ_KEYS, 8192))?;
+    let before = metrics(&msock)?;
+    for _ in 0..3 {
+        expect_good(&pr_in(&mut c, &dev, prin_sa::READ_KEYS, 8192)?, "READ KEYS")?;
+    }
+    expect_good(
+        &pr_out(&mut c, &dev, prout_sa::REGISTER, 0, &keys(0, KEY))?,
+        "REGISTER",
+    )?;
+    let map = [("map", alias.as_str()), ("wwid", wwid.as_str())];
+    let gauges = |s: &[reservd_client::metrics::Sample]| {
+        [
+            "reservd_map_check_success",
+            "reservd_map_active_paths",
+            "reservd_map_registered",
+            "reservd_map_key_registrations",
+            "reservd_map_paths_lacking_key",
+        ]
+        .map(|n| value(s, n, &map))
+    };
+    let registered = metrics(&msock)?;
+    check!(
+        gauges(&registered) == [1.0, 2.0, 1.0, 2.0, 0.0],
+        "after REGISTER: {:?}",
+        gauges(&registered)
+    );
+    let took = value(&registered, "reservd_map_check_duration_seconds", &map);
+    check!(
+        took > 0.0 && took < 10.0,
+        "the count after REGISTER took {took} s"
+    );
+    // Path 2's nexus loses its registration behind reservd's back; the
+    // next PR OUT finds the map's key once for two paths. (A REGISTER
+    // with a wrong key: reservd answers it without a command, which the
+    // path without the key would refuse.)
+    unregister_path(&p2)?;
+    let r = pr_out(&mut c, &dev, prout_sa::REGISTER, 0, &keys(0x9999, 0x1111))?;
+    check!(
+        r.status.0 == 0x18,
+        "REGISTER with a wrong key: {}",
+        reservd_client::report::answer_text(&r)
+    );
+    let lacking = metrics(&msock)?;
+    check!(
+        gauges(&lacking) == [1.0, 2.0, 1.0, 1.0, 1.0],
+        "after a PR OUT with path 2 unregistered: {:?}",
+        gauges(&lacking)
+    );
+    // Back on path 2; reserve, release and unregister through reservd.
+    sg_persist(
+        &[
+            "--out",
+            "--register",
+            "--param-rk=0",
+            &format!("--param-sark={KEY:#x}"),
+        ],
+        &p2,
+    )?;
+    expect_good(
+        &pr_out(&mut c, &dev, prout_sa::RESERVE, 5, &keys(KEY, 0))?,
+        "RESERVE",
+    )?;
+    expect_good(
+        &pr_out(&mut c, &dev, prout_sa::RELEASE, 5, &keys(KEY, 0))?,
+        "RELEASE",
+    )?;
+    expect_good(
+        &pr_out(&mut c, &dev, prout_sa::REGISTER, 0, &keys(KEY, 0))?,
+        "unregister",
+    )?;
+    check!(device_keys(&p1)?.is_empty(), "keys left");
+    let after = metrics(&msock)?;
+    check!(
+        gauges(&after) == [1.0, 2.0, 0.0, 0.0, 0.0],
+        "after the unregistration: {:?}",
+        gauges(&after)
+    );
+    let delta = |name: &str, labels: &[(&str, &str)]| {
+        value(&after, name, labels) - value(&before, name, labels)
+    };
+    let mp = ("backend", "multipath");
+    let good = ("status", "GOOD");
+    for (sa, want) in [
+        ("READ_KEYS", 3.0),
+        ("REGISTER", 2.0),
+        ("RESERVE", 1.0),
+        ("RELEASE", 1.0),
+    ] {
+        let got = delta(
+            "reservd_commands_total",
+            &[("service_action", sa), good, mp],
+        );
+        check!(got == want, "{sa}: {got} commands counted, {want} sent");
+    }
+    let conflicts = delta(
+        "reservd_commands_total",
+        &[
+            ("service_action", "REGISTER"),
+            ("status", "RESERVATION_CONFLICT"),
+            mp,
+        ],
+    );
+    check!(
+        conflicts == 1.0,
+        "{conflicts} conflicts counted, 1 answered"
+    );
+    check!(
+        delta("reservd_commands_total", &[]) == 8.0,
+        "8 commands in all: {}",
+        delta("reservd_commands_total", &[])
+    );
+    check!(
+        delta(
+            "reservd_command_duration_seconds_count",
+            &[("command", "PR_OUT"), mp]
+        ) == 5.0,
+        "5 PR OUT timed"
+    );
+    check!(
+        delta(
+            "reservd_multipath_library_calls_total",
+            &[("call", "reserve_in"), ("result", "SUCCESS")]
+        ) == 3.0,
+        "one library call per READ KEYS"
+    );
+    check!(
+        delta("reservd_multipath_routes_total", &[]) == 5.0,
+        "one route per PR OUT"
+    );
+    for (name, want) in [
+        ("reservd_multipath_active", 1.0),
+        ("reservd_connections_open", 1.0),
+        ("reservd_commands_in_flight", 0.0),
+        ("reservd_commands_hung", 0.0),
+        ("reservd_connections_protocol_errors_total", 0.0),
+    ] {
+        check!(
+            value(&after, name, &[]) == want,
+            "{name}: {}",
+            value(&after, name, &[])
+        );
+    }
+    // reservdctl metrics shows the same, as text and as JSON.
+    let sock = msock.to_str().unwrap();
+    let o = reservdctl(&["metrics", "--metrics-socket", sock], Stdio::null())?;
+    check!(o.status.code() == Some(0), "exit status {}", o.status);
+    let text = stdout(&o);
+    let rk = value(
+        &after,
+        "reservd_commands_total",
+        &[("service_action", "READ_KEYS"), good, mp],
+    );
+    check!(
+        text.contains(&format!(
+            "reservd_commands_total{{command=\"PR_IN\",service_action=\"READ_KEYS\",\
+             status=\"GOOD\",backend=\"multipath\"}} {rk}\n"
+        )),
+        "text: {text}"
+    );
+    let o = reservdctl(
+        &["--json", "metrics", "--metrics-socket", sock],
+        Stdio::null(),
+    )?;
+    let j: serde_json::Value =
+        serde_json::from_str(&stdout(&o)).map_err(|e| format!("JSON: {e}"))?;
+    check!(
+        j.as_array().is_some_and(|a| a
+            .iter()
+            .any(|s| s["name"] == "reservd_map_paths_lacking_key"
+                && s["labels"]["map"] == alias.as_str()
+                && s["value"] == 0.0)),
+        "JSON: {j}"
+    );
+    // The file has the same counts within an interval or two.
+    let in_file = reservd_testkit::spawn::wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|t| reservd_client::metrics::parse(&t).ok())
+            .is_some_and(|s| {
+                value(&s, "reservd_commands_total", &[])
+                    == value(&after, "reservd_commands_total", &[])
+            })
+    });
+    check!(in_file, "the file: {:?}", std::fs::read_to_string(&file));
+    drop(c);
+    drop(d);
+    check!(
+        !file.exists() && !msock.exists(),
+        "the metrics file and socket are removed at exit"
+    );
+    Ok(())
+}
+
+/// sg_persist on node 2's own nexus to the map's LU (past a unit
+/// attention).
+fn node2(args: &[&str]) -> Result<String, String> {
+    let dev = PathBuf::from(env("RESERVD_N2_MP_DEV"));
+    sg_persist(args, &dev).or_else(|_| sg_persist(args, &dev))
+}
+
+const NODE2_KEY: u64 = 0xb2;
+
+fn validate_json(o: &Output) -> Result<serde_json::Value, String> {
+    serde_json::from_str(&stdout(o)).map_err(|e| format!("JSON: {e}: {}", stdout(o)))
+}
+
+/// Nothing of a validate run left: no registration but `keys`, no
+/// reservation but `reservation`, no key in multipathd, both paths in use.
+fn left_as(keys: &[u64], reservation: Option<u64>) -> TestResult {
+    let (p1, p2) = mp_paths();
+    let mut k = device_keys(&p1)?;
+    k.sort_unstable();
+    check!(k == keys, "keys {k:x?}, want {keys:x?}");
+    check!(
+        device_reservation(&p1)?.map(|r| r.0) == reservation,
+        "reservation {:?}",
+        device_reservation(&p1)?
+    );
+    check!(map_key()?.is_none(), "multipathd holds a key for the map");
+    for p in [&p1, &p2] {
+        let state = std::fs::read_to_string(format!("/sys/block/{}/device/state", name(p)))
+            .map_err(|e| e.to_string())?;
+        check!(state.trim() == "running", "{}: {state}", name(p));
+    }
+    Ok(())
+}
+
+/// A map nobody uses passes every check, with and without a path
+/// failing over, and is left as it was.
+fn ops_validate_passes_on_a_clean_map() -> TestResult {
+    let d = reservd("reservd-ops-validate", &[])?;
+    let mut c = d.client()?;
+    clean_map(&mut c)?;
+    let sock = d.socket.to_str().unwrap().to_string();
+    let dev = mp_dev();
+    let dev = dev.to_str().unwrap();
+    let o = reservdctl(&["-k", &sock, "validate", dev], Stdio::null())?;
+    let t = stdout(&o);
+    check!(o.status.code() == Some(0), "exit status {}", o.status);
+    for name in reservd_client::validate::check_names(false) {
+        check!(
+            t.lines()
+                .any(|l| l.starts_with("  PASS ") && l.contains(&format!(" {name} "))),
+            "{name} passed"
+        );
+    }
+    check!(
+        t.contains(&format!(
+            "Validating {dev} (map {}",
+            env("RESERVD_MP_ALIAS")
+        )) && t.ends_with("Verdict: PASSED (9 checks passed)\n"),
+        "text"
+    );
+    left_as(&[], None)?;
+    let (p1, _) = mp_paths();
+    let o = reservdctl(
+        &[
+            "-k",
+            &sock,
+            "--json",
+            "validate",
+            dev,
+            "--with-failover",
+            "--failover-path",
+            &name(&p1),
+        ],
+        Stdio::null(),
+    )?;
+    check!(o.status.code() == Some(0), "exit status {}", o.status);
+    let j = validate_json(&o)?;
+    let checks = j["checks"].as_array().ok_or("no checks")?;
+    let names: Vec<&str> = checks.iter().filter_map(|c| c["name"].as_str()).collect();
+    check!(
+        names == reservd_client::validate::check_names(true),
+        "checks {names:?}"
+    );
+    check!(
+        checks.iter().all(|c| c["result"] == "pass") && j["verdict"] == "passed",
+        "JSON: {j}"
+    );
+    check!(
+        checks[8]["detail"].as_str().is_some_and(
+            |d| d.starts_with(&format!("{} set offline; multipathd failed it", name(&p1)))
+        ),
+        "{}",
+        checks[8]
+    );
+    left_as(&[], None)
+}
+
+/// A map another node registered and reserved is refused and left alone;
+/// with its key expected and --force, the checks that touch no
+/// reservation run, and its reservation stays.
+fn ops_validate_refuses_a_map_another_node_holds() -> TestResult {
+    let d = reservd("reservd-ops-validate", &[])?;
+    let mut c = d.client()?;
+    clean_map(&mut c)?;
+    drop(c);
+    node2(&[
+        "--out",
+        "--register",
+        &format!("--param-sark={NODE2_KEY:#x}"),
+    ])?;
+    node2(&[
+        "--out",
+        "--reserve",
+        &format!("--param-rk={NODE2_KEY:#x}"),
+        "--prout-type=5",
+    ])?;
+    let result = (|| -> TestResult {
+        let sock = d.socket.to_str().unwrap().to_string();
+        let dev = mp_dev();
+        let dev = dev.to_str().unwrap();
+        let o = reservdctl(
+            &["-k", &sock, "validate", dev, "--with-failover"],
+            Stdio::null(),
+        )?;
+        let t = stdout(&o);
+        check!(o.status.code() == Some(6), "exit status {}", o.status);
+        check!(
+            t.contains("  REFUSED  preflight")
+                && t.contains("nobody said to expect: 0xb2")
+                && t.ends_with("Verdict: REFUSED (the LU is in use; nothing was changed)\n"),
+            "text"
+        );
+        left_as(&[NODE2_KEY], Some(NODE2_KEY))?;
+        let o = reservdctl(
+            &[
+                "-k",
+                &sock,
+                "--json",
+                "validate",
+                dev,
+                "--expect-key",
+                "0xb2",
+            ],
+            Stdio::null(),
+        )?;
+        check!(o.status.code() == Some(6), "exit status {}", o.status);
+        let j = validate_json(&o)?;
+        check!(
+            j["verdict"] == "refused"
+                && j["checks"][0]["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("holds a reservation (type 5, key 0xb2)")),
+            "JSON: {j}"
+        );
+        let o = reservdctl(
+            &[
+                "-k",
+                &sock,
+                "--json",
+                "validate",
+                dev,
+                "--expect-key",
+                "0xb2",
+                "--force",
+            ],
+            Stdio::null(),
+        )?;
+        check!(o.status.code() == Some(0), "exit status {}", o.status);
+        let j = validate_json(&o)?;
+        let results: Vec<(String, String)> = j["checks"]
+            .as_array()
+            .ok_or("no checks")?
+            .iter()
+            .map(|c| {
+                (
+                    c["name"].as_str().unwrap_or("").to_string(),
+                    c["result"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        for (n, r) in &results {
+            let want = if n.contains("reserv") || n.contains("release") {
+                "skip"
+            } else {
+                "pass"
+            };
+            check!(r == want, "{n}: {r}, want {want}");
+        }
+        left_as(&[NODE2_KEY], Some(NODE2_KEY))
+    })();
+    node2(&["--out", "--clear", &format!("--param-rk={NODE2_KEY:#x}")])?;
+    result
 }

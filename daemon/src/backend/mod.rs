@@ -69,6 +69,25 @@ impl fmt::Display for BackendError {
 
 impl std::error::Error for BackendError {}
 
+/// Which backend ran a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// SG_IO on the client's fd.
+    SgIo,
+    /// The multipath side: libmpathpersist and the map's paths.
+    Multipath,
+}
+
+impl BackendKind {
+    /// The name the audit trail and the metrics give it.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::SgIo => "sgio",
+            BackendKind::Multipath => "multipath",
+        }
+    }
+}
+
 pub trait PrBackend: Send + Sync {
     /// Execute `cmd` (opcode 0x5E, 0x5F, or 0xFF when CLEANUP is enabled).
     fn execute(&self, cmd: &Command<'_>) -> Result<Answer, BackendError>;

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use super::dm::{DmControl, MapKind};
 use super::multipath::{Loader, Multipath};
 use super::sgio::SgIo;
-use super::{BackendError, Command, PrBackend};
+use super::{BackendError, BackendKind, Command, PrBackend};
 use reservd_proto::sense::Answer;
 
 /// Tells whether an fd is a multipath map.
@@ -87,18 +87,28 @@ impl Router {
     pub fn multipath_active(&self) -> bool {
         matches!(self.mpath.get(), Some(Some(_)))
     }
+
+    /// The multipath side, if it is loaded (without loading it).
+    pub fn multipath(&self) -> Option<&Multipath> {
+        self.mpath.get().and_then(Option::as_ref)
+    }
+
+    /// Run `cmd` on the backend its fd needs; also says which one ran it.
+    pub fn execute_routed(&self, cmd: &Command<'_>) -> (Result<Answer, BackendError>, BackendKind) {
+        if let Some(probe) = &self.probe {
+            if let MapKind::Multipath { minor } = probe.probe(cmd.fd) {
+                if let Some(m) = self.load_multipath() {
+                    return (m.execute(cmd, minor), BackendKind::Multipath);
+                }
+            }
+        }
+        (self.sgio.execute(cmd), BackendKind::SgIo)
+    }
 }
 
 impl PrBackend for Router {
     fn execute(&self, cmd: &Command<'_>) -> Result<Answer, BackendError> {
-        if let Some(probe) = &self.probe {
-            if let MapKind::Multipath { minor } = probe.probe(cmd.fd) {
-                if let Some(m) = self.load_multipath() {
-                    return m.execute(cmd, minor);
-                }
-            }
-        }
-        self.sgio.execute(cmd)
+        self.execute_routed(cmd).0
     }
 }
 

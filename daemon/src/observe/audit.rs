@@ -29,22 +29,6 @@ use reservd_proto::cdb::{prout_sa, PERSISTENT_RESERVE_OUT};
 use reservd_proto::sense::{Answer, SenseCode, Status};
 use reservd_proto::wire::OP_CLEANUP;
 
-/// The name of a PR OUT service action.
-pub fn prout_sa_name(sa: u8) -> &'static str {
-    match sa {
-        prout_sa::REGISTER => "REGISTER",
-        prout_sa::RESERVE => "RESERVE",
-        prout_sa::RELEASE => "RELEASE",
-        prout_sa::CLEAR => "CLEAR",
-        prout_sa::PREEMPT => "PREEMPT",
-        prout_sa::PREEMPT_AND_ABORT => "PREEMPT_AND_ABORT",
-        prout_sa::REGISTER_AND_IGNORE => "REGISTER_AND_IGNORE",
-        prout_sa::REGISTER_AND_MOVE => "REGISTER_AND_MOVE",
-        prout_sa::REPLACE_LOST_RESERVATION => "REPLACE_LOST_RESERVATION",
-        _ => "UNKNOWN",
-    }
-}
-
 /// What the device behind a client's fd is, as far as sysfs tells.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DeviceInfo {
@@ -114,7 +98,7 @@ impl Record {
     }
 
     pub fn sa_name(&self) -> &'static str {
-        self.service_action.map_or("CLEANUP", prout_sa_name)
+        self.service_action.map_or("CLEANUP", prout_sa::name)
     }
 
     pub fn status_text(&self) -> String {

@@ -7,5 +7,6 @@
 pub mod audit;
 pub mod journal;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod trace;

@@ -158,6 +158,10 @@ fn plain_syscalls() -> Vec<i64> {
         libc::SYS_mkdirat,
         // The socket file is removed at exit.
         libc::SYS_unlinkat,
+        // --metrics-file: the new text is written to a temporary file,
+        // made readable by the collector (0644) and renamed over the file.
+        libc::SYS_fchmod,
+        libc::SYS_renameat2,
         // Memory.
         libc::SYS_brk,
         libc::SYS_mmap,
@@ -256,6 +260,8 @@ fn plain_syscalls() -> Vec<i64> {
         libc::SYS_access,
         libc::SYS_readlink,
         libc::SYS_unlink,
+        libc::SYS_rename,
+        libc::SYS_renameat,
         libc::SYS_mkdir,
         libc::SYS_alarm,
         libc::SYS_dup2,

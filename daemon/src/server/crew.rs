@@ -56,6 +56,9 @@ pub trait Loop: Send + 'static {
     /// Makes a turn waiting for events return: called when a command ended
     /// while another thread had the loop.
     fn waker(&self) -> Arc<dyn Fn() + Send + Sync>;
+    /// Another thread takes the loop over from a thread that is running a
+    /// command (a rescue); told before its next turn.
+    fn taken_over(&mut self) {}
 }
 
 pub enum Turn<T> {
@@ -289,8 +292,9 @@ fn take_loop<'a, L: Loop>(
     shared: &'a Arc<Shared<L>>,
     mut st: MutexGuard<'a, State<L>>,
 ) -> MutexGuard<'a, State<L>> {
-    let lp = st.down.take().expect("the loop is down");
+    let mut lp = st.down.take().expect("the loop is down");
     shared.disarm(&mut st);
+    lp.taken_over();
     lead(shared, st, lp)
 }
 
@@ -625,6 +629,63 @@ mod tests {
             waited < 2 * r + Duration::from_millis(300),
             "rescued only after {waited:?}"
         );
+    }
+
+    /// A loop that counts its rescues, fed like [`Fed`].
+    struct Counted {
+        fed: Fed,
+        rescues: Arc<AtomicUsize>,
+    }
+
+    impl Loop for Counted {
+        type Output = &'static str;
+        fn turn(&mut self) -> Turn<&'static str> {
+            self.fed.turn()
+        }
+        fn waker(&self) -> Arc<dyn Fn() + Send + Sync> {
+            self.fed.waker()
+        }
+        fn taken_over(&mut self) {
+            self.rescues.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn the_loop_is_told_of_each_rescue_and_only_of_those() {
+        let (tx, rx) = channel();
+        let rescues = Arc::new(AtomicUsize::new(0));
+        let lp = Counted {
+            fed: Fed {
+                rx,
+                turns: Arc::new(AtomicUsize::new(0)),
+                turn_thread: Arc::new(Mutex::new(None)),
+            },
+            rescues: Arc::clone(&rescues),
+        };
+        let h = std::thread::spawn(move || run_with(lp, 4, Duration::from_millis(50)).unwrap());
+        // Quick commands: the loop stays with the thread that read them.
+        let (done_tx, done_rx) = channel();
+        for _ in 0..5 {
+            let d = done_tx.clone();
+            tx.send(Some(vec![job(move || d.send(()).unwrap())]))
+                .unwrap();
+            done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        }
+        assert_eq!(rescues.load(Ordering::SeqCst), 0);
+        // A command that blocks: the standby rescues the loop, once.
+        let (gate_tx, gate_rx) = channel::<()>();
+        tx.send(Some(vec![job(move || {
+            let _ = gate_rx.recv();
+        })]))
+        .unwrap();
+        let d = done_tx.clone();
+        tx.send(Some(vec![job(move || d.send(()).unwrap())]))
+            .unwrap();
+        done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(rescues.load(Ordering::SeqCst), 1);
+        gate_tx.send(()).unwrap();
+        tx.send(None).unwrap();
+        assert_eq!(h.join().unwrap(), "over");
     }
 
     #[test]

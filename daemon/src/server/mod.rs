@@ -9,6 +9,8 @@
 
 pub mod crew;
 pub mod fdpass;
+pub mod metrics_socket;
+pub mod stats;
 
 use std::collections::VecDeque;
 use std::io;
@@ -25,7 +27,9 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use crate::backend::{self, BackendError, Command, Peer, PrBackend};
+use metrics_socket::MetricsSocket;
 use reservd_proto::wire::{encode_response, Decoder, Event, ProtoError, Request, DATA_SIZE};
+use stats::ServerStats;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -57,10 +61,19 @@ pub struct Config {
     /// handshake) and does not complete it within this time is closed.
     /// `None`: no limit. Idle connections between frames are never timed out.
     pub frame_timeout: Option<Duration>,
-    /// Send systemd's watchdog keep-alive (`WATCHDOG=1`) from the event
-    /// loop at this interval; `None`: no watchdog. A loop that stops
-    /// turning stops the keep-alives, and systemd restarts the service.
-    pub watchdog: Option<Duration>,
+    /// Send systemd's watchdog keep-alive from the event loop; `None`: no
+    /// watchdog. A loop that stops turning stops the keep-alives, and
+    /// systemd restarts the service.
+    pub watchdog: Option<Watchdog>,
+}
+
+/// A keep-alive the event loop sends as it turns.
+#[derive(Clone, Copy, Debug)]
+pub struct Watchdog {
+    /// How often.
+    pub interval: Duration,
+    /// Sends one (start-up passes systemd's `WATCHDOG=1`).
+    pub ping: fn(),
 }
 
 impl Default for Config {
@@ -157,6 +170,10 @@ pub struct Server {
     next_scan: Option<Instant>,
     /// When the next watchdog keep-alive is due.
     next_ping: Option<Instant>,
+    /// What the metrics count.
+    stats: Arc<ServerStats>,
+    /// The metrics socket, when served.
+    metrics: Option<MetricsSocket>,
     /// Test builds only: panic at the first accept (RESERVD_TEST_LOOP_PANIC).
     #[cfg(all(feature = "test-hooks", debug_assertions))]
     panic_on_accept: bool,
@@ -194,9 +211,27 @@ impl Server {
             next_scan: None,
             next_ping: config.watchdog.map(|_| Instant::now()),
             config,
+            stats: Arc::default(),
+            metrics: None,
             #[cfg(all(feature = "test-hooks", debug_assertions))]
             panic_on_accept: std::env::var_os("RESERVD_TEST_LOOP_PANIC").is_some(),
         })
+    }
+
+    /// The server's counters, for the metrics.
+    pub fn stats(&self) -> Arc<ServerStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Serve the metrics `render` makes on `listener` (see
+    /// [`metrics_socket`]), until the server shuts down.
+    pub fn serve_metrics(
+        &mut self,
+        listener: StdListener,
+        render: metrics_socket::Render,
+    ) -> io::Result<()> {
+        self.metrics = Some(MetricsSocket::new(listener, render, self.poll.registry())?);
+        Ok(())
     }
 
     pub fn shutdown_handle(&self) -> ShutdownHandle {
@@ -287,6 +322,22 @@ impl Server {
                 LISTENER => self.accept(),
                 WAKER => {}
                 SIGNALS => self.read_signals(),
+                metrics_socket::LISTENER => {
+                    if let Some(m) = self.metrics.as_mut() {
+                        m.accept(
+                            self.poll.registry(),
+                            self.config.allow.as_ref(),
+                            &self.stats,
+                        );
+                    }
+                }
+                t if metrics_socket::pending_key(t).is_some() => {
+                    if let (Some(m), Some(k)) =
+                        (self.metrics.as_mut(), metrics_socket::pending_key(t))
+                    {
+                        m.writable(self.poll.registry(), k);
+                    }
+                }
                 Token(key) => {
                     if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                         self.on_readable(key);
@@ -307,13 +358,13 @@ impl Server {
 
     /// Tell systemd that the loop turns, once per watchdog interval.
     fn ping_watchdog(&mut self) {
-        let (Some(interval), Some(due)) = (self.config.watchdog, self.next_ping) else {
+        let (Some(w), Some(due)) = (self.config.watchdog, self.next_ping) else {
             return;
         };
         let now = Instant::now();
         if now >= due {
-            crate::observe::notify::notify("WATCHDOG=1");
-            self.next_ping = Some(now + interval);
+            (w.ping)();
+            self.next_ping = Some(now + w.interval);
         }
     }
 
@@ -359,6 +410,7 @@ impl Server {
                 c.peer,
                 limit.as_secs_f64()
             );
+            ServerStats::bump(&self.stats.protocol_errors);
             self.close(k, None);
         }
         self.next_scan = any.then(|| now + interval);
@@ -385,6 +437,9 @@ impl Server {
     fn start_drain(&mut self) {
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
+        }
+        if let Some(m) = self.metrics.take() {
+            m.close(self.poll.registry());
         }
         self.drain_deadline = Some(Instant::now() + self.config.drain_timeout);
         // Idle connections do not hold the daemon; close them now.
@@ -467,6 +522,7 @@ impl Server {
                         };
                         log::warn!("refusing connection from {peer}: not allowed{more}");
                     }
+                    ServerStats::bump(&self.stats.refused_not_allowed);
                     continue;
                 }
             }
@@ -475,6 +531,7 @@ impl Server {
                     "refusing connection from {peer}: {} connections open",
                     self.conns.len()
                 );
+                ServerStats::bump(&self.stats.refused_limit);
                 continue;
             }
             let entry = self.conns.vacant_entry();
@@ -505,6 +562,8 @@ impl Server {
                 peer_cred,
                 frame_start: None,
             });
+            ServerStats::bump(&self.stats.accepted);
+            self.count_open();
             // The handshake is the first frame.
             self.frame_started(key);
             self.flush(key);
@@ -674,6 +733,7 @@ impl Server {
                     self.close(c.key, None);
                 }
                 Ended::Failed(e) => {
+                    ServerStats::bump(&self.stats.backend_failures);
                     // A panic is a bug in reservd: louder than a transport failure.
                     let level = match e {
                         BackendError::Panicked(_) => log::Level::Error,
@@ -736,6 +796,13 @@ impl Server {
         }
         let busy = matches!(self.conns[key].state, ConnState::InFlight);
         let conn = self.conns.remove(key);
+        self.count_open();
+        if why
+            .as_ref()
+            .is_some_and(|e| !matches!(e, ProtoError::Closed))
+        {
+            ServerStats::bump(&self.stats.protocol_errors);
+        }
         let _ = self
             .poll
             .registry()
@@ -749,6 +816,13 @@ impl Server {
         if !busy {
             self.backend.disconnect(conn.id);
         }
+    }
+
+    fn count_open(&self) {
+        self.stats.open.store(
+            self.conns.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 }
 
@@ -769,6 +843,10 @@ impl crew::Loop for Turns {
         Arc::new(move || {
             let _ = waker.wake();
         })
+    }
+
+    fn taken_over(&mut self) {
+        ServerStats::bump(&self.server.stats.rescues);
     }
 }
 

@@ -135,6 +135,26 @@ pub struct Cli {
     #[arg(long = "socket-group", value_name = "GROUP")]
     pub socket_group: Option<String>,
 
+    /// Serve reservd's metrics (Prometheus' text format) on this UNIX
+    /// socket: a client connects and reads them until EOF (reservdctl
+    /// metrics). Created like the main socket, mode 0600; --allow-uid and
+    /// --allow-gid apply to it too. Must be absolute.
+    #[arg(long = "metrics-socket", value_name = "PATH")]
+    pub metrics_socket: Option<PathBuf>,
+
+    /// Write reservd's metrics (Prometheus' text format) to this file every
+    /// --metrics-interval seconds, for node_exporter's textfile collector
+    /// (a *.prom file in its directory). Replaced at once (PATH.tmp renamed
+    /// over it), mode 0644, removed when reservd stops; written after
+    /// privileges are dropped.
+    #[arg(long = "metrics-file", value_name = "PATH")]
+    pub metrics_file: Option<PathBuf>,
+
+    /// How often --metrics-file is written, in seconds.
+    #[arg(long = "metrics-interval", value_name = "SECONDS", default_value_t = 15,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub metrics_interval: u32,
+
     /// Accepted for compatibility with qemu-pr-helper and ignored.
     #[arg(hide = true, value_name = "FILE")]
     pub ignored: Vec<String>,

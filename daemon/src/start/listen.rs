@@ -104,15 +104,23 @@ pub fn listen(
             activated: true,
         });
     }
-    let path = path.unwrap_or(default);
+    bind(
+        path.unwrap_or(default),
+        perms.mode.unwrap_or(default_mode),
+        perms.group,
+    )
+}
+
+/// A new socket at `path` (absolute), with `mode` and `group`: the main
+/// socket when not socket-activated, and the metrics socket.
+pub fn bind(path: &Path, mode: u32, group: Option<nix::unistd::Gid>) -> anyhow::Result<Listener> {
     if !path.is_absolute() {
         bail!("socket path must be absolute: {}", path.display());
     }
     if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_dir()) {
         bail!("cannot listen on {}: is a directory", path.display())
     }
-    let mode = perms.mode.unwrap_or(default_mode);
-    let listener = bind_in_place(path, mode, perms.group)?;
+    let listener = bind_in_place(path, mode, group)?;
     let meta = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
     Ok(Listener {
         listener,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::backend;
-use crate::observe::{audit, journal, logging, notify, trace};
+use crate::observe::{audit, journal, logging, metrics, notify, trace};
 use crate::sandbox::{access, privs, seccomp};
 use crate::server;
 use cli::Cli;
@@ -78,10 +78,23 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         perms,
         listen::DEFAULT_SOCKET_MODE,
     )?;
+    let metrics_listener = match cli
+        .metrics_socket
+        .as_deref()
+        .map(metrics_socket)
+        .transpose()
+    {
+        Ok(l) => l,
+        Err(e) => {
+            listener.remove();
+            return Err(e);
+        }
+    };
     let mut detached = None;
     let started = start(
         &cli,
         &listener,
+        metrics_listener.as_ref(),
         pidfile_path.as_deref(),
         ids,
         Access {
@@ -90,10 +103,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         },
         &mut detached,
     );
-    let (server, pidfile, status) = match started {
+    let Started {
+        server,
+        pidfile,
+        status,
+        metrics_file,
+    } = match started {
         Ok(s) => s,
         Err(e) => {
             listener.remove();
+            if let Some(m) = &metrics_listener {
+                m.remove();
+            }
             if let Some(d) = detached {
                 d.failed(&format!("{e:#}"));
             }
@@ -105,9 +126,29 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         d.ready();
     }
     let r = server.run();
+    if let Some(w) = metrics_file {
+        w.stop();
+    }
     listener.remove();
+    if let Some(m) = &metrics_listener {
+        m.remove();
+    }
     drop(pidfile);
     r.context("event loop")
+}
+
+/// The metrics socket: root's only (0600), like the main socket by default.
+fn metrics_socket(path: &Path) -> anyhow::Result<listen::Listener> {
+    listen::bind(path, 0o600, None).context("the metrics socket")
+}
+
+/// What start-up hands to the serving phase.
+struct Started {
+    server: server::Server,
+    pidfile: Option<pidfile::PidFile>,
+    /// The status line for systemd.
+    status: String,
+    metrics_file: Option<metrics::FileWriter>,
 }
 
 /// Multipath support, as decided while privileged.
@@ -173,11 +214,12 @@ fn allow_list(uids: &[String], gids: &[String]) -> Result<Option<access::AllowLi
 fn start(
     cli: &Cli,
     listener: &listen::Listener,
+    metrics_listener: Option<&listen::Listener>,
     pidfile_path: Option<&Path>,
     ids: Ids,
     access: Access,
     detached: &mut Option<daemonize::Detached>,
-) -> anyhow::Result<(server::Server, Option<pidfile::PidFile>, String)> {
+) -> anyhow::Result<Started> {
     if cli.daemon {
         *detached = Some(daemonize::daemonize()?);
     }
@@ -237,6 +279,15 @@ fn start(
     let sgio = backend::sgio::SgIo {
         timeout_ms: cli.sgio_timeout,
     };
+    // With metrics, each PR OUT on a map is followed by a count of the
+    // map's registrations (READ KEYS on the map).
+    let with_metrics = cli.metrics_socket.is_some() || cli.metrics_file.is_some();
+    let counting = move |m: Option<backend::multipath::Multipath>| {
+        m.map(|mut m| {
+            m.registration_checks = with_metrics;
+            m
+        })
+    };
     let (router, summary, loaded_now) = match mpath {
         Mpath::Off(why) => (backend::router::Router::ready(sgio, None, None), why, None),
         Mpath::Now(dm, loaded) => {
@@ -244,7 +295,7 @@ fn start(
                 log::info!("multipath: for this libmpathpersist, reservd does itself: {f}");
             }
             let summary = loaded.summary.clone();
-            let multipath = loaded.multipath;
+            let multipath = counting(loaded.multipath);
             let router = backend::router::Router::ready(sgio, Some(Box::new(dm)), multipath);
             (router, summary, Some(loaded.warnings))
         }
@@ -268,7 +319,7 @@ fn start(
                         loaded.summary
                     );
                 }
-                loaded.multipath
+                counting(loaded.multipath)
             });
             let router = backend::router::Router::deferred(sgio, Box::new(probe), loader);
             let summary = "loading libmpathpersist".to_string();
@@ -277,9 +328,14 @@ fn start(
     };
     let router = Arc::new(router);
     let active = Arc::clone(&router);
+    let commands = Arc::new(metrics::CommandMetrics::default());
+    let measured = metrics::Measured {
+        router: Arc::clone(&router),
+        metrics: Arc::clone(&commands),
+    };
     let backend = Arc::new(trace::Traced(Arc::new(audit::Audited::new(
         move || active.multipath_active(),
-        Arc::clone(&router) as Arc<dyn backend::PrBackend>,
+        Arc::new(measured) as Arc<dyn backend::PrBackend>,
     ))));
     let config = server::Config {
         features,
@@ -287,12 +343,35 @@ fn start(
         frame_timeout: (cli.frame_timeout > 0)
             .then(|| std::time::Duration::from_secs(cli.frame_timeout.into())),
         allow: access.allow.clone(),
-        watchdog: notify::watchdog_interval(),
+        watchdog: notify::watchdog_interval().map(|interval| server::Watchdog {
+            interval,
+            ping: || notify::notify("WATCHDOG=1"),
+        }),
         ..Default::default()
     };
     let server_allow = access.allow;
     let mut server = server::Server::new(listener.listener.try_clone()?, backend, config)?;
     server.watch_signals().context("watching signals")?;
+    let sources = metrics::Sources {
+        commands,
+        server: server.stats(),
+        router: Arc::clone(&router),
+        started: std::time::SystemTime::now(),
+    };
+    let render: server::metrics_socket::Render = Arc::new(move || metrics::render(&sources));
+    if let Some(m) = metrics_listener {
+        server
+            .serve_metrics(m.listener.try_clone()?, Arc::clone(&render))
+            .context("serving the metrics socket")?;
+    }
+    let metrics_file = match &cli.metrics_file {
+        Some(path) => Some(metrics::FileWriter::start(
+            path.clone(),
+            std::time::Duration::from_secs(cli.metrics_interval.into()),
+            render,
+        )?),
+        None => None,
+    };
     log::info!(
         "reservd {} listening{}; features {features:#010x}, SG_IO timeout {} ms, \
          at most {} connections; seccomp {}; multipath support: {}",
@@ -333,7 +412,22 @@ fn start(
             a.gids
         );
     }
-    Ok((server, pidfile, serving_status(&summary)))
+    if let Some(m) = metrics_listener.and_then(|m| m.created.as_ref()) {
+        log::info!("metrics on {}", m.0.display());
+    }
+    if let Some(p) = &cli.metrics_file {
+        log::info!(
+            "metrics written to {} every {} s",
+            p.display(),
+            cli.metrics_interval
+        );
+    }
+    Ok(Started {
+        server,
+        pidfile,
+        status: serving_status(&summary),
+        metrics_file,
+    })
 }
 
 /// The status line systemd shows (`systemctl status reservd`).

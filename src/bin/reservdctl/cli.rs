@@ -11,9 +11,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     version,
     about = "Send SCSI persistent reservation commands through reservd, check \
              reservations on every path of a multipath map, check the set-up",
-    after_help = "Exit status: 0 GOOD (status: consistent; check: all good), 1 usage, \
-                  connection or other error, 2 CHECK CONDITION, 3 RESERVATION CONFLICT, \
-                  4 any other SCSI status, 5 status: inconsistent paths (check: problems found)."
+    after_help = "Exit status: 0 GOOD (status: consistent; check: all good; validate: \
+                  passed), 1 usage, connection or other error, 2 CHECK CONDITION, 3 \
+                  RESERVATION CONFLICT, 4 any other SCSI status, 5 status: inconsistent paths \
+                  (check: problems found; validate: a check failed), 6 validate: refused, the \
+                  LU is in use, 130 validate: interrupted (after its cleanup)."
 )]
 pub struct Cli {
     /// reservd's socket.
@@ -73,6 +75,62 @@ pub enum Cmd {
         /// Do not ask before repairing.
         #[arg(long, short = 'y', requires = "repair")]
         yes: bool,
+    },
+    /// Check a multipath map before it goes live, as a cluster's validation
+    /// does, without changing it (needs root and a running reservd, -k).
+    ///
+    /// With a test key (0x72737664 and 32 random bits), through reservd on
+    /// the map as a guest's commands go: REGISTER, then every path must
+    /// hold the key and multipathd know it; RESERVE type 5, every path must
+    /// read it; RELEASE, every path must read none. With --with-failover,
+    /// one path is set offline (sysfs device/state) until multipathd fails
+    /// it, the reservation checks run again on the others, and the path
+    /// must come back holding the key. The test key is always removed
+    /// afterwards (also after a failure, SIGINT or SIGTERM) and the path
+    /// brought back. One verdict per check. Refused (nothing sent) when
+    /// multipathd holds a key for the map, one of its paths is registered,
+    /// or the LU has registrations not named with --expect-key or a
+    /// reservation (--force runs anyway and leaves another node's
+    /// reservation alone). Exit status: 0 passed, 5 a check failed, 6
+    /// refused, 130 interrupted, 1 error.
+    Validate {
+        /// /dev/mapper/NAME, /dev/dm-N, or a path of the map.
+        device: PathBuf,
+        /// Run the reservation checks again with one path offline.
+        #[arg(long)]
+        with_failover: bool,
+        /// The path to take offline (e.g. sdb; default: the first usable one).
+        #[arg(long, value_name = "NAME", requires = "with_failover")]
+        failover_path: Option<String>,
+        /// A registration the LU may hold already (another node's);
+        /// repeatable.
+        #[arg(long = "expect-key", value_name = "KEY", value_parser = parse_u64)]
+        expect_key: Vec<u64>,
+        /// Run even though the LU has registrations nobody expects or a
+        /// reservation (which is left alone: the reservation checks are
+        /// skipped).
+        #[arg(long)]
+        force: bool,
+        /// The test key (default: 0x72737664 followed by 32 random bits).
+        #[arg(long, value_name = "KEY", value_parser = parse_u64)]
+        key: Option<u64>,
+        /// How long multipathd may take to fail the path or use it again.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        path_timeout: u64,
+    },
+    /// Print reservd's metrics, in Prometheus' text format, from its
+    /// metrics socket (reservd --metrics-socket). With --json: the samples
+    /// as one JSON array of {"name", "labels", "value"}.
+    Metrics {
+        /// reservd's metrics socket.
+        #[arg(
+            long = "metrics-socket",
+            value_name = "PATH",
+            // reservd_client::metrics::DEFAULT_SOCKET (build.rs reads
+            // this file without the crate; tests/metrics.rs compares).
+            default_value = "/run/reservd/metrics.sock"
+        )]
+        metrics_socket: PathBuf,
     },
     /// Check the set-up: device-mapper, libmpathpersist, multipathd and its
     /// reservation_key configuration, privileges, reservd's socket.

@@ -4,7 +4,8 @@
 //!
 //! `status` shows a multipath map's keys and reservation as each path sees
 //! them and which path lacks which key (`--repair` registers it again);
-//! `check` checks the host's set-up.
+//! `check` checks the host's set-up; `validate` runs a cluster's storage
+//! checks on a map before it goes live; `metrics` prints reservd's metrics.
 //!
 //! Exit status: 0 GOOD, 1 usage or connection error, 2 CHECK CONDITION,
 //! 3 RESERVATION CONFLICT, 4 any other SCSI status; `status`: 0 consistent,
@@ -29,6 +30,7 @@ use serde::Serialize;
 mod check;
 mod cli;
 mod status;
+mod validate;
 
 use cli::{Cli, Cmd, InAction, OutAction};
 
@@ -112,6 +114,50 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             )?))
         }
         Cmd::Check => return Ok(ExitCode::from(check::run(&cli.socket, cli.json))),
+        Cmd::Validate {
+            device,
+            with_failover,
+            failover_path,
+            expect_key,
+            force,
+            key,
+            path_timeout,
+        } => {
+            let opts = validate::Asked {
+                device,
+                with_failover: *with_failover,
+                failover_path: failover_path.clone(),
+                expected: expect_key.clone(),
+                force: *force,
+                key: *key,
+                path_timeout: std::time::Duration::from_secs(*path_timeout),
+            };
+            return Ok(ExitCode::from(validate::run(&cli.socket, &opts, cli.json)?));
+        }
+        Cmd::Metrics { metrics_socket } => {
+            let text =
+                reservd_client::metrics::fetch(metrics_socket, std::time::Duration::from_secs(10))
+                    .with_context(|| {
+                        format!(
+                            "reading {} (reservd --metrics-socket)",
+                            metrics_socket.display()
+                        )
+                    })?;
+            if text.is_empty() {
+                bail!(
+                    "{} closed the connection without metrics: this user is not allowed \
+                     (reservd --allow-uid, --allow-gid)",
+                    metrics_socket.display()
+                );
+            }
+            if cli.json {
+                let samples = reservd_client::metrics::parse(&text).map_err(anyhow::Error::msg)?;
+                println!("{}", reservd_client::metrics::json(&samples));
+            } else {
+                print!("{text}");
+            }
+            return Ok(ExitCode::from(0));
+        }
         Cmd::In {
             device,
             action,

@@ -31,6 +31,7 @@
 
 pub mod library;
 pub mod multipathd;
+pub mod stats;
 pub mod syslog;
 
 use std::io;
@@ -196,6 +197,11 @@ pub struct Multipath {
     /// PR OUT commands on maps run one at a time: some are several
     /// commands on several paths, which must not interleave.
     order: Mutex<()>,
+    /// What the metrics count (see [`stats`]).
+    pub stats: Arc<stats::MultipathStats>,
+    /// After each PR OUT on a map, count the registrations of its key
+    /// (READ KEYS on the map): reservd's metrics turn it on.
+    pub registration_checks: bool,
 }
 
 const TEST_UNIT_READY: [u8; 6] = [0; 6];
@@ -255,6 +261,8 @@ impl Multipath {
             fixes,
             tur_timeout_ms,
             order: Mutex::new(()),
+            stats: Arc::default(),
+            registration_checks: false,
         }
     }
 
@@ -265,7 +273,11 @@ impl Multipath {
             PERSISTENT_RESERVE_OUT => Ok(match prout_request(cmd.cdb, cmd.params) {
                 Ok(req) => {
                     let _order = self.order.lock().unwrap_or_else(|e| e.into_inner());
-                    self.prout(cmd, &req, minor)
+                    let a = self.prout(cmd, &req, minor);
+                    if self.registration_checks {
+                        stats::check_registrations(self, cmd.fd, minor);
+                    }
+                    a
                 }
                 Err(sense) => Answer::check(sense),
             }),
@@ -280,6 +292,7 @@ impl Multipath {
             Err(sense) => return Answer::check(sense),
         };
         let (code, resp) = self.lib.reserve_in(cmd.fd, sa);
+        self.stats.library(stats::Call::ReserveIn, code);
         log::debug!("dm-{minor}: PR IN service action {sa}: libmpathpersist returned {code}");
         if code != mpath::SUCCESS {
             return self.failure(cmd.fd, code, minor, None);
@@ -363,6 +376,7 @@ impl Multipath {
         let c = Prout::of(req);
         let state = self.state(cmd.fd, minor);
         let route = onenexus::route(&c, state.as_ref(), self.fixes);
+        self.stats.route(&route);
         log::debug!(
             "dm-{minor}: PR OUT service action {} type {}: {state:?} -> {route:?}",
             c.service_action,
@@ -693,6 +707,7 @@ impl Multipath {
     /// A PR OUT through libmpathpersist.
     fn library(&self, fd: BorrowedFd<'_>, req: &ProutRequest, minor: u32) -> Answer {
         let mut code = self.lib.reserve_out(fd, req);
+        self.stats.library(stats::Call::ReserveOut, code);
         // When a path fails under libmpathpersist while it registers (its
         // device set offline between the library's look at the paths and
         // its command to it: the open or the SG_IO fails), the library
@@ -705,6 +720,7 @@ impl Multipath {
                  below SCSI ({code}); once more"
             );
             code = self.lib.reserve_out(fd, req);
+            self.stats.library(stats::Call::ReserveOut, code);
         }
         log::debug!(
             "dm-{minor}: PR OUT service action {} type {}: libmpathpersist returned {code}",
