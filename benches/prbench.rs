@@ -10,6 +10,10 @@
 //! registration through reservd and mpathpersist), one client while another
 //! client's device hangs, start-up and memory with and without
 //! libmpathpersist.
+//! `prbench maps --reservd BIN --qemu BIN`: inside the VM test bed with more
+//! maps (`RESERVD_VM_MAPS=N`): PR IN on map B while map A's PR commands hang
+//! (held by the bed's fault injector, `tests/vm/faultpath.py`), and the
+//! throughput of PR IN through the maps with 1, 16 and 64 clients.
 //!
 //! Every figure is printed as one Markdown table row:
 //! `| where | figure | reservd | qemu-pr-helper | ratio |`, ratio being
@@ -55,11 +59,13 @@ struct Opts {
     qemu: PathBuf,
     /// Scales iteration counts and durations (1.0 = default).
     scale: f64,
+    /// `maps`: how long map A's PR commands are held.
+    hang: Duration,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: prbench host|guest --reservd BIN --qemu BIN [--scale F]\n\
+        "usage: prbench host|guest|maps --reservd BIN --qemu BIN [--scale F] [--hang-ms MS]\n\
          \x20      prbench load SOCKET COUNT  (COUNT error-path requests on one\n\
          \x20      connection to a running daemon, for profiling)\n\
          (scripts/bench.sh runs both parts and prints the table)"
@@ -75,13 +81,14 @@ fn main() {
     if mode == "load" {
         return load(&args[1..]);
     }
-    if mode != "host" && mode != "guest" {
+    if !["host", "guest", "maps"].contains(&mode.as_str()) {
         usage()
     }
     let mut opts = Opts {
         reservd: PathBuf::from("target/release/reservd"),
         qemu: PathBuf::from("/usr/bin/qemu-pr-helper"),
         scale: 1.0,
+        hang: Duration::from_millis(1000),
     };
     let mut it = args[1..].iter();
     while let Some(a) = it.next() {
@@ -90,14 +97,15 @@ fn main() {
             "--reservd" => opts.reservd = PathBuf::from(v),
             "--qemu" => opts.qemu = PathBuf::from(v),
             "--scale" => opts.scale = v.parse().unwrap_or_else(|_| usage()),
+            "--hang-ms" => opts.hang = Duration::from_millis(v.parse().unwrap_or_else(|_| usage())),
             _ => usage(),
         }
     }
     raise_fd_limit();
-    if mode == "host" {
-        host(&opts)
-    } else {
-        guest(&opts)
+    match mode.as_str() {
+        "host" => host(&opts),
+        "guest" => guest(&opts),
+        _ => maps(&opts),
     }
 }
 
@@ -1074,4 +1082,376 @@ fn guest(opts: &Opts) {
     drop((r, q));
     startup_rows("VM", opts, 11, true);
     memory_rows("VM", opts, " (reservd: libmpathpersist loaded)");
+}
+
+// ---------------------------------------------------------------- maps
+
+/// A multipath map of the bed.
+struct Map {
+    dev: String,
+    paths: Vec<String>,
+}
+
+/// The maps of a bed booted with `RESERVD_VM_MAPS=N`, mpatha first.
+fn bed_maps() -> Vec<Map> {
+    let devs = env("RESERVD_MAPS_DEVS");
+    let paths = env("RESERVD_MAPS_PATHS");
+    devs.split_whitespace()
+        .zip(paths.split_whitespace())
+        .map(|(d, p)| Map {
+            dev: d.to_string(),
+            paths: p.split(',').map(String::from).collect(),
+        })
+        .collect()
+}
+
+/// A path added to a map by the bed's fault injector
+/// (`tests/vm/faultpath.py`): its PR commands can be held back.
+struct FaultPath {
+    ctl: PathBuf,
+    dev: String,
+}
+
+impl FaultPath {
+    fn add(map: &str, name: &str) -> FaultPath {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vm/faultpath.py");
+        let out = Command::new(&script)
+            .args(["add", map, name])
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e}", script.display()));
+        assert!(out.status.success(), "faultpath.py add {map} {name} failed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let var = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+                .unwrap_or_else(|| panic!("faultpath.py printed no {k}: {text}"))
+                .to_string()
+        };
+        FaultPath {
+            ctl: var("FAULTPATH_CTL").into(),
+            dev: var("FAULTPATH_DEV"),
+        }
+    }
+
+    /// Hold the path's PR commands for `d` (zero: pass them on at once).
+    fn hold(&self, d: Duration) {
+        let tmp = self.ctl.with_extension("tmp");
+        std::fs::write(&tmp, format!("delay={} ops=pr\n", d.as_millis())).unwrap();
+        std::fs::rename(&tmp, &self.ctl).unwrap();
+    }
+}
+
+/// multipathd's view of path `dev` ("dm_state checker_state").
+fn mp_path_state(dev: &str) -> String {
+    let out = Command::new("multipathd")
+        .args(["show", "paths", "raw", "format", "%d %t %T"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("multipathd");
+    let name = dev.trim_start_matches("/dev/");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix(name)
+                .filter(|r| r.starts_with(' '))
+                .map(|r| r.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+fn wait_path_state(dev: &str, want: &str) {
+    let t = Instant::now();
+    loop {
+        let st = mp_path_state(dev);
+        if st.starts_with(want) {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{dev}: multipathd says '{st}', expected '{want}'"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A client sending READ KEYS on one device in a loop, each request timed.
+struct Looper {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<Vec<(Instant, Duration)>>,
+}
+
+impl Looper {
+    fn start(d: &Daemon, dev: &str) -> Looper {
+        let mut c = d.client();
+        let f = open_dev(dev);
+        let dev = dev.to_string();
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let (s, n) = (stop.clone(), done.clone());
+        let thread = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let a = c.execute(&READ_KEYS, f.as_fd(), &[]).expect("request");
+                v.push((t, t.elapsed()));
+                assert_eq!(a.status.0, 0, "READ KEYS on {dev}: {a:?}");
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+            v
+        });
+        Looper { stop, done, thread }
+    }
+
+    /// Wait until this client has had `k` more answers (at most `limit`).
+    fn wait_answers(&self, k: u64, limit: Duration) {
+        let n0 = self.done.load(Ordering::Relaxed);
+        let t = Instant::now();
+        while self.done.load(Ordering::Relaxed) < n0 + k {
+            assert!(t.elapsed() < limit, "no answer within {limit:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn finish(self) -> Vec<(Instant, Duration)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+/// The latencies of the requests that started and ended within one of
+/// `windows`.
+fn in_windows(v: &[(Instant, Duration)], windows: &[(Instant, Instant)]) -> Vec<Duration> {
+    v.iter()
+        .filter(|&&(t, d)| windows.iter().any(|&(a, b)| t >= a && t + d <= b))
+        .map(|&(_, d)| d)
+        .collect()
+}
+
+fn lat_or_zero(v: Vec<Duration>) -> Lat {
+    if v.is_empty() {
+        Lat {
+            p50: Duration::ZERO,
+            p99: Duration::ZERO,
+            n: 0,
+        }
+    } else {
+        lat(v)
+    }
+}
+
+/// Map B's latency alone, with clients busy on map A and the other maps,
+/// and while map A's PR commands are held; map A's own latency then.
+struct MapHang {
+    alone: Lat,
+    base: Lat,
+    during: Lat,
+    a_base: Lat,
+    a_during: Lat,
+}
+
+/// Client B on map B throughout; first alone, then with a client on every
+/// other map (A included), in alternating phases: nothing held, and A's
+/// PR commands held `opts.hang` on each of its paths (its own paths are
+/// offline, its fault paths carry its commands). Every phase starts once
+/// A's client has had an answer under its rule, and 300 ms later.
+fn map_phases(d: &Daemon, maps: &[Map], faults: &[FaultPath], opts: &Opts) -> MapHang {
+    const PHASES: usize = 3;
+    let phase = scaled_d(opts, Duration::from_secs(8));
+    let settle = Duration::from_millis(300);
+    let answer_limit = opts.hang * 2 + Duration::from_secs(10);
+    let hold = |d: Duration| faults.iter().for_each(|f| f.hold(d));
+    hold(Duration::ZERO);
+    let b = Looper::start(d, &maps[1].dev);
+    std::thread::sleep(settle);
+    let t = Instant::now();
+    std::thread::sleep(phase / 2);
+    let alone = [(t, Instant::now())];
+    let a = Looper::start(d, &maps[0].dev);
+    let others: Vec<Looper> = maps[2..].iter().map(|m| Looper::start(d, &m.dev)).collect();
+    let (mut base, mut hung) = (Vec::new(), Vec::new());
+    for _ in 0..PHASES {
+        hold(Duration::ZERO);
+        a.wait_answers(1, answer_limit);
+        std::thread::sleep(settle);
+        let t = Instant::now();
+        std::thread::sleep(phase);
+        base.push((t, Instant::now()));
+        hold(opts.hang);
+        // the command in flight when the hold began may pass; the next waits
+        a.wait_answers(1, answer_limit);
+        std::thread::sleep(settle);
+        let t = Instant::now();
+        std::thread::sleep(phase);
+        hung.push((t, Instant::now()));
+    }
+    hold(Duration::ZERO);
+    let bv = b.finish();
+    let av = a.finish();
+    others.into_iter().for_each(|o| drop(o.finish()));
+    MapHang {
+        alone: lat_or_zero(in_windows(&bv, &alone)),
+        base: lat_or_zero(in_windows(&bv, &base)),
+        during: lat_or_zero(in_windows(&bv, &hung)),
+        a_base: lat_or_zero(in_windows(&av, &base)),
+        // A's own requests within the hang phases: the hang itself
+        a_during: lat_or_zero(in_windows(&av, &hung)),
+    }
+}
+
+fn maps(opts: &Opts) {
+    let maps = bed_maps();
+    assert!(
+        maps.len() >= 2,
+        "prbench maps needs RESERVD_VM_MAPS=2 or more"
+    );
+    let n = maps.len();
+    let place = format!("VM, {n} maps");
+    let hang_ms = opts.hang.as_millis();
+
+    // Map A's PR commands go through two fault paths: its own two paths are
+    // removed (multipathd takes them out of the map), so that A is again a
+    // map of two paths, both behind the fault injector.
+    let faults: Vec<FaultPath> = ["mapa1", "mapa2"]
+        .iter()
+        .map(|name| FaultPath::add(&maps[0].dev, name))
+        .collect();
+    for f in &faults {
+        wait_path_state(&f.dev, "active ready");
+    }
+    let slaves = |m: &str| -> Vec<String> {
+        let dm = std::fs::canonicalize(m).unwrap();
+        let name = dm.file_name().unwrap().to_string_lossy().to_string();
+        let mut v: Vec<String> = std::fs::read_dir(format!("/sys/block/{name}/slaves"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    for p in &maps[0].paths {
+        std::fs::write(
+            format!("/sys/block/{}/device/delete", p.trim_start_matches("/dev/")),
+            "1\n",
+        )
+        .unwrap();
+    }
+    let mut want: Vec<String> = faults
+        .iter()
+        .map(|f| f.dev.trim_start_matches("/dev/").to_string())
+        .collect();
+    want.sort();
+    let t = Instant::now();
+    while slaves(&maps[0].dev) != want {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{}: paths {:?}, expected {want:?}",
+            maps[0].dev,
+            slaves(&maps[0].dev)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "{}: its paths are the fault paths {} and {} alone",
+        maps[0].dev, faults[0].dev, faults[1].dev
+    );
+
+    let a_dev = open_dev(&maps[0].dev);
+    let (r, q) = start_both(opts, &a_dev, 0, &maps[0].dev);
+    // The injector works through both daemons: a held READ KEYS on map A
+    // answers GOOD after the hold.
+    for d in [&r, &q] {
+        faults.iter().for_each(|f| f.hold(opts.hang));
+        let t = Instant::now();
+        let a = d.client().execute(&READ_KEYS, a_dev.as_fd(), &[]).unwrap();
+        let took = t.elapsed();
+        faults.iter().for_each(|f| f.hold(Duration::ZERO));
+        assert_eq!(a.status.0, 0, "held READ KEYS on map A: {a:?}");
+        assert!(
+            took >= opts.hang.mul_f64(0.9),
+            "READ KEYS on map A held {hang_ms} ms answered after {took:?}"
+        );
+        eprintln!("held READ KEYS on map A answered after {took:?}");
+    }
+
+    let h: Vec<MapHang> = [&r, &q]
+        .iter()
+        .map(|d| map_phases(d, &maps, &faults, opts))
+        .collect();
+    let others = if n > 2 {
+        format!(", A and the {} other maps busy", n - 2)
+    } else {
+        ", map A busy".to_string()
+    };
+    let lat_rows = |label: &str, f: &dyn Fn(&MapHang) -> &Lat| {
+        let (rl, ql) = (f(&h[0]), f(&h[1]));
+        for (p, rv, qv) in [("p50", rl.p50, ql.p50), ("p99", rl.p99, ql.p99)] {
+            row_d(
+                &place,
+                &format!("{label} {p} (n={}/{})", rl.n, ql.n),
+                rv,
+                qv,
+            );
+        }
+    };
+    lat_rows("map B READ KEYS, B alone,", &|m| &m.alone);
+    lat_rows(&format!("map B READ KEYS{others}, nothing held,"), &|m| {
+        &m.base
+    });
+    lat_rows(
+        &format!("map B READ KEYS{others}, map A's PR commands held {hang_ms} ms,"),
+        &|m| &m.during,
+    );
+    let div = |a: &Lat, b: &Lat| ratio(a.p99.as_secs_f64(), b.p99.as_secs_f64());
+    row(
+        &place,
+        "map B p99 while A's commands hang ÷ nothing held (target ≤ 1.1)",
+        &div(&h[0].during, &h[0].base),
+        &div(&h[1].during, &h[1].base),
+        "—",
+    );
+    row(
+        &place,
+        "map B p99 while A's commands hang ÷ B alone",
+        &div(&h[0].during, &h[0].alone),
+        &div(&h[1].during, &h[1].alone),
+        "—",
+    );
+    lat_rows(
+        "map A READ KEYS (through the fault paths), nothing held,",
+        &|m| &m.a_base,
+    );
+    lat_rows(
+        &format!("map A READ KEYS (the hang itself), held {hang_ms} ms,"),
+        &|m| &m.a_during,
+    );
+
+    // Throughput through the maps without fault paths (B, C, ...), the
+    // clients spread over them in turn.
+    for clients in [1, 16, 64] {
+        let dur = scaled_d(opts, Duration::from_secs(3));
+        let next = std::cell::Cell::new(0);
+        let open = || {
+            let i = next.get();
+            next.set(i + 1);
+            open_dev(&maps[1 + i % (n - 1)].dev)
+        };
+        let rt = throughput(&r, &open, clients, dur);
+        next.set(0);
+        let qt = throughput(&q, &open, clients, dur);
+        row(
+            &place,
+            &format!(
+                "READ KEYS throughput through {} map(s), {clients} client(s)",
+                n - 1
+            ),
+            &format!("{rt:.0} req/s"),
+            &format!("{qt:.0} req/s"),
+            &ratio(rt, qt),
+        );
+    }
 }

@@ -18,6 +18,8 @@
 
 #[path = "e2e/conformance.rs"]
 mod conformance;
+#[path = "e2e/flap.rs"]
+mod flap;
 #[path = "e2e/guest.rs"]
 mod guest;
 #[path = "e2e/nested.rs"]
@@ -42,12 +44,23 @@ const GROUPS: &[&str] = &[
     "access",
     "package",
     "conformance",
+    "flap",
+];
+/// Groups that need more of the bed than its default (`tests/vm/maps.sh`).
+/// A group's entry applies on every release it runs on.
+const GROUP_ENV: &[(&str, &[(&str, &str)])] = &[
+    (
+        "flap",
+        &[("RESERVD_VM_MAPS", "2"), ("RESERVD_VM_MAPS_NODE2", "1")],
+    ),
+    // Two maps driven side by side (tests/e2e/maps.rs).
+    ("conformance", &[("RESERVD_VM_MAPS", "2")]),
 ];
 /// Groups that need a run-vm.sh option: systemd as the guest's PID 1
 /// (`--systemd`), a guest inside the guest (`--nested`).
 const OPTION_GROUPS: &[(&str, &str)] = &[("systemd", "--systemd"), ("nested", "--nested")];
 /// Shell scenarios run as they are (tests/vm/scenarios/NAME.sh).
-const SHELL_SCENARIOS: &[&str] = &["smoke", "multipath", "libiscsi", "kubevirt"];
+const SHELL_SCENARIOS: &[&str] = &["smoke", "multipath", "libiscsi", "kubevirt", "faultpath"];
 /// Shell scenarios on another Debian release's userspace and multipath-tools
 /// (`run-vm.sh --release`), as test `vm_NAME_RELEASE`; the groups and
 /// scenarios above run on the host's (bookworm, or RESERVD_VM_RELEASE).
@@ -181,10 +194,30 @@ fn main() {
             continue;
         }
         println!("test {name} ... booting the VM");
+        let group = name.trim_start_matches("vm_");
+        let envs = GROUP_ENV
+            .iter()
+            .find(|(g, _)| {
+                group
+                    .strip_prefix(g)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('_'))
+            })
+            .map_or(&[][..], |(_, e)| e);
+        // the flap group runs RESERVD_FLAP_SECS (60) of path failures
+        let flap_secs: u64 = std::env::var("RESERVD_FLAP_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(60);
+        let timeout = if group == "flap" {
+            900.max(flap_secs + 600)
+        } else {
+            900
+        };
         let status = Command::new(root().join("tests/vm/run-vm.sh"))
-            .args(["--timeout", "900"])
+            .args(["--timeout", &timeout.to_string()])
             .args(options)
             .args(scenario)
+            .envs(envs.iter().copied())
             .current_dir(root())
             .status();
         match status {

@@ -108,6 +108,74 @@ fn release_by_a_non_holder_keeps_the_other_nodes_reservation() {
 }
 
 #[test]
+fn a_reserve_the_library_sends_down_a_path_not_registered_yet_goes_down_the_map() {
+    let sim = SimMap::new(2);
+    let m = multipath(&sim, Fixes::ALL);
+    assert_eq!(sim.out(NODE2, REGISTER, 0, 0, OTHER), ok());
+    assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+    // Path 1 fails; node 2 fences the map, which registers again
+    // (through path 2 only).
+    sim.set_active(0, false);
+    assert_eq!(sim.out(NODE2, PREEMPT, 5, OTHER, K), ok());
+    assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+    assert!(!sim.registered(1) && sim.registered(2));
+    // Path 1 is back before multipathd registered the key on it: the
+    // library sends the RESERVE down it, and the LU refuses.
+    sim.set_returning(0, true);
+    sim.take_events();
+    assert_eq!(out(&m, &sim, RESERVE, 5, K, 0), ok());
+    let r = sim.reservation(NODE2).unwrap();
+    assert_eq!((r.key, r.pr_type), (K, 5));
+    assert_eq!(sim.take_events(), vec!["lib 1 on 1", "sg 1 on 2"]);
+    // A refusal that is the LU's: node 2 holds the reservation.
+    assert_eq!(out(&m, &sim, RELEASE, 5, K, 0), ok());
+    // (node 2 first takes its unit attention, RESERVATIONS RELEASED)
+    let mut a = sim.out(NODE2, RESERVE, 5, OTHER, 0);
+    if a.status == Status::CHECK_CONDITION && a.sense_code().is_some_and(|c| c.key == 0x06) {
+        a = sim.out(NODE2, RESERVE, 5, OTHER, 0);
+    }
+    assert_eq!(a, ok());
+    sim.take_events();
+    assert_eq!(out(&m, &sim, RESERVE, 5, K, 0), conflict());
+    assert_eq!(
+        sim.reservation(NODE2).map(|r| (r.key, r.pr_type)),
+        Some((OTHER, 5))
+    );
+}
+
+#[test]
+fn a_path_failing_under_the_library_while_it_registers_is_no_failure() {
+    let sim = SimMap::new(2);
+    let m = multipath(&sim, Fixes::ALL);
+    *sim.fails_under_library.lock().unwrap() = Some(0);
+    assert_eq!(out(&m, &sim, REGISTER, 0, 0, K), ok());
+    assert_eq!(sim.keys(NODE2), vec![K]);
+    assert!(!sim.registered(1) && sim.registered(2));
+    // The library's second call no longer sees path 1.
+    assert_eq!(
+        sim.take_events(),
+        vec!["lib 6 on 1", "lib 6 on 2", "lib 6 on 2"]
+    );
+    assert_eq!(*sim.prkey.lock().unwrap(), Some(K));
+    // The metrics count both calls.
+    assert_eq!(
+        m.stats.library_counts(),
+        vec![
+            (
+                reservd_daemon::backend::multipath::stats::Call::ReserveOut,
+                "SUCCESS",
+                1
+            ),
+            (
+                reservd_daemon::backend::multipath::stats::Call::ReserveOut,
+                "FILE_ERROR",
+                1
+            ),
+        ]
+    );
+}
+
+#[test]
 fn self_preempt_keeps_every_path_registered() {
     let sim = SimMap::new(2);
     let m = multipath(&sim, Fixes::ALL);

@@ -21,6 +21,10 @@ pub const SG_DXFER_FROM_DEV: i32 = -3;
 /// does.
 pub const DRIVER_TIMEOUT_MASK: u16 = 0x06;
 
+/// `DID_NO_CONNECT` in `host_status`: the SCSI midlayer did not send the
+/// command, the device being offline or gone.
+pub const DID_NO_CONNECT: u16 = 0x01;
+
 /// `struct sg_io_hdr` (interface id 'S').
 #[repr(C)]
 #[derive(Debug)]

@@ -35,6 +35,9 @@ pub struct SimPath {
     pub node: PathBuf,
     pub nexus: Nexus,
     pub active: bool,
+    /// Set running again, not reinstated yet: libmpathpersist's own
+    /// check finds it up, device-mapper does not use it.
+    pub returning: bool,
 }
 
 pub struct SimMap {
@@ -50,6 +53,9 @@ pub struct SimMap {
     /// library calls.
     pub events: Mutex<Vec<String>>,
     pub suspended: Mutex<bool>,
+    /// The path (index) that fails under the library's next command to
+    /// it: set offline before the command, which fails (FILE_ERROR).
+    pub fails_under_library: Mutex<Option<usize>>,
 }
 
 /// The other node's nexus.
@@ -68,6 +74,7 @@ impl SimMap {
                         node: PathBuf::from(format!("/dev/sim{i}")),
                         nexus: i as Nexus,
                         active: true,
+                        returning: false,
                     })
                     .collect(),
             ),
@@ -75,11 +82,28 @@ impl SimMap {
             multipathd_up: true,
             events: Mutex::new(Vec::new()),
             suspended: Mutex::new(false),
+            fails_under_library: Mutex::new(None),
         })
     }
 
     pub fn set_active(&self, i: usize, active: bool) {
         self.paths.lock().unwrap()[i].active = active;
+    }
+
+    pub fn set_returning(&self, i: usize, returning: bool) {
+        self.paths.lock().unwrap()[i].returning = returning;
+    }
+
+    /// The paths the library finds up: device-mapper's active ones and
+    /// those coming back.
+    fn library_paths(&self) -> Vec<(PathBuf, Nexus)> {
+        self.paths
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.active || p.returning)
+            .map(|p| (p.node.clone(), p.nexus))
+            .collect()
     }
 
     fn note(&self, e: String) {
@@ -161,6 +185,16 @@ impl SimMap {
     /// prout_do_scsi_ioctl: unit attentions retried.
     fn lib_out(&self, nexus: Nexus, sa: u8, scope: u8, t: u8, params: &[u8]) -> i32 {
         self.note(format!("lib {sa} on {nexus}"));
+        let mut fails = self.fails_under_library.lock().unwrap();
+        if let Some(i) = *fails {
+            let mut paths = self.paths.lock().unwrap();
+            if paths[i].nexus == nexus {
+                paths[i].active = false;
+                *fails = None;
+                return mpath::FILE_ERROR;
+            }
+        }
+        drop(fails);
         let mut a = self.send(nexus, &prout_cdb(sa, scope, t), params);
         for _ in 0..3 {
             if !is_unit_attention(&a) {
@@ -281,7 +315,7 @@ impl PersistLib for SimMap {
             return mpath::SYNTAX_ERROR;
         }
         drop(prkey);
-        let active = self.active();
+        let active = self.library_paths();
         if active.is_empty() {
             return mpath::DMMP_ERROR;
         }

@@ -98,6 +98,7 @@ pub fn run(group: &str) -> i32 {
             ));
             v
         }
+        "flap" => crate::flap::scenarios(),
         "systemd" => crate::systemd::scenarios(),
         "nested" => crate::nested::scenarios(),
         _ => {

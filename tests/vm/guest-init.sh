@@ -158,6 +158,11 @@ SETUP_LIMIT=${RESERVD_VM_SETUP_LIMIT:-240}
 ( nap "$SETUP_LIMIT"; die "guest setup did not finish within ${SETUP_LIMIT}s" ) &
 WATCHDOG_PID=$!
 
+# more maps (RESERVD_VM_MAPS=N): maps.sh, its functions called below
+# shellcheck source=maps.sh
+. "${0%/*}/maps.sh" || die "cannot read ${0%/*}/maps.sh"
+maps_init
+
 # ---- config files, written before anything reads them -----------------------------
 # LIO rewrites <dbroot>/pr/aptpl_<serial> on every REGISTER; without the dir the
 # REGISTER is applied but fails with LOGICAL UNIT COMMUNICATION FAILURE.
@@ -205,6 +210,7 @@ multipaths {
     }
 }
 EOF
+maps_mpconf
 printf '%s\n' "$MPCONF" >/etc/multipath.conf || die "cannot write /etc/multipath.conf"
 # find_multipaths strict: only WWIDs listed in the wwids file get a map
 printf '%s\n' '# Multipath wwids, Version : 1.0' '# written by tests/vm/guest-init.sh' \
@@ -214,6 +220,7 @@ printf '%s\n' '# Multipath bindings, Version : 1.0' \
     '# NOTE: this file is automatically maintained by the multipath program.' \
     '# You should not need to edit this file in normal circumstances.' '#' '# Format:' \
     '# alias wwid' '#' "$MP_ALIAS $MP_WWID" >/etc/multipath/bindings || die "cannot write bindings"
+maps_wwids
 # keys registered through libmpathpersist (reservation_key file) start empty
 : >/etc/multipath/prkeys || die "cannot write /etc/multipath/prkeys"
 mark config
@@ -236,6 +243,7 @@ mark modules
 TARGETS=("${MP_TARGETS[@]}" "$SP_TARGET" "$N2_MP_TARGET" "$N2_SP_TARGET")
 INITIATORS=("${MP_INITIATORS[@]}" "$SP_INITIATOR" "$N2_MP_INITIATOR" "$N2_SP_INITIATOR")
 BACKSTORES=(fileio_0/mp fileio_0/mp fileio_1/sp fileio_0/mp fileio_1/sp)
+maps_targets
 NPATHS=${#TARGETS[@]}
 TPGS=()
 for t in "${TARGETS[@]}"; do TPGS+=("$CFG/loopback/$t/tpgt_1"); done
@@ -247,6 +255,7 @@ put 1 "$CFG/core/fileio_0/mp/enable"
 put "fd_dev_name=$LIO_FILES/sp.img,fd_dev_size=$DISK_BYTES" "$CFG/core/fileio_1/sp/control"
 put "$SP_SERIAL" "$CFG/core/fileio_1/sp/wwn/vpd_unit_serial"
 put 1 "$CFG/core/fileio_1/sp/enable"
+maps_backstores
 HOSTS=() HCTLS=() SDS=() SGS=()
 for ((i = 0; i < NPATHS; i++)); do
     # the I_T nexus must exist before the LUN is linked (the link scans the LUN)
@@ -259,6 +268,7 @@ done
 printf '%s\n' "# written by tests/vm/guest-init.sh: node 2's path to the mp LU is no multipath path" \
     "ACTION!=\"remove\", SUBSYSTEM==\"block\", KERNEL==\"sd*[!0-9]\", KERNELS==\"host${HOSTS[3]}\", ENV{ID_SERIAL}=\"$N2_MP_UDEV_WWID\", ENV{ID_SERIAL_SHORT}=\"$N2_MP_UDEV_WWID\", ENV{RESERVD_VM_NODE}=\"2\"" \
     >/etc/udev/rules.d/59-reservd-vm-node2.rules || die "cannot write the node 2 udev rule"
+maps_udev_rules
 mark lio-targets
 
 # ---- udev, before any SCSI device appears (no coldplug: slow and not needed) --------
@@ -303,7 +313,7 @@ scsi_nodes_ready() {
 wait_for 60 "the SCSI disks (hosts ${HOSTS[*]})" scsi_nodes_ready
 for ((i = 0; i < NPATHS; i++)); do
     read -r w <"/sys/block/${SDS[i]}/device/wwid" || die "no wwid for ${SDS[i]}"
-    want=$MP_WWID; [[ ${BACKSTORES[i]} == */sp ]] && want=$SP_WWID
+    want=${XM_WANT[i]:-$MP_WWID}; [[ ${BACKSTORES[i]} == */sp ]] && want=$SP_WWID
     [[ ${w,,} == "naa.${want#3}" ]] ||
         die "${SDS[i]} has wwid '$w', expected naa.${want#3} (LIO's NAA derivation changed?)"
 done
@@ -328,6 +338,7 @@ map_ready() {
     return 1
 }
 wait_for 60 "/dev/mapper/$MP_ALIAS with paths ${SDS[0]} and ${SDS[1]}" map_ready
+maps_wait
 mark multipath
 
 # multipathd must answer on its socket, and udev must be done with the new devices
@@ -349,6 +360,7 @@ while read -r line; do
     [[ $line == "E:ID_SERIAL=$N2_MP_UDEV_WWID" ]] && udev_n2=1
 done <"/run/udev/data/b$devno"
 [[ -n $udev_n2 ]] || die "udev did not give ${SDS[3]} (node 2) the WWID $N2_MP_UDEV_WWID"
+maps_check "$topo"
 mark settle
 
 # ---- run the scenario -------------------------------------------------------------------
@@ -384,6 +396,7 @@ export RESERVD_N2_SP_HOST=${HOSTS[4]}
 export RESERVD_N2_SP_TPG=${TPGS[4]}
 export RESERVD_VM_RELEASE=${RVM_RELEASE:-bookworm}
 export RESERVD_MPATH_VERSION=${RVM_MPATH_VERSION:-unknown}
+maps_export
 
 {
     printf '%s\n' "${TIMINGS[@]}" "total-setup=$(( (${EPOCHREALTIME/./} - T_START) / 1000 ))ms"

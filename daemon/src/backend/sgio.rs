@@ -8,7 +8,8 @@ use super::{BackendError, Command, PrBackend};
 use reservd_proto::cdb::{transfer_length, PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT};
 use reservd_proto::sense::{failure_answer, Answer, Failure, Status, SENSE_SIZE};
 use reservd_proto::sg::{
-    SgIoHdr, DRIVER_TIMEOUT_MASK, SG_DXFER_FROM_DEV, SG_DXFER_NONE, SG_DXFER_TO_DEV, SG_IO,
+    SgIoHdr, DID_NO_CONNECT, DRIVER_TIMEOUT_MASK, SG_DXFER_FROM_DEV, SG_DXFER_NONE,
+    SG_DXFER_TO_DEV, SG_IO,
 };
 use reservd_proto::wire::{DATA_SIZE, OP_CLEANUP};
 
@@ -29,6 +30,21 @@ pub fn sg_io(
     xfer: Transfer<'_>,
     timeout_ms: u32,
 ) -> (Answer, usize) {
+    let (answer, transferred, _) = sg_io_reached(fd, cdb, xfer, timeout_ms);
+    (answer, transferred)
+}
+
+/// [`sg_io`], and whether the command reached the device. It did not when
+/// the kernel refused it first: the ioctl failed (ENODEV for a SCSI device
+/// set offline), or the SCSI midlayer did not send it (host status
+/// DID_NO_CONNECT: the device is offline or gone). Such a command may go
+/// down another path of a map; nothing of it was executed.
+pub fn sg_io_reached(
+    fd: BorrowedFd<'_>,
+    cdb: &[u8],
+    xfer: Transfer<'_>,
+    timeout_ms: u32,
+) -> (Answer, usize, bool) {
     let mut sense = [0u8; SENSE_SIZE];
     let (dir, ptr, len) = match xfer {
         Transfer::None => (SG_DXFER_NONE, std::ptr::null_mut(), 0usize),
@@ -72,13 +88,18 @@ pub fn sg_io(
         let errno = std::io::Error::last_os_error()
             .raw_os_error()
             .unwrap_or(libc::EIO);
-        return (failure_answer(Failure::Errno(errno)), 0);
+        return (failure_answer(Failure::Errno(errno)), 0, false);
     }
     if hdr.host_status != 0 {
-        return (failure_answer(Failure::HostStatus(hdr.host_status)), 0);
+        let reached = hdr.host_status != DID_NO_CONNECT;
+        return (
+            failure_answer(Failure::HostStatus(hdr.host_status)),
+            0,
+            reached,
+        );
     }
     if hdr.driver_status & DRIVER_TIMEOUT_MASK != 0 {
-        return (failure_answer(Failure::DriverTimeout), 0);
+        return (failure_answer(Failure::DriverTimeout), 0, true);
     }
     let status = Status(hdr.status);
     if status != Status::GOOD {
@@ -88,10 +109,10 @@ pub fn sg_io(
         } else {
             Answer::status(status)
         };
-        return (answer, 0);
+        return (answer, 0, true);
     }
     let transferred = len.saturating_sub(hdr.resid.max(0) as usize);
-    (Answer::good(Vec::new()), transferred)
+    (Answer::good(Vec::new()), transferred, true)
 }
 
 /// The SG_IO backend.
@@ -111,35 +132,42 @@ impl Default for SgIo {
     }
 }
 
-impl PrBackend for SgIo {
-    fn execute(&self, cmd: &Command<'_>) -> Result<Answer, BackendError> {
+impl SgIo {
+    /// A PR IN or OUT: its answer, and whether it reached the device
+    /// ([`sg_io_reached`]).
+    pub fn pr_command(&self, cmd: &Command<'_>) -> (Answer, bool) {
         // PR IN/OUT are 10-byte CDBs; the rest of the 16 bytes is padding.
         let cdb = &cmd.cdb[..10];
-        match cmd.cdb[0] {
-            PERSISTENT_RESERVE_IN => {
-                // The device sends at most the allocation length.
-                let len = transfer_length(cmd.cdb).min(DATA_SIZE);
-                Ok(with_zeroed_buffer(len, |buf| {
-                    let (mut answer, transferred) =
-                        sg_io(cmd.fd, cdb, Transfer::FromDevice(buf), self.timeout_ms);
-                    if answer.status == Status::GOOD {
-                        answer.data = buf[..transferred].to_vec();
-                        // The kernel's count: the device wrote no further.
-                        (answer, transferred)
-                    } else {
-                        // Whatever happened, it may have written anywhere.
-                        (answer, len)
-                    }
-                }))
-            }
-            PERSISTENT_RESERVE_OUT => {
-                let xfer = if cmd.params.is_empty() {
-                    Transfer::None
+        if cmd.cdb[0] == PERSISTENT_RESERVE_IN {
+            // The device sends at most the allocation length.
+            let len = transfer_length(cmd.cdb).min(DATA_SIZE);
+            return with_zeroed_buffer(len, |buf| {
+                let (mut answer, transferred, reached) =
+                    sg_io_reached(cmd.fd, cdb, Transfer::FromDevice(buf), self.timeout_ms);
+                if answer.status == Status::GOOD {
+                    answer.data = buf[..transferred].to_vec();
+                    // The kernel's count: the device wrote no further.
+                    ((answer, reached), transferred)
                 } else {
-                    Transfer::ToDevice(cmd.params)
-                };
-                Ok(sg_io(cmd.fd, cdb, xfer, self.timeout_ms).0)
-            }
+                    // Whatever happened, it may have written anywhere.
+                    ((answer, reached), len)
+                }
+            });
+        }
+        let xfer = if cmd.params.is_empty() {
+            Transfer::None
+        } else {
+            Transfer::ToDevice(cmd.params)
+        };
+        let (answer, _, reached) = sg_io_reached(cmd.fd, cdb, xfer, self.timeout_ms);
+        (answer, reached)
+    }
+}
+
+impl PrBackend for SgIo {
+    fn execute(&self, cmd: &Command<'_>) -> Result<Answer, BackendError> {
+        match cmd.cdb[0] {
+            PERSISTENT_RESERVE_IN | PERSISTENT_RESERVE_OUT => Ok(self.pr_command(cmd).0),
             // CLEANUP concerns multipathd only; nothing to do on a plain device.
             OP_CLEANUP => Ok(Answer::status(Status::GOOD)),
             // The wire decoder lets no other opcode through; never forward one.
@@ -194,7 +222,34 @@ fn with_zeroed_buffer<T>(len: usize, f: impl FnOnce(&mut [u8]) -> (T, usize)) ->
 
 #[cfg(test)]
 mod tests {
-    use super::with_zeroed_buffer;
+    use super::{sg_io_reached, with_zeroed_buffer, Command, SgIo, Status, Transfer};
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn a_command_the_kernel_refuses_did_not_reach_the_device() {
+        // A regular file: the SG_IO ioctl itself fails (ENOTTY), as it
+        // fails with ENODEV on a SCSI device set offline.
+        let path = std::env::temp_dir().join(format!("reservd-sgio-{}", std::process::id()));
+        std::fs::write(&path, [0u8; 512]).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let mut buf = [0u8; 8];
+        let cdb = [0x5e, 0, 0, 0, 0, 0, 0, 0, 8, 0];
+        let (answer, transferred, reached) =
+            sg_io_reached(f.as_fd(), &cdb, Transfer::FromDevice(&mut buf), 1000);
+        assert!(!reached);
+        assert_eq!(transferred, 0);
+        assert_eq!(answer.status, Status::CHECK_CONDITION);
+        let (a, reached) = SgIo::default().pr_command(&Command {
+            nexus: 0,
+            peer: None,
+            fd: f.as_fd(),
+            cdb: &reservd_proto::cdb::pad16(&cdb),
+            params: &[],
+        });
+        assert!(!reached);
+        assert_eq!(a, answer);
+    }
 
     #[test]
     fn the_buffer_is_zeros_again_after_what_was_written() {

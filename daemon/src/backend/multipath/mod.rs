@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 
 use super::dm::{block_node, DmControl};
 use super::sgio::{sg_io, SgIo, Transfer};
-use super::{BackendError, Command, PrBackend};
+use super::{BackendError, Command};
 
 use library::{Libmpathpersist, PersistLib};
 use multipathd::{clear_map_keys, Multipathd};
@@ -116,39 +116,58 @@ impl MapDevices for HostMaps {
 
     fn run(&self, via: Via<'_>, cdb: &[u8; 10], params: &[u8]) -> Answer {
         let cdb = pad16(cdb);
+        // The answer, and whether the command reached the device.
         let on = |fd: BorrowedFd<'_>| {
-            let cmd = Command {
+            self.sgio.pr_command(&Command {
                 nexus: 0,
                 peer: None,
                 fd,
                 cdb: &cdb,
                 params,
-            };
-            match self.sgio.execute(&cmd) {
-                Ok(a) => a,
+            })
+        };
+        let on_path = |node: &std::path::Path| {
+            use std::os::unix::fs::OpenOptionsExt;
+            // CAP_SYS_RAWIO lets SG_IO send PR OUT on a read-only fd.
+            match std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(node)
+            {
+                Ok(f) => on(f.as_fd()),
                 Err(e) => {
-                    log::debug!("SG_IO on a map path: {e}");
-                    failure_answer(Failure::Errno(libc::EIO))
+                    log::warn!("cannot open map path {}: {e}", node.display());
+                    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                    (failure_answer(Failure::Errno(errno)), false)
                 }
             }
         };
         match via {
-            Via::Map(fd) => on(fd),
-            Via::Path(node) => {
-                use std::os::unix::fs::OpenOptionsExt;
-                // CAP_SYS_RAWIO lets SG_IO send PR OUT on a read-only fd.
-                match std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-                    .open(node)
-                {
-                    Ok(f) => on(f.as_fd()),
-                    Err(e) => {
-                        log::warn!("cannot open map path {}: {e}", node.display());
-                        failure_answer(Failure::Errno(e.raw_os_error().unwrap_or(libc::EIO)))
+            Via::Map(fd) => {
+                let (a, reached) = on(fd);
+                if reached {
+                    return a;
+                }
+                // device-mapper passed the ioctl to the path it would use,
+                // which failed under it (set offline, or gone) before
+                // multipathd or device-mapper marked it failed; unlike I/O,
+                // an ioctl is not retried on another path. The command
+                // never reached the device: send it down the map's other
+                // active paths.
+                let paths = self.active_paths(fd).unwrap_or_default();
+                for p in &paths {
+                    let (b, reached) = on_path(p);
+                    if reached {
+                        log::info!(
+                            "SG_IO on the map failed below SCSI; sent down path {} instead",
+                            p.display()
+                        );
+                        return b;
                     }
                 }
+                a
             }
+            Via::Path(node) => on_path(node).0,
         }
     }
 
@@ -499,7 +518,33 @@ impl Multipath {
         match route {
             Route::Answer(a) => a,
             Route::OnePath => self.run(Via::Map(cmd.fd), cdb10, cmd.params),
-            Route::Library => self.library(cmd.fd, req, minor),
+            Route::Library => {
+                let a = self.library(cmd.fd, req, minor);
+                if c.service_action != prout_sa::RESERVE || good(&a) {
+                    return a;
+                }
+                // libmpathpersist sends a RESERVE down the first path its
+                // own TEST UNIT READY finds up, which may be one that just
+                // came back and on which multipathd has not registered the
+                // map's key yet (it puts the path back into device-mapper's
+                // table only after that): the LU refuses a RESERVE from an
+                // unregistered nexus (RESERVATION CONFLICT; LIO answers NOT
+                // READY). Device-mapper's active paths carry the key: the
+                // RESERVE goes once more, down the map. If that one
+                // reserves, it is the map's answer; otherwise the library's
+                // answer stands (the LU's own refusal: another node holds
+                // the reservation, or the map is not registered).
+                let again = self.run(Via::Map(cmd.fd), cdb10, cmd.params);
+                if good(&again) {
+                    log::info!(
+                        "dm-{minor}: RESERVE through libmpathpersist failed (status {:#04x}); \
+                         down the map's active paths it succeeded",
+                        a.status.0
+                    );
+                    return again;
+                }
+                a
+            }
             Route::LibraryRegister => self.library(cmd.fd, &register_ignoring_key(req), minor),
             Route::ReleaseOnPaths => self.release_on_paths(cmd.fd, &c, minor),
             Route::ReleaseThenUnregister => {
@@ -776,8 +821,22 @@ impl Multipath {
 
     /// A PR OUT through libmpathpersist.
     fn library(&self, fd: BorrowedFd<'_>, req: &ProutRequest, minor: u32) -> Answer {
-        let code = self.lib.reserve_out(fd, req);
+        let mut code = self.lib.reserve_out(fd, req);
         self.stats.library(stats::Call::ReserveOut, code);
+        // When a path fails under libmpathpersist while it registers (its
+        // device set offline between the library's look at the paths and
+        // its command to it: the open or the SG_IO fails), the library
+        // reports that path's failure, although the others registered. A
+        // REGISTER AND IGNORE EXISTING KEY done twice changes nothing: once
+        // more, the library finds that path down and skips it.
+        if req.service_action == prout_sa::REGISTER_AND_IGNORE && failed_below_scsi(code) {
+            log::info!(
+                "dm-{minor}: REGISTER AND IGNORE EXISTING KEY through libmpathpersist failed \
+                 below SCSI ({code}); once more"
+            );
+            code = self.lib.reserve_out(fd, req);
+            self.stats.library(stats::Call::ReserveOut, code);
+        }
         log::debug!(
             "dm-{minor}: PR OUT service action {} type {}: libmpathpersist returned {code}",
             req.service_action,
@@ -877,6 +936,13 @@ impl Multipath {
         }
         mpath::answer(code)
     }
+}
+
+/// Whether a libmpathpersist code stands for a failure that is no answer of
+/// the device: a path device it could not open, an SG_IO that failed (0.9.4
+/// returns -1), a transport error, a thread it could not start.
+fn failed_below_scsi(code: i32) -> bool {
+    code < 0 || matches!(code, mpath::FILE_ERROR | mpath::OTHER | mpath::THREAD_ERROR)
 }
 
 /// `req` as REGISTER AND IGNORE EXISTING KEY with the same SERVICE ACTION
