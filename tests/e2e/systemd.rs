@@ -595,8 +595,10 @@ fn systemd_audit_records_in_the_journal() -> TestResult {
 
 /// `systemctl stop` while a command is in flight: reservd finishes it and
 /// answers before it exits; the socket stays. The command is held in
-/// flight by stopping multipathd, which a READ KEYS on the map asks for
-/// the map's key.
+/// flight by stopping multipathd, which a PR OUT on the map asks for the
+/// map's key before anything is sent.
+const DRAIN_KEY: u64 = 0x5d0d;
+
 fn systemd_stop_drains_a_command_in_flight() -> TestResult {
     let mut c = connect(Duration::from_secs(60))?;
     read_keys_good(&mut c, &mp_dev())?;
@@ -610,7 +612,13 @@ fn systemd_stop_drains_a_command_in_flight() -> TestResult {
         let (tx, rx) = mpsc::channel();
         let mp = mp_dev();
         std::thread::spawn(move || {
-            let r = pr_in(&mut c, &mp, prin_sa::READ_KEYS, 8192);
+            let r = pr_out(
+                &mut c,
+                &mp,
+                prout_sa::REGISTER_AND_IGNORE,
+                0,
+                &keys(0, DRAIN_KEY),
+            );
             let _ = tx.send((r, Instant::now()));
         });
         // (reservd waits up to 10 s for multipathd's answer: the steps up to
@@ -618,7 +626,7 @@ fn systemd_stop_drains_a_command_in_flight() -> TestResult {
         std::thread::sleep(Duration::from_millis(1000));
         check!(
             rx.try_recv().is_err(),
-            "READ KEYS on the map answered while multipathd is stopped"
+            "REGISTER on the map answered while multipathd is stopped"
         );
         let t_stop = Instant::now();
         let stopper = std::thread::spawn(|| systemctl(&["stop", SERVICE]));
@@ -638,7 +646,7 @@ fn systemd_stop_drains_a_command_in_flight() -> TestResult {
         let (r, answered) = rx
             .recv_timeout(Duration::from_secs(30))
             .map_err(|_| "no answer to the command in flight")?;
-        expect_good(&r?, "READ KEYS in flight during systemctl stop")?;
+        expect_good(&r?, "REGISTER in flight during systemctl stop")?;
         check!(
             answered >= t_cont,
             "answered before multipathd was continued"
@@ -661,6 +669,11 @@ fn systemd_stop_drains_a_command_in_flight() -> TestResult {
             "  systemctl stop returned after {:.1} s, once the command in flight was answered",
             took.as_secs_f64()
         );
+        // The registration landed; the next connection starts reservd
+        // again and removes it.
+        let mut c = connect(Duration::from_secs(60))?;
+        let r = past_ua(|| pr_out(&mut c, &mp_dev(), prout_sa::REGISTER, 0, &keys(DRAIN_KEY, 0)))?;
+        expect_good(&r, "unregistering after the drain")?;
         Ok(())
     })();
     let _ = kill(mpathd, Signal::SIGCONT);
