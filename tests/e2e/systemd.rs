@@ -672,7 +672,15 @@ fn systemd_stop_drains_a_command_in_flight() -> TestResult {
         // The registration landed; the next connection starts reservd
         // again and removes it.
         let mut c = connect(Duration::from_secs(60))?;
-        let r = past_ua(|| pr_out(&mut c, &mp_dev(), prout_sa::REGISTER, 0, &keys(DRAIN_KEY, 0)))?;
+        let r = past_ua(|| {
+            pr_out(
+                &mut c,
+                &mp_dev(),
+                prout_sa::REGISTER,
+                0,
+                &keys(DRAIN_KEY, 0),
+            )
+        })?;
         expect_good(&r, "unregistering after the drain")?;
         Ok(())
     })();
