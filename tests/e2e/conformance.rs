@@ -1739,6 +1739,26 @@ fn wait_path_state(block: &str, want: &str, limit: Duration) -> Result<Duration,
     }
 }
 
+/// Until multipathd has shown `block` `active ready` for longer than one
+/// check interval (1 to 2 s in the bed) without a break.
+fn steady(block: &str) -> TestResult {
+    let t = Instant::now();
+    let mut since = Instant::now();
+    loop {
+        if mp_path_state(block)? != "active ready" {
+            since = Instant::now();
+        } else if since.elapsed() > Duration::from_millis(2200) {
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            return Err(format!(
+                "{block}: multipathd never showed it active ready for 2.2 s in a row in 30 s"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn set_device_state(block: &str, state: &str) -> TestResult {
     let p = format!("/sys/block/{block}/device/state");
     std::fs::write(&p, format!("{state}\n")).map_err(|e| format!("{p}: {e}"))
@@ -2308,6 +2328,12 @@ fn map_is_one_nexus() -> TestResult {
         );
     }
     for (i, seq) in &seqs {
+        // A path that came back in the previous sequence may still fail and
+        // come back (a revalidation refused while it was unregistered): each
+        // sequence starts with the map's paths steady.
+        for n in &map.node1 {
+            steady(n.block.as_deref().unwrap())?;
+        }
         timed(&mut times.resets, || reset(&sp, &[]))?;
         let t = Instant::now();
         let oracle = timed(&mut times.oracle, || run(&sp, &d.socket, seq, &[]));
