@@ -1739,20 +1739,24 @@ fn wait_path_state(block: &str, want: &str, limit: Duration) -> Result<Duration,
     }
 }
 
-/// Until multipathd has shown `block` `active ready` for longer than one
-/// check interval (1 to 2 s in the bed) without a break.
-fn steady(block: &str) -> TestResult {
+/// Until multipathd has shown each of `blocks` `active ready` for longer
+/// than one check interval (1 to 2 s in the bed) without a break.
+fn steady(blocks: &[&str]) -> TestResult {
     let t = Instant::now();
     let mut since = Instant::now();
     loop {
-        if mp_path_state(block)? != "active ready" {
-            since = Instant::now();
-        } else if since.elapsed() > Duration::from_millis(2200) {
+        for b in blocks {
+            if mp_path_state(b)? != "active ready" {
+                since = Instant::now();
+            }
+        }
+        if since.elapsed() > Duration::from_millis(2200) {
             return Ok(());
         }
         if t.elapsed() > Duration::from_secs(30) {
             return Err(format!(
-                "{block}: multipathd never showed it active ready for 2.2 s in a row in 30 s"
+                "{blocks:?}: multipathd never showed them all active ready for 2.2 s in a row \
+                 in 30 s"
             ));
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -2331,9 +2335,12 @@ fn map_is_one_nexus() -> TestResult {
         // A path that came back in the previous sequence may still fail and
         // come back (a revalidation refused while it was unregistered): each
         // sequence starts with the map's paths steady.
-        for n in &map.node1 {
-            steady(n.block.as_deref().unwrap())?;
-        }
+        let blocks: Vec<&str> = map
+            .node1
+            .iter()
+            .map(|n| n.block.as_deref().unwrap())
+            .collect();
+        steady(&blocks)?;
         timed(&mut times.resets, || reset(&sp, &[]))?;
         let t = Instant::now();
         let oracle = timed(&mut times.oracle, || run(&sp, &d.socket, seq, &[]));
