@@ -16,6 +16,25 @@
 //! plain `cargo test` prints that it was skipped, and RESERVD_VM_TESTS=0
 //! skips it even with `--include-ignored`.
 
+/// The guest scenarios' checks: a failed one ends the scenario with an
+/// error naming the line (defined before the modules, which all use them).
+macro_rules! check {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err(format!("{} (at line {})", format!($($fmt)+), line!()));
+        }
+    };
+}
+
+macro_rules! check_eq {
+    ($a:expr, $b:expr, $($fmt:tt)+) => {{
+        let (a, b) = (&$a, &$b);
+        if a != b {
+            return Err(format!("{}: {:?} != {:?} (at line {})", format!($($fmt)+), a, b, line!()));
+        }
+    }};
+}
+
 #[path = "e2e/conformance.rs"]
 mod conformance;
 #[path = "e2e/flap.rs"]

@@ -17,23 +17,6 @@ use reservd_proto::sense::{Answer, SenseCode, Status};
 pub type TestResult = Result<(), String>;
 pub type Scenario = (&'static str, fn() -> TestResult);
 
-macro_rules! check {
-    ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
-            return Err(format!("{} (at line {})", format!($($fmt)+), line!()));
-        }
-    };
-}
-
-macro_rules! check_eq {
-    ($a:expr, $b:expr, $($fmt:tt)+) => {{
-        let (a, b) = (&$a, &$b);
-        if a != b {
-            return Err(format!("{}: {:?} != {:?} (at line {})", format!($($fmt)+), a, b, line!()));
-        }
-    }};
-}
-
 #[path = "access.rs"]
 mod access;
 #[path = "maps.rs"]

@@ -26,23 +26,6 @@ use crate::guest::{
     device_keys, device_reservation, env, log_dir, mp_paths, reservd, Scenario, TestResult,
 };
 
-macro_rules! check {
-    ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
-            return Err(format!("{} (at line {})", format!($($fmt)+), line!()));
-        }
-    };
-}
-
-macro_rules! check_eq {
-    ($a:expr, $b:expr, $($fmt:tt)+) => {{
-        let (a, b) = (&$a, &$b);
-        if a != b {
-            return Err(format!("{}: {:?} != {:?} (at line {})", format!($($fmt)+), a, b, line!()));
-        }
-    }};
-}
-
 pub fn scenarios() -> Vec<Scenario> {
     vec![(
         "nested_guest_pr_commands_through_qemu_and_reservd",

@@ -17,14 +17,6 @@ use crate::guest::{
     reservd, reset_lun, sg_persist, Scenario, TestResult,
 };
 
-macro_rules! check {
-    ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
-            return Err(format!("{} (at line {})", format!($($fmt)+), line!()));
-        }
-    };
-}
-
 /// The key the scenarios register on the map.
 const KEY: u64 = 0x0a5e_0000_0000_0001;
 

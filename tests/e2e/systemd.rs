@@ -29,23 +29,6 @@ use crate::guest::{
     TestResult,
 };
 
-macro_rules! check {
-    ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
-            return Err(format!("{} (at line {})", format!($($fmt)+), line!()));
-        }
-    };
-}
-
-macro_rules! check_eq {
-    ($a:expr, $b:expr, $($fmt:tt)+) => {{
-        let (a, b) = (&$a, &$b);
-        if a != b {
-            return Err(format!("{}: {:?} != {:?} (at line {})", format!($($fmt)+), a, b, line!()));
-        }
-    }};
-}
-
 /// Where reservd.socket listens (QEMU's helper's traditional path).
 const SOCKET: &str = "/run/qemu-pr-helper.sock";
 const SERVICE: &str = "reservd.service";
