@@ -36,6 +36,11 @@ fn multipath(sim: &Arc<SimMap>, fixes: Fixes) -> Multipath {
 
 /// A PR OUT through reservd on the map.
 fn out(m: &Multipath, sim: &SimMap, sa: u8, t: u8, key: u64, sa_key: u64) -> Answer {
+    out_to(m, sim, 7, sa, t, key, sa_key)
+}
+
+/// A PR OUT through reservd on `sim` as map `dm-<minor>`.
+fn out_to(m: &Multipath, sim: &SimMap, minor: u32, sa: u8, t: u8, key: u64, sa_key: u64) -> Answer {
     let cdb = pad16(&prout_cdb(sa, 0, t));
     m.execute(
         &Command {
@@ -45,7 +50,7 @@ fn out(m: &Multipath, sim: &SimMap, sa: u8, t: u8, key: u64, sa_key: u64) -> Ans
             cdb: &cdb,
             params: &basic_params(key, sa_key),
         },
-        7,
+        minor,
     )
     .unwrap()
 }
@@ -738,19 +743,15 @@ impl MapDevices for TwoMaps {
 
 /// A PR OUT through reservd on map `minor` of `two`.
 fn out_on(m: &Multipath, two: &TwoMaps, minor: u32, sa: u8, key: u64, sa_key: u64) -> Answer {
-    let sim = two.sim(usize::from(minor == MINOR_B));
-    let cdb = pad16(&prout_cdb(sa, 0, 0));
-    m.execute(
-        &Command {
-            nexus: 1,
-            peer: None,
-            fd: sim.lu.as_fd(),
-            cdb: &cdb,
-            params: &basic_params(key, sa_key),
-        },
+    out_to(
+        m,
+        two.sim(usize::from(minor == MINOR_B)),
         minor,
+        sa,
+        0,
+        key,
+        sa_key,
     )
-    .unwrap()
 }
 
 #[test]
