@@ -50,9 +50,10 @@ use std::time::{Duration, Instant};
 use reservd_client::client::Client;
 use reservd_client::report::answer_text;
 use reservd_daemon::backend::dm::DmControl;
+use reservd_daemon::backend::multipath::{basic_params, prin_cdb, prout_cdb};
 use reservd_daemon::backend::sgio::{sg_io, Transfer};
-use reservd_proto::cdb::{prin_sa, prout_sa, PrInCdb, PrOutCdb};
-use reservd_proto::params::{ProutParams, TransportId};
+use reservd_proto::cdb::{prin_sa, prout_sa};
+use reservd_proto::params::TransportId;
 use reservd_proto::prin;
 
 use crate::guest::{env, keys, pr_in, pr_out, reservd, Scenario, TestResult};
@@ -273,29 +274,12 @@ fn raw_past_ua(f: &File, cdb: &[u8], out: Option<&[u8]>, alloc: usize) -> Reply 
 }
 
 fn raw_in(f: &File, sa: u8) -> Reply {
-    let cdb = PrInCdb {
-        service_action: sa,
-        allocation_length: 8192,
-    }
-    .encode();
-    raw_past_ua(f, &cdb, None, 8192)
+    raw_past_ua(f, &prin_cdb(sa), None, 8192)
 }
 
 fn raw_out(f: &File, sa: u8, ty: u8, key: u64, sa_key: u64) -> Reply {
-    let p = ProutParams {
-        key,
-        sa_key,
-        ..Default::default()
-    }
-    .encode();
-    let cdb = PrOutCdb {
-        service_action: sa,
-        scope: 0,
-        pr_type: ty,
-        parameter_list_length: p.len() as u32,
-    }
-    .encode();
-    raw_past_ua(f, &cdb, Some(&p), 0)
+    let p = basic_params(key, sa_key);
+    raw_past_ua(f, &prout_cdb(sa, 0, ty), Some(&p), 0)
 }
 
 /// Which key each initiator port has on the LU (READ FULL STATUS), and
