@@ -52,6 +52,8 @@ fn sark(k: u64) -> [u8; 24] {
 enum Kind {
     Reservd,
     Qemu,
+    /// `prbench floor`: the least a helper can do per request.
+    Floor,
 }
 
 struct Opts {
@@ -68,6 +70,7 @@ fn usage() -> ! {
         "usage: prbench host|guest|maps --reservd BIN --qemu BIN [--scale F] [--hang-ms MS]\n\
          \x20      prbench load SOCKET COUNT  (COUNT error-path requests on one\n\
          \x20      connection to a running daemon, for profiling)\n\
+         \x20      prbench floor -k SOCKET  (the least a helper can do: see `floor`)\n\
          (scripts/bench.sh runs both parts and prints the table)"
     );
     std::process::exit(0)
@@ -80,6 +83,9 @@ fn main() {
     };
     if mode == "load" {
         return load(&args[1..]);
+    }
+    if mode == "floor" {
+        return floor(&args[1..]);
     }
     if !["host", "guest", "maps"].contains(&mode.as_str()) {
         usage()
@@ -131,6 +137,58 @@ fn load(args: &[String]) {
     let _ = std::fs::remove_file(&path);
 }
 
+/// `prbench floor -k SOCKET`: a helper reduced to what every helper must
+/// do for a request, for the floor rows of the host part. One thread per
+/// connection, blocking: read the CDB with its fd (one `recvmsg`), issue
+/// SG_IO on the fd, write the answer, close the fd. No event loop, no
+/// checks, no protection against a hung device or a hostile client: never
+/// a helper to run, only the bound a helper's own cost is measured against.
+fn floor(args: &[String]) {
+    use reservd_proto::wire::{encode_response, Request, CDB_SIZE};
+    use std::io::Write;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let [k, sock] = args else { usage() };
+    if k != "-k" {
+        usage()
+    }
+    let _ = std::fs::remove_file(sock);
+    let listener = UnixListener::bind(sock).expect("bind");
+    let serve = |mut s: UnixStream| -> std::io::Result<()> {
+        use std::io::Read;
+        s.write_all(&0u32.to_be_bytes())?;
+        let mut features = [0u8; 4];
+        s.read_exact(&mut features)?;
+        let mut data = vec![0u8; reservd_proto::wire::DATA_SIZE];
+        loop {
+            let mut cdb = [0u8; CDB_SIZE];
+            let got = reservd_daemon::server::fdpass::recv_with_fds(s.as_fd(), &mut cdb)?;
+            // The clients here send each CDB, with its fd, in one message.
+            let (CDB_SIZE, Some(fd)) = (got.len, got.fds.into_iter().next()) else {
+                return Ok(());
+            };
+            let len = (data.len()).min(u16::from_be_bytes([cdb[7], cdb[8]]) as usize);
+            let (mut answer, n) = sg_io(
+                fd.as_fd(),
+                &cdb[..10],
+                Transfer::FromDevice(&mut data[..len]),
+                30_000,
+            );
+            answer.data = data[..n].to_vec();
+            let req = Request {
+                cdb,
+                params: Vec::new(),
+            };
+            s.write_all(&encode_response(&req, &answer))?;
+        }
+    };
+    for s in listener.incoming() {
+        let s = s.expect("accept");
+        std::thread::spawn(move || {
+            let _ = serve(s);
+        });
+    }
+}
+
 // ---------------------------------------------------------------- daemons
 
 struct Daemon {
@@ -150,14 +208,20 @@ impl Daemon {
         let tag = match kind {
             Kind::Reservd => "reservd",
             Kind::Qemu => "qemu",
+            Kind::Floor => "floor",
         };
         let sock = dir.join(format!("prbench-{tag}-{}.sock", std::process::id()));
         let log = dir.join(format!("prbench-{tag}-{}.log", std::process::id()));
+        let me = std::env::current_exe().expect("own path");
         let bin = match kind {
             Kind::Reservd => &opts.reservd,
             Kind::Qemu => &opts.qemu,
+            Kind::Floor => &me,
         };
         let mut cmd = Command::new(bin);
+        if kind == Kind::Floor {
+            cmd.arg("floor");
+        }
         cmd.arg("-k").arg(&sock);
         if hide_dm {
             // SAFETY: the closure runs in the forked child before exec and
@@ -565,14 +629,7 @@ fn host(opts: &Opts) {
 
     // Sanity: the answer is CHECK CONDITION from both.
     let (r, q) = start_both(opts, &disk, 2, "a regular file");
-    let (mut rc, mut qc) = (r.client(), q.client());
-    let l = measure_in_turns(
-        iters,
-        Duration::from_secs(20),
-        &mut [&mut via(&mut rc, &disk), &mut via(&mut qc, &disk)],
-    );
-    let (rl, ql) = (&l[0], &l[1]);
-    round_trip_rows(place, rl, ql);
+    host_round_trips(opts, place, &r, &q, &disk, iters);
     for n in [1, 16, 256] {
         let dur = scaled_d(opts, Duration::from_secs(2));
         let rt = throughput(&r, &open, n, dur);
@@ -586,9 +643,60 @@ fn host(opts: &Opts) {
         );
     }
     drop((r, q));
+
+    // The same round trips with the client and every daemon's threads on
+    // one CPU: no wake-up crosses CPUs, so the figures are the daemons' own
+    // cost (on a virtual machine, waking an idle virtual CPU can take
+    // longer than a whole round trip, and whether it is needed depends on
+    // where the scheduler put each thread).
+    let all = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).expect("affinity");
+    let mut one = nix::sched::CpuSet::new();
+    let cpu = (0..nix::sched::CpuSet::count())
+        .find(|&c| all.is_set(c).unwrap_or(false))
+        .expect("a CPU");
+    one.set(cpu).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).expect("pin");
+    // Started while pinned: every thread they start inherits the CPU.
+    let (r, q) = start_both(opts, &disk, 2, "a regular file");
+    host_round_trips(opts, &format!("{place}, one CPU"), &r, &q, &disk, iters);
+    drop((r, q));
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &all).expect("unpin");
+
     startup_rows("host", opts, 21, false);
     memory_rows("host", opts, "");
     let _ = std::fs::remove_file(&path);
+}
+
+/// READ KEYS round trips through reservd, qemu-pr-helper and the floor
+/// (`prbench floor`, started here), measured in turns: the rows of both
+/// daemons, then the floor's against qemu-pr-helper's.
+fn host_round_trips(opts: &Opts, place: &str, r: &Daemon, q: &Daemon, disk: &File, iters: usize) {
+    let f = Daemon::start(opts, Kind::Floor, false);
+    let (mut rc, mut qc, mut fc) = (r.client(), q.client(), f.client());
+    let a = fc.execute(&READ_KEYS, disk.as_fd(), &[]).unwrap();
+    assert_eq!(a.status.0, 2, "floor's READ KEYS on a regular file: {a:?}");
+    let l = measure_in_turns(
+        iters,
+        Duration::from_secs(30),
+        &mut [
+            &mut via(&mut rc, disk),
+            &mut via(&mut qc, disk),
+            &mut via(&mut fc, disk),
+        ],
+    );
+    round_trip_rows(place, &l[0], &l[1]);
+    for (pct, fl, ql) in [("p50", l[2].p50, l[1].p50), ("p99", l[2].p99, l[1].p99)] {
+        row_d(
+            place,
+            &format!(
+                "floor (`prbench floor`, a bare helper; in the reservd column): \
+                 READ KEYS round trip {pct} (n={})",
+                l[2].n
+            ),
+            fl,
+            ql,
+        );
+    }
 }
 
 // ---------------------------------------------------------------- guest
