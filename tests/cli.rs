@@ -696,14 +696,17 @@ fn frame_timeout_closes_a_stalled_request_and_keeps_idle_connections() {
     let _p = serve(&sock, &["--frame-timeout", "1"]);
     // Idle between frames: kept.
     let (mut idle, _) = hello(&sock, 0);
-    // Half a handshake, then nothing: closed after about a second.
+    // Half a handshake, then nothing: closed after about a second. The
+    // handshake's frame starts when the daemon accepts the connection, so
+    // the clock starts before connecting: a test thread held up here
+    // under load would otherwise see the close come "too early".
+    let t = std::time::Instant::now();
     let mut stalled = connect(&sock);
     assert_eq!(read_up_to(&mut stalled, 4), vec![0, 0, 0, 0]);
     stalled.write_all(&[0, 0]).unwrap();
     stalled
         .set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
-    let t = std::time::Instant::now();
     let mut b = [0u8; 1];
     assert_eq!(
         stalled.read(&mut b).unwrap(),
