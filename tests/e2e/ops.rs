@@ -606,6 +606,19 @@ fn ops_audit_trail() -> TestResult {
             && !l.contains("map=mpath"),
         "single-path line: {l}"
     );
+    // The disk outside multipath carries the WWID multipath would give it,
+    // here and in `reservdctl status`, so one search finds the LU.
+    let sp_wwid = env("RESERVD_SP_WWID");
+    check!(
+        l.contains(&format!(" wwid={sp_wwid} ")),
+        "single-path line without wwid={sp_wwid}: {l}"
+    );
+    let o = reservdctl(&["status", sp.to_str().unwrap()], Stdio::null())?;
+    check!(
+        stdout(&o).contains(&format!("WWID {sp_wwid}")),
+        "status of the single-path disk without WWID {sp_wwid}: {}",
+        stdout(&o)
+    );
     // -q silences the audit trail.
     drop(c);
     let q = reservd("reservd-ops-quiet", &["-q"])?;

@@ -552,15 +552,22 @@ fn systemd_audit_records_in_the_journal() -> TestResult {
         !records.iter().any(|r| r.contains(&env("RESERVD_SP_WWID"))),
         "a single-path disk record under the map's WWID: {text}"
     );
-    // A disk outside multipath is named by the kernel's WWID (naa.…).
+    // A disk outside multipath is named as multipath would name it: the
+    // kernel's naa.… becomes 3….
     let sp_dev = sp_dev();
     let sp_name = sp_dev.file_name().unwrap().to_string_lossy().into_owned();
-    let sp_wwid = std::fs::read_to_string(format!("/sys/block/{sp_name}/device/wwid"))
+    let kernel_wwid = std::fs::read_to_string(format!("/sys/block/{sp_name}/device/wwid"))
         .map_err(|e| format!("wwid of {sp_name}: {e}"))?;
+    let sp_wwid = env("RESERVD_SP_WWID");
+    check_eq!(
+        kernel_wwid.trim().strip_prefix("naa."),
+        sp_wwid.strip_prefix('3'),
+        "the single-path disk's kernel WWID"
+    );
     let sp = journal(&[
         "-u",
         SERVICE,
-        &format!("RESERVD_WWID={}", sp_wwid.trim()),
+        &format!("RESERVD_WWID={sp_wwid}"),
         "-o",
         "cat",
     ])?;

@@ -221,9 +221,25 @@ pub fn device_info_at(sys_dev: &Path, kind: &str, maj: u32, min: u32) -> DeviceI
             info.wwid = Some(w.to_string());
         }
     } else {
-        info.wwid = read("device/wwid");
+        info.wwid = read("device/wwid").map(|w| multipath_style_wwid(&w));
     }
     info
+}
+
+/// A disk's WWID as multipath writes it, from the kernel's (`device/wwid`),
+/// so that an LU's records carry one WWID whether it was reached through
+/// a map or on its own: an NAA identifier (`naa.` and hex digits) is `3`
+/// and the digits, an EUI-64 one (`eui.`) is `2` and the digits. Any other
+/// form (a T10 vendor identification, a SCSI name string) is kept as the
+/// kernel gives it.
+pub fn multipath_style_wwid(kernel: &str) -> String {
+    let hex = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_hexdigit());
+    for (prefix, code) in [("naa.", '3'), ("eui.", '2')] {
+        if let Some(digits) = kernel.strip_prefix(prefix).filter(|d| hex(d)) {
+            return format!("{code}{}", digits.to_ascii_lowercase());
+        }
+    }
+    kernel.to_string()
 }
 
 /// A backend that writes an audit record for each PR OUT and CLEANUP it
@@ -527,6 +543,31 @@ mod tests {
     }
 
     #[test]
+    fn a_disks_wwid_is_written_as_multipath_writes_it() {
+        for (kernel, want) in [
+            (
+                "naa.6001405c0ffee000000000000000b001",
+                "36001405c0ffee000000000000000b001",
+            ),
+            ("naa.5000C500A1B2C3D4", "35000c500a1b2c3d4"),
+            ("eui.0025385b71b0a2c4", "20025385b71b0a2c4"),
+            // Not hex digits after the prefix: a SCSI name string, kept.
+            ("naa.iqn-like name", "naa.iqn-like name"),
+            ("naa.", "naa."),
+            (
+                "t10.ATA     QEMU HARDDISK   QM00001",
+                "t10.ATA     QEMU HARDDISK   QM00001",
+            ),
+            (
+                "iqn.2003-01.org.linux-iscsi:lun0",
+                "iqn.2003-01.org.linux-iscsi:lun0",
+            ),
+        ] {
+            assert_eq!(multipath_style_wwid(kernel), want, "{kernel}");
+        }
+    }
+
+    #[test]
     fn sysfs_device_info() {
         let root = std::env::temp_dir().join(format!("reservd-sysdev-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
@@ -550,7 +591,7 @@ mod tests {
             }
         });
         let d = device_info_at(&root, "block", 8, 16);
-        assert_eq!(d.wwid.as_deref(), Some("naa.600140512"));
+        assert_eq!(d.wwid.as_deref(), Some("3600140512"));
         assert!(!d.multipath && d.map.is_none());
         let d = device_info_at(&root, "block", 253, 1);
         assert!(!d.multipath && d.wwid.is_none());

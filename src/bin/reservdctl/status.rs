@@ -31,7 +31,7 @@ use reservd_daemon::backend::dm::{DmControl, MapKind};
 use reservd_daemon::backend::multipath::library::{Libmpathpersist, PersistLib};
 use reservd_daemon::backend::multipath::multipathd::Multipathd;
 use reservd_daemon::backend::sgio::{sg_io, Transfer};
-use reservd_daemon::observe::audit::read_sysfs;
+use reservd_daemon::observe::audit::{multipath_style_wwid, read_sysfs};
 use reservd_proto::cdb::{prin_sa, prout_sa, PrInCdb};
 use reservd_proto::mpath_xlate::ProutRequest;
 use reservd_proto::sense::Status;
@@ -198,7 +198,8 @@ pub fn gather(device: &Path) -> anyhow::Result<MapStatus> {
         Ok(MapStatus {
             device: device.display().to_string(),
             map: None,
-            wwid: read_sysfs(&sys.join("device/wwid")),
+            // Written as in the audit records (3… for naa.…).
+            wwid: read_sysfs(&sys.join("device/wwid")).map(|w| multipath_style_wwid(&w)),
             paths: vec![path_state(&name, &[])],
             kernel_name: name,
             multipathd: Err("not used for a plain disk".into()),
