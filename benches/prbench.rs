@@ -2,7 +2,8 @@
 //!
 //! `prbench host  --reservd BIN --qemu BIN`: the error path (a regular file
 //! as the disk: SG_IO fails with ENOTTY and the daemon answers CHECK
-//! CONDITION), start-up time, resident memory idle and with 1,000 idle
+//! CONDITION) next to a bare helper (`prbench floor`), on any CPU and on
+//! one, start-up time, resident memory idle and with 1,000 idle
 //! connections.
 //! `prbench guest --reservd BIN --qemu BIN`: inside the VM test bed
 //! (`tests/vm/run-vm.sh`): the single-path LIO disk next to raw SG_IO on the
