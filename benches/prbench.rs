@@ -145,7 +145,7 @@ fn load(args: &[String]) {
 /// checks, no protection against a hung device or a hostile client: never
 /// a helper to run, only the bound a helper's own cost is measured against.
 fn floor(args: &[String]) {
-    use reservd_proto::wire::{encode_response, Request, CDB_SIZE};
+    use reservd_proto::wire::{encode_response, Request, CDB_SIZE, DATA_SIZE};
     use std::io::Write;
     use std::os::unix::net::{UnixListener, UnixStream};
     let [k, sock] = args else { usage() };
@@ -159,7 +159,7 @@ fn floor(args: &[String]) {
         s.write_all(&0u32.to_be_bytes())?;
         let mut features = [0u8; 4];
         s.read_exact(&mut features)?;
-        let mut data = vec![0u8; reservd_proto::wire::DATA_SIZE];
+        let mut data = vec![0u8; DATA_SIZE];
         loop {
             let mut cdb = [0u8; CDB_SIZE];
             let got = reservd_daemon::server::fdpass::recv_with_fds(s.as_fd(), &mut cdb)?;
@@ -167,18 +167,18 @@ fn floor(args: &[String]) {
             let (CDB_SIZE, Some(fd)) = (got.len, got.fds.into_iter().next()) else {
                 return Ok(());
             };
-            let len = (data.len()).min(u16::from_be_bytes([cdb[7], cdb[8]]) as usize);
-            let (mut answer, n) = sg_io(
-                fd.as_fd(),
-                &cdb[..10],
-                Transfer::FromDevice(&mut data[..len]),
-                30_000,
-            );
-            answer.data = data[..n].to_vec();
             let req = Request {
                 cdb,
                 params: Vec::new(),
             };
+            let len = req.max_response_len();
+            let (mut answer, n) = sg_io(
+                fd.as_fd(),
+                &req.cdb[..10],
+                Transfer::FromDevice(&mut data[..len]),
+                30_000,
+            );
+            answer.data = data[..n].to_vec();
             s.write_all(&encode_response(&req, &answer))?;
         }
     };
